@@ -1,0 +1,1 @@
+"""Triton kernels for Multi-Head Latent Attention, each with a PyTorch reference beside it."""

@@ -1,0 +1,141 @@
+"""Plain-PyTorch reference for every op in `mla_kernels`: the ground truth of the tests.
+
+Every function works in any floating dtype, float64 included, and computes in
+float32 or wider (float64 stays float64). Layouts follow flash-attention: tensors are
+(batch, seqlen, heads, dim). Notation (DESIGN.md section 2): nh query heads, g latent
+(KV) groups, nh % g == 0, head h reads group h // (nh // g); hs the head size, r the
+latent width.
+"""
+import math
+
+import torch
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_ref(q, k, v, softmax_scale=None, q_offset=None):
+    """Causal attention with grouped KV heads and separate qk / v head dims.
+
+    q: (B, Tq, nh, Dqk); k: (B, Tk, g, Dqk); v: (B, Tk, g, Dv); nh % g == 0.
+    softmax_scale: defaults to 1 / sqrt(Dqk).
+    q_offset: absolute position of query 0 among the keys; query i attends keys
+      j <= q_offset + i. Default Tk - Tq (bottom-right aligned, as in cached prefill).
+    Returns out (B, Tq, nh, Dv) in q's dtype and logsumexp (B, nh, Tq) in float32
+    (float64 for float64 input), natural log, of the scaled, masked scores.
+    """
+    B, Tq, nh, Dqk = q.shape
+    Tk, g = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(Dqk)
+    if q_offset is None:
+        q_offset = Tk - Tq
+    cdt = _compute_dtype(q.dtype)
+    rep = nh // g
+    qf = q.to(cdt).transpose(1, 2)  # (B, nh, Tq, Dqk)
+    kf = k.to(cdt).transpose(1, 2).repeat_interleave(rep, dim=1)  # (B, nh, Tk, Dqk)
+    vf = v.to(cdt).transpose(1, 2).repeat_interleave(rep, dim=1)  # (B, nh, Tk, Dv)
+    scores = (qf @ kf.transpose(-1, -2)) * softmax_scale  # (B, nh, Tq, Tk)
+    q_pos = torch.arange(Tq, device=q.device)[:, None] + q_offset
+    k_pos = torch.arange(Tk, device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, nh, Tq)
+    probs = torch.exp(scores - lse[..., None])
+    out = probs @ vf  # (B, nh, Tq, Dv)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def absorb_query(q, w_uk):
+    """q'_h = q_h (W_uk^h)^T. q: (B, T, nh, hs), w_uk: (nh, r, hs) -> (B, T, nh, r)."""
+    return torch.einsum("bthd,hrd->bthr", q, w_uk)
+
+
+def expand_latent(c, w_u):
+    """Per-head expansion c_{grp(h)} W_u^h. c: (B, T, g, r), w_u: (nh, r, hs) -> (B, T, nh, hs)."""
+    nh, g = w_u.shape[0], c.shape[2]
+    c = c.repeat_interleave(nh // g, dim=2)  # (B, T, nh, r)
+    return torch.einsum("bthr,hrd->bthd", c, w_u)
+
+
+def mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset=None):
+    """MLA attention with K and V expanded from the latents (DESIGN 2).
+
+    q: (B, Tq, nh, hs); c_k: (B, Tk, g, r); c_v: (B, Tk, g, rv) (pass c_k again for
+    a joint latent); w_uk: (nh, r, hs); w_uv: (nh, rv, hs). softmax_scale defaults
+    to 1 / sqrt(hs). Returns out (B, Tq, nh, hs) and logsumexp (B, nh, Tq).
+    """
+    k = expand_latent(c_k, w_uk)  # (B, Tk, nh, hs)
+    v = expand_latent(c_v, w_uv)  # (B, Tk, nh, hs)
+    return attention_ref(q, k, v, softmax_scale, q_offset)
+
+
+def mla_attention_absorbed_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset=None):
+    """MLA attention in latent space: same arguments and result as the expanded form.
+
+    q' = q W_uk^T (B, Tq, nh, r); GQA attention of q' over c_k / c_v with the scale
+    of the expanded form, 1 / sqrt(hs); o = o' W_uv.
+    """
+    hs = q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(hs)
+    q_lat = absorb_query(q, w_uk)  # (B, Tq, nh, r)
+    o_lat, lse = attention_ref(q_lat, c_k, c_v, softmax_scale, q_offset)  # (B, Tq, nh, rv)
+    out = torch.einsum("bthr,hrd->bthd", o_lat, w_uv)  # (B, Tq, nh, hs)
+    return out, lse
+
+
+def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale):
+    """New absorbed queries over a latent KV cache with per-row lengths.
+
+    q_lat: (B, Tq, nh, r) absorbed queries of the Tq newest tokens of each row;
+    cache_k: (B, L, g, r); cache_v: (B, L, g, rv) or None for a joint latent, where V
+      is the first rv = r columns of the same latent;
+    cache_seqlens: (B,) integers, valid cached length of each row, the new tokens
+      included: query i of row b sits at position cache_seqlens[b] - Tq + i and sees
+      positions <= that one. Slots at or beyond cache_seqlens[b] are never read.
+    Returns o_lat (B, Tq, nh, rv) in q_lat's dtype and logsumexp (B, nh, Tq).
+    """
+    B, Tq = q_lat.shape[:2]
+    if cache_v is None:
+        cache_v = cache_k
+    outs, lses = [], []
+    for b in range(B):
+        length = int(cache_seqlens[b])
+        o, lse = attention_ref(
+            q_lat[b : b + 1], cache_k[b : b + 1, :length], cache_v[b : b + 1, :length],
+            softmax_scale, q_offset=length - Tq,
+        )
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None):
+    """Batched randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
+
+    A: (..., m, n) float tensor. Gaussian test matrix Omega (n, rank + oversample);
+    Q = orth(A Omega), then n_iter subspace iterations Q = orth(A orth(A^T Q)); the
+    small matrix B = Q^T A is factored exactly. Math in float32 (float64 kept).
+    Returns U (..., m, rank), S (..., rank) descending, Vh (..., rank, n) in A's
+    compute dtype. generator: a torch.Generator on A's device for a reproducible Omega.
+    """
+    cdt = _compute_dtype(A.dtype)
+    A = A.to(cdt)
+    m, n = A.shape[-2:]
+    sketch = min(rank + oversample, m, n)
+    omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=cdt)
+    Q, _ = torch.linalg.qr(A @ omega)  # (..., m, sketch)
+    for _ in range(n_iter):
+        W, _ = torch.linalg.qr(A.transpose(-1, -2) @ Q)  # (..., n, sketch)
+        Q, _ = torch.linalg.qr(A @ W)  # (..., m, sketch)
+    B_small = Q.transpose(-1, -2) @ A  # (..., sketch, n)
+    U_small, S, Vh = torch.linalg.svd(B_small, full_matrices=False)
+    U = Q @ U_small  # (..., m, sketch)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+def low_rank_approx_ref(A, rank, oversample=8, n_iter=2, generator=None):
+    """Rank-`rank` approximation U diag(S) Vh of each matrix of A (..., m, n), in A's dtype."""
+    U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator)
+    return ((U * S[..., None, :]) @ Vh).to(A.dtype)

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mla-kernels",
+    version="0.1.0",
+    description="Multi-Head Latent Attention: Triton kernels and a nanoGPT-style GPT on top of them",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mla_kernels", "mla_kernels.*", "mla_gpt", "mla_gpt.*"]),
+    package_data={"mla_gpt": ["data/*/*.txt", "data/*/*.md"]},
+    python_requires=">=3.10",
+    # Ranges that both the CPU machines (torch 2.13 CPU build, triton 3.6.0) and the GPU
+    # machine (torch 2.11, triton 3.6, nothing installable) satisfy.
+    install_requires=[
+        "torch>=2.5,<3",
+        "triton>=3.2,<4",
+        "numpy>=1.24,<2.4",  # triton 3.6's interpreter fails under numpy >= 2.4 (DESIGN 5)
+        "tiktoken>=0.6",
+    ],
+    extras_require={"test": ["pytest>=7"], "plot": ["matplotlib>=3.6"]},
+)
