@@ -1,0 +1,378 @@
+"""Split-KV flash decoding over a latent KV cache (DESIGN 2, issue #5).
+
+The cache holds only latents: c^k (B, L, g, r) and c^v (B, L, g, rv), or one joint
+latent whose first rv = r columns also serve as V. Each new token's absorbed query
+q'_h (B, Tq, nh, r) attends over its row's cached latents directly, so a decode step
+reads (2 or 1) g r elements per cached position instead of the 2 nh hs of an
+expanded cache.
+
+Work split: one program per (batch row, latent group, block of packed queries, KV
+split). The nh / g query heads of a group and the Tq new queries are packed into
+the M dimension of the dot (row m = head_in_group * Tq + query), so every latent
+tile is read from memory once per group. When B x g programs cannot fill the GPU,
+the cached length of each row is cut into `num_splits` chunks; each writes a partial
+output normalized by its own softmax sum together with its base-2 logsumexp, and a
+second kernel merges the chunks by their logsumexps.
+
+Layouts follow flash-attention's `flash_attn_with_kvcache`: (batch, seqlen, heads, dim).
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mla_kernels.reference import latent_decode_ref
+
+LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned logsumexp
+MAX_BLOCK_M = 64  # packed (head, query) rows per program; more rows go to more programs
+MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
+MAX_LATENT_DIM = 576  # DeepSeek-V2's joint latent (512 + 64 rope dims), the widest supported
+MIN_LATENT_DIM = 16
+MIN_SPLIT_TOKENS = 256  # a KV split shorter than this costs more in merging than it saves
+WAVES = 2  # aim for this many programs per multiprocessor before adding splits
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q, K, V, SEQLENS, O, LSE,
+    sm_scale_log2,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kl, stride_kg,
+    stride_vb, stride_vl, stride_vg,
+    stride_ob, stride_ot, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_lt, stride_ls,
+    NH, G, TQ, D_K, D_V, NUM_SPLITS, NUM_M_BLOCKS,
+    HPG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One (row, group, query block, split): online softmax over its KV chunk.
+
+    SPLIT false: O is the final output (B, Tq, nh, rv) in q's dtype, LSE (B, nh, Tq)
+    natural log. SPLIT true: O is float32 (B, Tq, nh, S, rv) holding this split's
+    output normalized by its own sum, LSE (B, nh, Tq, S) its base-2 logsumexp
+    (-inf for a split that sees no key).
+    """
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    m_block = pid % NUM_M_BLOCKS
+    bg = pid // NUM_M_BLOCKS
+    grp = bg % G
+    b = bg // G
+
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seqlen)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row = head_in_group * Tq + query
+    head_local = offs_m // TQ
+    qi = offs_m % TQ
+    row_ok = head_local < HPG
+    head = grp * HPG + head_local
+    q_pos = seqlen - TQ + qi  # absolute position of each query; it sees keys <= q_pos
+
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    q_ptrs = Q + b * stride_qb + qi[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dk_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DK)
+
+    k_base = K + b * stride_kb + grp * stride_kg
+    v_base = V + b * stride_vb + grp * stride_vg
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_dk[None, :],
+                    mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DK)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if JOINT:
+            v = k  # V is the first rv = r columns of the same latent tile: one read serves both
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :],
+                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # base 2
+    o_ptrs = O + b * stride_ob + qi[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    l_ptrs = LSE + b * stride_lb + head * stride_lh + qi * stride_lt
+    if SPLIT:
+        tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & dv_ok[None, :])
+        tl.store(l_ptrs + split * stride_ls, lse2, mask=row_ok)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        tl.store(l_ptrs, lse2 * _LN2, mask=row_ok)  # ln(2): base 2 -> natural
+
+
+@triton.jit
+def _decode_merge_kernel(
+    OP, LSEP, O, LSE,
+    stride_pb, stride_pt, stride_ph, stride_ps,
+    stride_qb, stride_qh, stride_qt, stride_qs,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
+    NH, TQ, D_V, NUM_SPLITS,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the splits of one (row, head, query): weights exp2(lse_s - max) / sum.
+
+    OP: float32 (B, Tq, nh, S, rv) (strides stride_p*); LSEP: float32 (B, nh, Tq, S)
+    base 2 (strides stride_q*).
+    O: (B, Tq, nh, rv) in q's dtype; LSE: float32 (B, nh, Tq) natural log.
+    """
+    pid = tl.program_id(0)
+    qi = pid % TQ
+    head = (pid // TQ) % NH
+    b = pid // (TQ * NH)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < D_V
+    lse_s = tl.load(LSEP + b * stride_qb + head * stride_qh + qi * stride_qt + offs_s * stride_qs,
+                    mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+    lse_max = tl.max(lse_s, axis=0)
+    w = tl.exp2(lse_s - lse_max)  # empty splits (-inf) weigh 0
+    w_sum = tl.sum(w, axis=0)
+    p_ptrs = OP + b * stride_pb + qi * stride_pt + head * stride_ph
+    o_s = tl.load(p_ptrs + offs_s[:, None] * stride_ps + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
+    out = tl.sum(o_s * w[:, None], axis=0) / w_sum
+    tl.store(O + b * stride_ob + qi * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + b * stride_lb + head * stride_lh + qi * stride_lt, (lse_max + tl.log2(w_sum)) * _LN2)
+
+
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined K / V tiles per program, under Hopper's 227 KB with room for the rest
+MAX_ACC_REGS = 128  # fp32 accumulator registers per thread before spills become likely
+# Tiles for the GPU, chosen by timing once per key (latent dims, packed rows, split or not).
+_PARTIAL_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 2, 4),
+                     (32, 8, 2), (16, 8, 2)]
+]
+_FALLBACK_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
+
+
+def _prune_configs(configs, named_args, **meta):
+    """Keep configs whose pipelined K / V tiles fit SMEM_BUDGET and whose accumulator fits MAX_ACC_REGS."""
+    elt = named_args["Q"].element_size()
+    row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * elt
+    acc = meta["BLOCK_M"] * meta["BLOCK_DV"]
+    kept = [c for c in configs
+            if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= SMEM_BUDGET
+            and acc <= MAX_ACC_REGS * 32 * c.num_warps]
+    return kept or [_FALLBACK_CONFIG]
+
+
+_decode_partial_tuned = triton.autotune(
+    configs=_PARTIAL_CONFIGS,
+    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_decode_partial_kernel)
+INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H200's count, so interpreter runs pick the splits the GPU would
+
+
+def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
+    """KV splits per row: enough programs for WAVES per multiprocessor, none shorter than MIN_SPLIT_TOKENS.
+
+    batch x groups x m_blocks programs already run in parallel; split only when they
+    are fewer than WAVES x num_sms. Uses the cache capacity (no device sync), so the
+    choice is the same at every step of a generation (static shapes, CUDA graphs).
+    """
+    programs = batch * groups * m_blocks
+    wanted = triton.cdiv(WAVES * num_sms, programs)
+    return max(1, min(wanted, max_len // MIN_SPLIT_TOKENS))
+
+
+def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+    tensors = {"q_lat": q_lat, "cache_k": cache_k, "cache_seqlens": cache_seqlens}
+    if cache_v is not None:
+        tensors["cache_v"] = cache_v
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q_lat.dim() != 4:
+        raise ValueError(f"q_lat must be (B, Tq, nh, r), got shape {tuple(q_lat.shape)}")
+    if cache_k.dim() != 4:
+        raise ValueError(f"cache_k must be (B, L, g, r), got shape {tuple(cache_k.shape)}")
+    B, Tq, nh, r = q_lat.shape
+    Bk, L, g, rk = cache_k.shape
+    if Bk != B or rk != r:
+        raise ValueError(f"cache_k shape {tuple(cache_k.shape)} does not match q_lat {tuple(q_lat.shape)}: "
+                         "need the same batch and latent dim")
+    if g < 1 or nh % g != 0:
+        raise ValueError(f"cache_k has g={g} groups; nh={nh} query heads must be a multiple of it")
+    if cache_v is not None:
+        if cache_v.dim() != 4 or tuple(cache_v.shape[:3]) != (B, L, g):
+            raise ValueError(f"cache_v must be (B, L, g, rv) = ({B}, {L}, {g}, rv), got {tuple(cache_v.shape)}")
+    rv = r if cache_v is None else cache_v.shape[3]
+    for name, d in (("latent dim r of q_lat / cache_k", r), ("latent dim rv of cache_v", rv)):
+        if not MIN_LATENT_DIM <= d <= MAX_LATENT_DIM:
+            raise ValueError(f"{name} is {d}; allowed {MIN_LATENT_DIM}..{MAX_LATENT_DIM}")
+    if Tq < 1:
+        raise ValueError(f"q_lat needs at least one query (Tq >= 1), got Tq={Tq}")
+    if q_lat.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q_lat dtype {q_lat.dtype} not supported; allowed {_SUPPORTED_DTYPES}")
+    for name in ("cache_k", "cache_v"):
+        t = tensors.get(name)
+        if t is not None and t.dtype != q_lat.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from q_lat dtype {q_lat.dtype}")
+    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
+        raise ValueError(f"cache_seqlens must be ({B},), got shape {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens dtype must be int32 or int64, got {cache_seqlens.dtype}")
+    for name, t in tensors.items():
+        if t.device != q_lat.device:
+            raise ValueError(f"{name} is on {t.device} but q_lat is on {q_lat.device}: all must share a device")
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (heuristic) or an int >= 1, got {num_splits!r}")
+    capturing = q_lat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:  # reading lengths syncs the device: impossible inside a CUDA graph capture
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < Tq or hi > L:
+            raise ValueError(f"cache_seqlens must lie in [Tq, L] = [{Tq}, {L}] (the {Tq} new tokens included), "
+                             f"got min {lo}, max {hi}")
+
+
+def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+    """Launch the partial (and, with splits, the merge) kernel. Shapes as in `latent_decode`."""
+    B, Tq, nh, r = q_lat.shape
+    L, g = cache_k.shape[1], cache_k.shape[2]
+    q_lat, cache_k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, cache_k))
+    joint = cache_v is None
+    v = cache_k if joint else (cache_v if cache_v.stride(-1) == 1 else cache_v.contiguous())
+    rv = v.shape[3]
+    seqlens = cache_seqlens.to(torch.int32)
+    hpg = nh // g
+    block_m = min(max(triton.next_power_of_2(hpg * Tq), MIN_BLOCK_M), MAX_BLOCK_M)
+    m_blocks = triton.cdiv(hpg * Tq, block_m)
+    if num_splits is None:
+        num_splits = num_splits_heuristic(B, g, m_blocks, L, _num_sms(q_lat.device))
+    num_splits = max(1, min(num_splits, L))
+    split = num_splits > 1
+
+    out = torch.empty(B, Tq, nh, rv, device=q_lat.device, dtype=q_lat.dtype)  # (B, Tq, nh, rv)
+    lse = torch.empty(B, nh, Tq, device=q_lat.device, dtype=torch.float32)  # (B, nh, Tq)
+    if split:
+        o_dst = torch.empty(B, Tq, nh, num_splits, rv, device=q_lat.device, dtype=torch.float32)  # (B, Tq, nh, S, rv)
+        l_dst = torch.empty(B, nh, Tq, num_splits, device=q_lat.device, dtype=torch.float32)  # (B, nh, Tq, S)
+        o_strides = o_dst.stride()[:4]
+        l_strides = l_dst.stride()
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (*out.stride()[:3], 0)
+        l_strides = (*lse.stride(), 0)
+
+    block_dk = max(triton.next_power_of_2(r), MIN_LATENT_DIM)
+    block_dv = block_dk if joint else max(triton.next_power_of_2(rv), MIN_LATENT_DIM)
+    grid = (num_splits, B * g * m_blocks)
+    args = (
+        q_lat, cache_k, v, seqlens, o_dst, l_dst,
+        softmax_scale * LOG2E,
+        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *o_strides, *l_strides,
+        nh, g, Tq, r, rv, num_splits, m_blocks,
+    )
+    meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
+                IEEE_DOT=q_lat.dtype == torch.float32)
+    if _interpreting():
+        _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
+    else:
+        _decode_partial_tuned[grid](*args, **meta)
+
+    if split:
+        _decode_merge_kernel[(B * nh * Tq,)](
+            o_dst, l_dst, out, lse,
+            *o_strides, *l_strides,
+            out.stride(0), out.stride(1), out.stride(2),
+            *lse.stride(),
+            nh, Tq, rv, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv,
+        )
+    return out, lse
+
+
+@torch.library.custom_op("mla_kernels::latent_decode", mutates_args=())
+def _latent_decode_op(
+    q_lat: torch.Tensor, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor], cache_seqlens: torch.Tensor,
+    softmax_scale: float, num_splits: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_lat.device.type == "cpu" and not _interpreting():
+        out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
+        return out, lse.to(torch.float32)
+    return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+
+
+@_latent_decode_op.register_fake
+def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+    B, Tq, nh, r = q_lat.shape
+    rv = r if cache_v is None else cache_v.shape[3]
+    out = q_lat.new_empty(B, Tq, nh, rv)  # (B, Tq, nh, rv)
+    lse = q_lat.new_empty(B, nh, Tq, dtype=torch.float32)  # (B, nh, Tq)
+    return out, lse
+
+
+def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None):
+    """Attention of the Tq newest absorbed queries of each row over its latent KV cache.
+
+    q_lat: (B, Tq, nh, r) absorbed queries q'_h = q_h W_uk^h^T, float16 / bfloat16 / float32;
+      Tq is small (1 for plain decode, a few for speculative or chunked steps).
+    cache_k: (B, L, g, r) K latents, nh % g == 0, head h reads group h // (nh // g).
+    cache_v: (B, L, g, rv) V latents, or None for a joint latent (V = cache_k, rv = r).
+    cache_seqlens: (B,) int32 / int64, valid cached length of each row with the new
+      tokens included, in [Tq, L]: query i of row b sits at position
+      cache_seqlens[b] - Tq + i and sees positions <= that one (causal among the new
+      tokens). Slots at or beyond cache_seqlens[b] are never read.
+    softmax_scale: multiplies q'.c^k; for MLA this is 1 / sqrt(hs), not 1 / sqrt(r).
+    num_splits: KV splits per row; None lets `num_splits_heuristic` choose.
+    Latent dims 16..576, any value (padded to a power of two and masked); last dims
+    must be contiguous (others are copied first).
+    Returns o_lat (B, Tq, nh, rv) in q_lat's dtype and logsumexp (B, nh, Tq) float32,
+    natural log, as `mla_kernels.reference.latent_decode_ref`.
+    On CPU tensors without TRITON_INTERPRET=1 it runs that reference instead.
+    Lengths are checked on the host (one device sync) except during CUDA graph capture.
+    """
+    _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+    return torch.ops.mla_kernels.latent_decode(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale),
+                                               num_splits)
