@@ -1,0 +1,394 @@
+"""Attention layers: nanoGPT's CausalSelfAttention and its drop-in, MultiHeadLatentAttention.
+
+Both take x (B, T, C) and return (B, T, C). With `cache` (a LatentKVCache) and `input_pos`
+they attend over the cached prefix too, for generation. Backends (`attn_backend`):
+'triton' runs the kernels of `mla_kernels` (through the Triton interpreter on CPU when
+TRITON_INTERPRET=1), 'reference' runs `mla_kernels.reference`, 'auto' picks the kernels on
+CUDA and the reference on CPU (CausalSelfAttention: PyTorch's SDPA, nanoGPT's fast path).
+"""
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mla_kernels import reference as ref
+from mla_kernels.cache import LatentKVCache
+
+# Roughly bf16 matrix FLOP/s over memory bytes/s on an H200 (~790 TFLOP/s / ~4.3 TB/s):
+# the cost model charges one byte moved as this many FLOPs.
+FLOPS_PER_BYTE = 200
+# Query rows that share one on-chip expansion of a K/V tile in the fused-expansion kernel.
+EXPANSION_ROWS_PER_TILE = 128
+ACTIVATION_BYTES = 2  # bf16 activations
+# The decode kernel packs the new queries of a step with the heads of a group into the rows of
+# one tile; longer chunks (prefill) go to the flash kernel, whose query blocks fit them better.
+DECODE_MAX_QUERIES = 16
+
+
+def _use_kernels(backend, x):
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def _causal_attention(q, k, v, softmax_scale, q_offset, kernels):
+    """GQA causal attention: q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv)."""
+    if kernels:
+        from mla_kernels.attention import flash_attention
+
+        return flash_attention(q, k, v, softmax_scale=softmax_scale, q_offset=q_offset)
+    return ref.attention_ref(q, k, v, softmax_scale, q_offset)[0]
+
+
+def _svd_module(kernels):
+    if kernels:
+        from mla_kernels import svd
+
+        return svd
+    return None
+
+
+def mla_path_costs(seq_len, n_embd, n_head, n_groups, latent_dim, value_dim, joint_kv=False):
+    """Cost per token of one MLA forward in each form, in FLOP-equivalents (DESIGN 2).
+
+    absorbed: composed query (C -> nh r) and output (nh rv -> C) projections, attention
+      over the latents at head dims r and rv.
+    expanded: full q and output projections, attention at head size hs, plus the expansion
+      of each K/V tile once per EXPANSION_ROWS_PER_TILE query rows (fused kernel).
+    Bytes: the per-head activations each form writes and reads back (q and o).
+    Causal attention sees seq_len / 2 keys per query on average.
+    """
+    C, nh, r, rv = n_embd, n_head, latent_dim, value_dim
+    hs = C // nh
+    latent_flops = 2 * C * n_groups * (r if joint_kv else r + rv)
+    keys = seq_len / 2
+    absorbed_flops = 2 * C * nh * r + latent_flops + 2 * nh * (r + rv) * keys + 2 * nh * rv * C
+    expansion_flops = 2 * nh * hs * (r + rv) * keys / EXPANSION_ROWS_PER_TILE
+    expanded_flops = 4 * C * C + latent_flops + 4 * nh * hs * keys + expansion_flops
+    absorbed_bytes = 2 * nh * (r + rv) * ACTIVATION_BYTES
+    expanded_bytes = 4 * C * ACTIVATION_BYTES
+    return {
+        "absorbed": absorbed_flops + FLOPS_PER_BYTE * absorbed_bytes,
+        "expanded": expanded_flops + FLOPS_PER_BYTE * expanded_bytes,
+    }
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's multi-head causal self-attention; caches full K and V when generating."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.head_size = config.head_size
+        self.dropout = config.dropout
+        self.backend = config.attn_backend
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, input_pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        v = v.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, input_pos + T, nh, hs)
+        if self.backend == "auto":
+            y = self._sdpa(q, k, v, input_pos)
+        else:
+            y = _causal_attention(q, k, v, None, input_pos, self.backend == "triton")
+        y = y.reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _sdpa(self, q, k, v, q_offset):
+        """PyTorch's fused attention with the causal mask aligned at q_offset."""
+        T, Tk = q.size(1), k.size(1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if q_offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            q_pos = torch.arange(T, device=q.device)[:, None] + q_offset
+            mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (T, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return y.transpose(1, 2)  # (B, T, nh, hs)
+
+    def make_cache(self, max_batch, max_seq, dtype, device):
+        return LatentKVCache(max_batch, max_seq, self.n_head, self.head_size, self.head_size,
+                             dtype=dtype, device=device)
+
+    def kv_cache_elements_per_token(self):
+        return 2 * self.n_embd
+
+    supports_cache = True
+
+
+class LatentExpansion(nn.Module):
+    """Per-head expansion of a latent: head h maps its group's latent (r) to hs by W_u^h.
+
+    weight: (n_head, latent_dim, head_size). forward: c (B, T, g, r) -> (B, T, nh, hs).
+    """
+
+    def __init__(self, n_head, latent_dim, head_size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_head, latent_dim, head_size))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # keeps |c W_u| at the size of |c|, so K and V start at the scale of standard attention
+        nn.init.normal_(self.weight, mean=0.0, std=1.0 / math.sqrt(self.weight.size(1)))
+
+    def forward(self, c):
+        return ref.expand_latent(c, self.weight)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-Head Latent Attention, a drop-in for CausalSelfAttention (DESIGN 2 and 4).
+
+    q_proj: C -> C; kv_latent_proj: C -> (2 or 1) g r (separate or joint K/V latents);
+    k_expand, v_expand: per-head (r, hs) expansions; c_proj: C -> C.
+    The attention core runs in latent space ('absorbed') or on expanded K/V built from the
+    latents ('expanded'), chosen by `mla_path_costs` unless config.mla_path forces one.
+    Attention-probability dropout is not applied (the fused kernels have none); dropout
+    acts on the output, as resid_dropout.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C, nh = config.n_embd, config.n_head
+        self.n_embd, self.n_head, self.head_size = C, nh, config.head_size
+        self.latent_dim, self.n_groups = config.latent_dim, config.kv_groups
+        self.joint_kv = config.mla_joint_kv
+        self.backend, self.path = config.attn_backend, config.mla_path
+        self.svd_mode = config.svd_mode if config.use_svd else None
+        self.softmax_scale = 1.0 / math.sqrt(self.head_size)
+
+        self.q_proj = nn.Linear(C, C, bias=config.bias)
+        n_latents = 1 if self.joint_kv else 2
+        self.kv_latent_proj = nn.Linear(C, n_latents * self.n_groups * self.latent_dim, bias=config.bias)
+        self.k_expand = LatentExpansion(nh, self.latent_dim, self.head_size)
+        self.v_expand = LatentExpansion(nh, self.latent_dim, self.head_size)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+        if self.svd_mode == "weight":
+            self.svd_rank = config.svd_rank or self.latent_dim
+            # top-svd_rank left singular vectors of each group's stacked value expansion
+            basis = torch.zeros(self.n_groups, self.latent_dim, self.svd_rank)  # (g, r, k)
+            self.register_buffer("value_basis", basis)
+        elif self.svd_mode == "activation":
+            self.svd_rank = config.svd_rank or self.head_size
+        self._warned_no_cache = False
+
+    # ---- sizes and reports -------------------------------------------------------------
+
+    @property
+    def value_dim(self):
+        """Width of the value latent the attention reads: svd_rank under svd 'weight', else r."""
+        return self.svd_rank if self.svd_mode == "weight" else self.latent_dim
+
+    @property
+    def caches_joint_latent(self):
+        return self.joint_kv and self.svd_mode != "weight"
+
+    def kv_cache_elements_per_token(self):
+        g, r = self.n_groups, self.latent_dim
+        return g * r if self.caches_joint_latent else g * (r + self.value_dim)
+
+    def get_compression_ratio(self):
+        """Attention parameters of the standard layer over this layer's."""
+        C = self.n_embd
+        with_bias = self.c_proj.bias is not None
+        standard = 4 * C * C + (4 * C if with_bias else 0)
+        return standard / sum(p.numel() for p in self.parameters())
+
+    def get_memory_savings(self, sequence_length=1024, batch_size=1):
+        """KV cache bytes of the standard layer over this layer's, for one layer and dtype."""
+        report = self.memory_report(sequence_length=sequence_length, batch_size=batch_size)
+        return report["standard_bytes_per_layer"] / report["mla_bytes_per_layer"]
+
+    def memory_report(self, sequence_length=1024, batch_size=1, n_layer=1, dtype=torch.bfloat16):
+        """KV cache bytes, standard attention vs this layer, per token, per layer and per sequence.
+
+        Per layer: batch_size sequences of sequence_length tokens in one layer.
+        Per sequence: one sequence of sequence_length tokens through n_layer layers.
+        Under svd 'activation' generation keeps no cache; the latent figures are what a
+        cache of this layer would hold.
+        """
+        for name, value in (("sequence_length", sequence_length), ("batch_size", batch_size),
+                            ("n_layer", n_layer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        elem = torch.empty((), dtype=dtype).element_size()
+        standard_token = 2 * self.n_embd * elem
+        mla_token = self.kv_cache_elements_per_token() * elem
+        return {
+            "dtype": str(dtype).replace("torch.", ""),
+            "sequence_length": sequence_length,
+            "batch_size": batch_size,
+            "n_layer": n_layer,
+            "standard_bytes_per_token": standard_token,
+            "mla_bytes_per_token": mla_token,
+            "standard_bytes_per_layer": standard_token * sequence_length * batch_size,
+            "mla_bytes_per_layer": mla_token * sequence_length * batch_size,
+            "standard_bytes_per_sequence": standard_token * sequence_length * n_layer,
+            "mla_bytes_per_sequence": mla_token * sequence_length * n_layer,
+            "savings": standard_token / mla_token,
+        }
+
+    def make_cache(self, max_batch, max_seq, dtype, device):
+        value_dim = None if self.caches_joint_latent else self.value_dim
+        return LatentKVCache(max_batch, max_seq, self.n_groups, self.latent_dim, value_dim,
+                             dtype=dtype, device=device)
+
+    @property
+    def supports_cache(self):
+        """svd 'activation' is not causal, so its outputs cannot be cached."""
+        return self.svd_mode != "activation"
+
+    def choose_path(self, seq_len):
+        if self.path != "auto":
+            return self.path
+        costs = mla_path_costs(seq_len, self.n_embd, self.n_head, self.n_groups, self.latent_dim,
+                               self.value_dim, self.caches_joint_latent)
+        return min(costs, key=costs.get)
+
+    # ---- svd 'weight': the value basis ---------------------------------------------------
+
+    def train(self, mode=True):
+        """Entering eval freezes the value basis from the current weights (svd 'weight')."""
+        super().train(mode)
+        if not mode and self.svd_mode == "weight":
+            with torch.no_grad():
+                self.value_basis.copy_(self._compute_value_basis())
+        return self
+
+    def _compute_value_basis(self):
+        """Top-k left singular vectors of [W_uv^h for h in group]: (g, r, k), no gradient."""
+        w_uv = self.v_expand.weight.detach().float()  # (nh, r, hs)
+        g, r = self.n_groups, self.latent_dim
+        stacked = w_uv.view(g, self.n_head // g, r, self.head_size).transpose(1, 2)
+        stacked = stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)
+        generator = torch.Generator(device=stacked.device).manual_seed(0)
+        svd = _svd_module(_use_kernels(self.backend, stacked))
+        if svd is not None:
+            basis = svd.top_left_singular_vectors(stacked, self.svd_rank, generator=generator)
+        else:
+            basis = ref.randomized_svd_ref(stacked, self.svd_rank, generator=generator)[0]
+        return basis.to(self.v_expand.weight.dtype)
+
+    def _value_basis(self):
+        """The projector basis U_k (g, r, k): recomputed while training, frozen in eval."""
+        if self.training:
+            basis = self._compute_value_basis()
+            self.value_basis.copy_(basis)
+            return basis
+        return self.value_basis
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, x, cache=None, input_pos=0):
+        B, T, C = x.size()
+        kernels = _use_kernels(self.backend, x)
+        if self.svd_mode == "activation":
+            if cache is not None:
+                raise ValueError("svd_mode='activation' is not causal and cannot use a KV cache")
+            y = self._forward_activation_svd(x, kernels)
+            return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+        basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
+        w_uk = self.k_expand.weight  # (nh, r, hs)
+        w_uv = self.v_expand.weight  # (nh, r, hs)
+        if basis is not None:
+            head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
+            w_uv = torch.einsum("hrk,hrd->hkd", head_basis, w_uv)  # (nh, k, hs)
+
+        path = "absorbed" if cache is not None else self.choose_path(T)
+        if path == "absorbed":
+            return self.resid_dropout(self._forward_absorbed(x, w_uk, w_uv, basis, cache, input_pos, kernels))
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
+        if kernels:
+            from mla_kernels.attention import mla_attention_expanded
+
+            y = mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=self.softmax_scale)
+        else:
+            y = ref.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, self.softmax_scale)[0]
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+    def _latents(self, latent, basis):
+        """Split kv_latent_proj's output (B, T, (2|1) g r) into c^k (B, T, g, r) and the value latent.
+
+        The value latent is c^v (B, T, g, r), or z = c^v U_k (B, T, g, k) under svd 'weight'.
+        """
+        B, T = latent.shape[:2]
+        latent = latent.view(B, T, -1, self.n_groups, self.latent_dim)
+        c_k = latent[:, :, 0]
+        c_v = latent[:, :, -1]  # the same tensor as c_k for a joint latent
+        if basis is not None:
+            c_v = torch.einsum("btgr,grk->btgk", c_v, basis)
+        return c_k, c_v
+
+    def _forward_absorbed(self, x, w_uk, w_uv, basis, cache, input_pos, kernels):
+        """Latent-space attention with the projections composed into one GEMM on each side.
+
+        In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
+        Out: W_uv composed with c_proj (nh rv -> C), one matmul. Both run on cuBLAS through
+        torch: these are plain dense GEMMs, which a Triton GEMM would not beat.
+        """
+        B, T, C = x.shape
+        nh, hs, r = self.n_head, self.head_size, self.latent_dim
+        w_q = self.q_proj.weight.view(nh, hs, C)
+        w_q_absorbed = torch.einsum("hrd,hdc->hrc", w_uk, w_q).reshape(nh * r, C)
+        weight = torch.cat([w_q_absorbed, self.kv_latent_proj.weight])  # (nh r + (2|1) g r, C)
+        bias = None
+        if self.q_proj.bias is not None:
+            b_q_absorbed = torch.einsum("hrd,hd->hr", w_uk, self.q_proj.bias.view(nh, hs)).reshape(-1)
+            bias = torch.cat([b_q_absorbed, self.kv_latent_proj.bias])
+        projected = F.linear(x, weight, bias)
+        q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
+        c_k, c_v = self._latents(projected[..., nh * r :], basis)  # (B, T, g, r), (B, T, g, rv)
+
+        if cache is not None:
+            c_k, cached_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)
+            c_v = c_k if cached_v is None else cached_v  # (B, input_pos + T, g, rv)
+        o_lat = self._latent_core(q_lat, c_k, c_v, input_pos, kernels, cache is not None)  # (B, T, nh, rv)
+
+        rv = o_lat.size(-1)
+        w_o = self.c_proj.weight.view(C, nh, hs)
+        w_o_absorbed = torch.einsum("chd,hkd->chk", w_o, w_uv).reshape(C, nh * rv)
+        return F.linear(o_lat.reshape(B, T, nh * rv), w_o_absorbed, self.c_proj.bias)
+
+    def _latent_core(self, q_lat, c_k, c_v, input_pos, kernels, cached):
+        """Attention of q_lat (B, T, nh, r) over c_k / c_v (B, Tk, g, .), returns (B, T, nh, rv)."""
+        if kernels and cached and q_lat.size(1) <= DECODE_MAX_QUERIES and not torch.is_grad_enabled():
+            from mla_kernels.decode import latent_decode
+
+            B, T = q_lat.shape[:2]
+            seqlens = torch.full((B,), input_pos + T, dtype=torch.int32, device=q_lat.device)
+            cache_v = None if c_v is c_k else c_v
+            return latent_decode(q_lat, c_k, cache_v, seqlens, self.softmax_scale)[0]
+        return _causal_attention(q_lat, c_k, c_v, self.softmax_scale, input_pos, kernels)
+
+    def _forward_activation_svd(self, x, kernels):
+        """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.
+
+        Not causal: the projector comes from all T positions. V_low = V Vh_k^T Vh_k with the top
+        right singular vectors Vh_k detached, so gradients flow through V only.
+        """
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        c_k, c_v = self._latents(self.kv_latent_proj(x), None)
+        k = self.k_expand(c_k)  # (B, T, nh, hs)
+        v = self.v_expand(c_v)  # (B, T, nh, hs)
+        if self.svd_rank < min(T, self.head_size):
+            per_head = v.transpose(1, 2)  # (B, nh, T, hs)
+            generator = torch.Generator(device=x.device).manual_seed(0)
+            svd = _svd_module(kernels)
+            randomized_svd = svd.randomized_svd if svd is not None else ref.randomized_svd_ref
+            _, _, vh = randomized_svd(per_head.detach(), self.svd_rank, generator=generator)
+            vh = vh.to(v.dtype)  # (B, nh, k, hs)
+            per_head = (per_head @ vh.transpose(-1, -2)) @ vh  # (B, nh, T, hs)
+            v = per_head.transpose(1, 2)
+        return _causal_attention(q, k, v, self.softmax_scale, 0, kernels)

@@ -1,0 +1,105 @@
+"""GPTConfig: nanoGPT's model settings plus the MLA and SVD settings, checked at construction."""
+from dataclasses import dataclass, fields
+from typing import Optional, Union, get_args, get_origin
+
+ATTN_BACKENDS = ("auto", "triton", "reference")
+MLA_PATHS = ("auto", "absorbed", "expanded")
+SVD_MODES = ("weight", "activation")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+
+    # Multi-Head Latent Attention (DESIGN 2)
+    use_mla: bool = False
+    mla_latent_dim: Optional[int] = None  # latent width r; None -> head_size // 2
+    mla_kv_groups: Optional[int] = None  # latent groups g; None -> n_head (one latent per head)
+    mla_joint_kv: bool = False  # one latent serves K and V (DeepSeek-V2 style)
+
+    # SVD compression of the values (DESIGN 4)
+    use_svd: bool = False
+    svd_rank: Optional[int] = None  # None -> full rank (latent dim in 'weight' mode, head size in 'activation')
+    svd_mode: str = "weight"  # 'weight': causal and cached; 'activation': per-sequence, not causal
+
+    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, reference on CPU
+    mla_path: str = "auto"  # 'auto': cheaper of absorbed / expanded by the cost model
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd must be divisible by n_head, got n_embd={self.n_embd}, n_head={self.n_head}"
+            )
+        for name, value, allowed in (
+            ("attn_backend", self.attn_backend, ATTN_BACKENDS),
+            ("mla_path", self.mla_path, MLA_PATHS),
+            ("svd_mode", self.svd_mode, SVD_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.mla_latent_dim is not None and self.mla_latent_dim < 1:
+            raise ValueError(f"mla_latent_dim must be >= 1 or None, got {self.mla_latent_dim}")
+        if self.mla_kv_groups is not None and (
+            self.mla_kv_groups < 1 or self.n_head % self.mla_kv_groups != 0
+        ):
+            raise ValueError(
+                f"mla_kv_groups must divide n_head={self.n_head}, got {self.mla_kv_groups}"
+            )
+        if self.use_svd and not self.use_mla:
+            raise ValueError("use_svd=True needs use_mla=True: SVD compresses the MLA value latents")
+        if self.use_svd and self.svd_rank is not None:
+            limit = self.latent_dim if self.svd_mode == "weight" else self.head_size
+            what = "latent dim" if self.svd_mode == "weight" else "head size"
+            if not 1 <= self.svd_rank <= limit:
+                raise ValueError(
+                    f"svd_rank must be in [1, {limit}] (the {what} in svd_mode={self.svd_mode!r}), "
+                    f"got {self.svd_rank}"
+                )
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def latent_dim(self):
+        return self.mla_latent_dim if self.mla_latent_dim is not None else max(1, self.head_size // 2)
+
+    @property
+    def kv_groups(self):
+        return self.mla_kv_groups if self.mla_kv_groups is not None else self.n_head
+
+    @property
+    def value_rank(self):
+        """Width of the cached value latent: svd_rank under svd 'weight', else the latent dim."""
+        if self.use_svd and self.svd_mode == "weight" and self.svd_rank is not None:
+            return self.svd_rank
+        return self.latent_dim
+
+
+def _check_type(name, value, annotation):
+    """TypeError unless value fits the field's annotation (int accepted where float is asked)."""
+    allowed = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
+    for typ in allowed:
+        if typ is type(None) and value is None:
+            return
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if typ in (bool, str) and isinstance(value, typ):
+            return
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise TypeError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,206 @@
+"""GPT with nanoGPT's interface; its attention is standard or Multi-Head Latent Attention.
+
+Generation keeps a preallocated per-layer cache (latents only for MLA): the prompt is
+prefilled once, then each new token is one step over the cache.
+"""
+import inspect
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
+
+A100_BF16_PEAK_FLOPS = 312e12  # nanoGPT's reference peak for MFU
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        attention = MultiHeadLatentAttention if config.use_mla else CausalSelfAttention
+        self.attn = attention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, input_pos=0):
+        x = x + self.attn(self.ln_1(x), cache, input_pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # scaled init of the residual projections, per GPT-2
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token
+        embeddings count, since they are tied to the output layer)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, LatentExpansion):
+            module.reset_parameters()
+
+    def forward(self, idx, targets=None, caches=None, input_pos=0):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits (B, T, vocab) and the mean cross-entropy (-1 ignored).
+        Without: logits of the last position only (B, 1, vocab), loss None.
+        caches: one LatentKVCache per layer (from `setup_caches`); idx then holds the tokens at
+        positions input_pos .. input_pos + T - 1.
+        """
+        b, t = idx.size()
+        if input_pos + t > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {input_pos + t} (input_pos={input_pos} + {t} tokens) exceeds "
+                f"block_size={self.config.block_size}"
+            )
+        pos = torch.arange(input_pos, input_pos + t, dtype=torch.long, device=idx.device)  # (t,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if caches is None else caches[i], input_pos)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (b, 1, vocab)
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. to fine-tune a model with a smaller block)."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in [1, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on every parameter of 2 or more dims (matmuls, embeddings)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=A100_BF16_PEAK_FLOPS):
+        """Model FLOPs utilization (PaLM appendix B), as a fraction of peak_flops."""
+        cfg = self.config
+        N = self.get_num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def setup_caches(self, max_batch, max_seq, dtype=None):
+        """One preallocated cache per layer; dtype defaults to the dtype activations will have."""
+        device = self.lm_head.weight.device
+        if dtype is None:
+            dtype = self.lm_head.weight.dtype
+            if torch.is_autocast_enabled(device.type):
+                dtype = torch.get_autocast_dtype(device.type)
+        return [block.attn.make_cache(max_batch, max_seq, dtype, device) for block in self.transformer.h]
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Yield max_new_tokens sampled tokens, each (B, 1), continuing idx (B, T).
+
+        temperature 0 or top_k 1 is greedy. The prompt is prefilled into the caches once, then
+        each step feeds one token. Past block_size the context slides (as nanoGPT crops it), so
+        each further step recomputes the last block_size tokens. svd_mode='activation' is not
+        causal and keeps no cache: every step recomputes the whole context.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        block_size = self.config.block_size
+        cached = all(block.attn.supports_cache for block in self.transformer.h)
+        if not cached:
+            warnings.warn("svd_mode='activation' is not causal: generation recomputes the whole "
+                          "context at every step, without a KV cache", stacklevel=2)
+        tokens = idx
+        caches = None
+        if cached:
+            caches = self.setup_caches(idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
+        for step in range(max_new_tokens):
+            if step > 0 and cached and tokens.size(1) <= block_size:
+                logits, _ = self(tokens[:, -1:], caches=caches, input_pos=tokens.size(1) - 1)
+            else:
+                logits, _ = self(tokens[:, -block_size:], caches=caches, input_pos=0)
+            next_token = _sample(logits[:, -1, :], temperature, top_k)  # (B, 1)
+            yield next_token
+            tokens = torch.cat((tokens, next_token), dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k))
+        return torch.cat([idx, *new], dim=1)
+
+
+def _sample(logits, temperature, top_k):
+    """logits (B, V) -> next token (B, 1)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)

@@ -1,0 +1,73 @@
+"""LatentKVCache: a preallocated per-layer KV cache that stores latents, never expanded K/V."""
+import torch
+from torch import nn
+
+
+class LatentKVCache(nn.Module):
+    """Preallocated cache of one attention layer for up to (max_batch, max_seq) tokens.
+
+    MLA stores the key latent c^k (max_batch, max_seq, n_groups, key_dim) and, unless the
+    latent is joint, the value latent (max_batch, max_seq, n_groups, value_dim); under
+    svd_mode='weight' the value latent is the rank-reduced z = c^v U_k, so value_dim is the
+    SVD rank. Standard attention is the degenerate case n_groups = n_head,
+    key_dim = value_dim = head_size (its K and V themselves).
+    Rows are written by `update` in place; nothing grows by concatenation.
+    """
+
+    def __init__(self, max_batch, max_seq, n_groups, key_dim, value_dim=None, *, dtype, device):
+        super().__init__()
+        for name, value in (("max_batch", max_batch), ("max_seq", max_seq), ("n_groups", n_groups),
+                            ("key_dim", key_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if value_dim is not None and (not isinstance(value_dim, int) or value_dim < 1):
+            raise ValueError(f"value_dim must be a positive int or None (joint latent), got {value_dim!r}")
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.joint = value_dim is None
+        shape = (max_batch, max_seq, n_groups)
+        self.register_buffer("k_cache", torch.zeros(*shape, key_dim, dtype=dtype, device=device),
+                             persistent=False)
+        value_shape = (*shape, 0 if self.joint else value_dim)
+        self.register_buffer("v_cache", torch.zeros(value_shape, dtype=dtype, device=device),
+                             persistent=False)
+
+    @property
+    def nbytes(self):
+        """Bytes the cache holds: every preallocated slot, keys and values."""
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
+
+    @property
+    def bytes_per_token(self):
+        """Bytes one cached position of one sequence takes."""
+        return self.nbytes // (self.max_batch * self.max_seq)
+
+    def update(self, input_pos, k_new, v_new=None):
+        """Write the latents of new tokens at positions input_pos.. and return the filled prefix.
+
+        input_pos: int, position of the first new token (same for every row).
+        k_new: (B, T, n_groups, key_dim); v_new: (B, T, n_groups, value_dim), None when joint.
+        Returns (k, v): views (B, input_pos + T, n_groups, dim) of the cache; v is None when joint.
+        """
+        B, T = k_new.shape[:2]
+        end = input_pos + T
+        if input_pos < 0 or end > self.max_seq:
+            raise ValueError(
+                f"cache overflow: positions [{input_pos}, {end}) do not fit max_seq={self.max_seq}"
+            )
+        if B > self.max_batch:
+            raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
+        if (v_new is None) != self.joint:
+            raise ValueError(f"v_new must be {'None' if self.joint else 'given'} for this cache")
+        for name, new, buf in (("k_new", k_new, self.k_cache), ("v_new", v_new, self.v_cache)):
+            if new is None:
+                continue
+            if new.dtype != buf.dtype or new.device != buf.device:
+                raise ValueError(
+                    f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"
+                )
+            if new.shape[2:] != buf.shape[2:] or new.shape[:2] != (B, T):
+                raise ValueError(f"{name} must be ({B}, {T}, {tuple(buf.shape[2:])}), got {tuple(new.shape)}")
+            buf[:B, input_pos:end] = new
+        k = self.k_cache[:B, :end]
+        v = None if self.joint else self.v_cache[:B, :end]
+        return k, v
