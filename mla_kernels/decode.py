@@ -33,6 +33,8 @@ MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 MAX_LATENT_DIM = 576  # DeepSeek-V2's joint latent (512 + 64 rope dims), the widest supported
 MIN_LATENT_DIM = 16
 MIN_SPLIT_TOKENS = 256  # a KV split shorter than this costs more in merging than it saves
+MAX_SPLITS = 128  # about one program per multiprocessor from splits alone; bounds the merge's work
+MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
 WAVES = 2  # aim for this many programs per multiprocessor before adding splits
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -134,16 +136,16 @@ def _decode_partial_kernel(
 def _decode_merge_kernel(
     OP, LSEP, O, LSE,
     stride_pb, stride_pt, stride_ph, stride_ps,
-    stride_qb, stride_qh, stride_qt, stride_qs,
+    stride_sb, stride_sh, stride_st, stride_ss,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_lt,
     NH, TQ, D_V, NUM_SPLITS,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     """Merge the splits of one (row, head, query): weights exp2(lse_s - max) / sum.
 
     OP: float32 (B, Tq, nh, S, rv) (strides stride_p*); LSEP: float32 (B, nh, Tq, S)
-    base 2 (strides stride_q*).
+    base 2 (strides stride_s*).
     O: (B, Tq, nh, rv) in q's dtype; LSE: float32 (B, nh, Tq) natural log.
     """
     pid = tl.program_id(0)
@@ -151,18 +153,23 @@ def _decode_merge_kernel(
     head = (pid // TQ) % NH
     b = pid // (TQ * NH)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, MERGE_CHUNK)
     offs_d = tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < NUM_SPLITS
     d_ok = offs_d < D_V
-    lse_s = tl.load(LSEP + b * stride_qb + head * stride_qh + qi * stride_qt + offs_s * stride_qs,
-                    mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
-    lse_max = tl.max(lse_s, axis=0)
-    w = tl.exp2(lse_s - lse_max)  # empty splits (-inf) weigh 0
-    w_sum = tl.sum(w, axis=0)
-    p_ptrs = OP + b * stride_pb + qi * stride_pt + head * stride_ph
-    o_s = tl.load(p_ptrs + offs_s[:, None] * stride_ps + offs_d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
-    out = tl.sum(o_s * w[:, None], axis=0) / w_sum
+    lse_base = LSEP + b * stride_sb + head * stride_sh + qi * stride_st
+    lse_all = tl.load(lse_base + offs_s * stride_ss, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # (BLOCK_S,)
+    lse_max = tl.max(lse_all, axis=0)
+    w_sum = tl.sum(tl.exp2(lse_all - lse_max), axis=0)  # empty splits (-inf) weigh 0
+    p_base = OP + b * stride_pb + qi * stride_pt + head * stride_ph
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, MERGE_CHUNK):  # a chunk of splits at a time keeps the tile in registers
+        s_idx = s0 + offs_c
+        s_ok = s_idx < NUM_SPLITS
+        w = tl.exp2(tl.load(lse_base + s_idx * stride_ss, mask=s_ok, other=float("-inf")) - lse_max)
+        o_s = tl.load(p_base + s_idx[:, None] * stride_ps + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (MERGE_CHUNK, BLOCK_DV)
+        acc += tl.sum(o_s * w[:, None], axis=0)
+    out = acc / w_sum
     tl.store(O + b * stride_ob + qi * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b * stride_lb + head * stride_lh + qi * stride_lt, (lse_max + tl.log2(w_sum)) * _LN2)
 
@@ -208,7 +215,8 @@ def _num_sms(device):
 
 
 def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
-    """KV splits per row: enough programs for WAVES per multiprocessor, none shorter than MIN_SPLIT_TOKENS.
+    """KV splits per row: enough programs for WAVES per multiprocessor, none shorter than
+    MIN_SPLIT_TOKENS, at most MAX_SPLITS.
 
     batch x groups x m_blocks programs already run in parallel; split only when they
     are fewer than WAVES x num_sms. Uses the cache capacity (no device sync), so the
@@ -216,7 +224,7 @@ def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
     """
     programs = batch * groups * m_blocks
     wanted = triton.cdiv(WAVES * num_sms, programs)
-    return max(1, min(wanted, max_len // MIN_SPLIT_TOKENS))
+    return max(1, min(wanted, max_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
@@ -263,8 +271,8 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None (heuristic) or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None (heuristic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     capturing = q_lat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:  # reading lengths syncs the device: impossible inside a CUDA graph capture
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -328,7 +336,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
             out.stride(0), out.stride(1), out.stride(2),
             *lse.stride(),
             nh, Tq, rv, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv, MERGE_CHUNK=MERGE_CHUNK,
         )
     return out, lse
 

@@ -1,0 +1,162 @@
+"""Latent decode kernel (mla_kernels.decode) in the Triton CPU interpreter vs the float64 reference."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from mla_kernels.decode import MAX_SPLITS, latent_decode, num_splits_heuristic
+from mla_kernels.reference import latent_decode_ref
+
+SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
+L_CACHE = 320  # cache capacity; the longest row uses 300, so every row has NaN-filled slots
+
+# (B, Tq, nh, g, r, rv, joint, num_splits): g in {nh, 2, 1}, dims {16, 24, 64, 96}, rv != r too
+CASES = [
+    (3, 1, 4, 4, 16, 16, False, 1),
+    (3, 1, 4, 2, 24, 24, False, 3),
+    (3, 1, 4, 1, 64, 64, True, 4),
+    (3, 3, 6, 1, 96, 96, True, 1),
+    (3, 2, 4, 2, 64, 24, False, 2),
+    (3, 4, 4, 4, 96, 96, False, 5),
+    (3, 4, 32, 1, 16, 16, True, 2),  # 32 heads x 4 queries = 128 packed rows: two query blocks
+]
+TOLS = [(torch.float32, 2e-5, 2e-5), (torch.float16, 3e-3, 3e-3)]
+
+
+def _case_id(c):
+    B, Tq, nh, g, r, rv, joint, s = c
+    return f"B{B}-T{Tq}-H{nh}-G{g}-D{r}" + ("-joint" if joint else f"-V{rv}") + f"-S{s}"
+
+
+def _make_inputs(B, Tq, nh, g, r, rv, joint, dtype, seqlens, L=L_CACHE):
+    """Random queries and caches; slots at or beyond each row's length are NaN."""
+    q = torch.randn(B, Tq, nh, r, dtype=dtype)  # (B, Tq, nh, r)
+    ck = torch.randn(B, L, g, r, dtype=dtype)  # (B, L, g, r)
+    cv = None if joint else torch.randn(B, L, g, rv, dtype=dtype)  # (B, L, g, rv)
+    lens = torch.tensor(seqlens, dtype=torch.int32)  # (B,)
+    for b, n in enumerate(seqlens):
+        ck[b, n:] = float("nan")
+        if cv is not None:
+            cv[b, n:] = float("nan")
+    return q, ck, cv, lens
+
+
+def _assert_close(out, ref, atol, rtol, what):
+    err = (out.double() - ref.double()).abs()
+    bad = ~(err <= atol + rtol * ref.double().abs())
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off, max err "
+                             f"{err.nan_to_num(float('inf')).max().item():.3e}, first at {idx}")
+
+
+def _check(q, ck, cv, lens, num_splits, atol, rtol):
+    out, lse = latent_decode(q, ck, cv, lens, SCALE, num_splits=num_splits)
+    ref_out, ref_lse = latent_decode_ref(q.double(), ck.double(), None if cv is None else cv.double(), lens, SCALE)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    _assert_close(out, ref_out, atol, rtol, "o_lat")
+    _assert_close(lse, ref_lse, 1e-4, 1e-5, "lse")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLS, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, dtype, atol, rtol):
+    B, Tq, nh, g, r, rv, joint, num_splits = case
+    torch.manual_seed(CASES.index(case))
+    seqlens = [max(Tq, 1), 17, 300]
+    _check(*_make_inputs(B, Tq, nh, g, r, rv, joint, dtype, seqlens), num_splits, atol, rtol)
+
+
+@pytest.mark.parametrize("num_splits", [1, 7], ids=["S1", "S7"])
+def test_strided_views_of_one_buffer(num_splits):
+    """K and V as column slices of one (B, L, g, r + rv) buffer, the batch taken with a step."""
+    torch.manual_seed(1)
+    B, Tq, nh, g, r, rv = 2, 2, 4, 2, 24, 40
+    buf = torch.randn(2 * B, L_CACHE, g, r + rv)[::2]  # (B, L, g, r + rv), batch stride doubled
+    lens = torch.tensor([5, 260], dtype=torch.int32)
+    for b, n in enumerate(lens.tolist()):
+        buf[b, n:] = float("nan")
+    q = torch.randn(B, Tq, nh, r)
+    _check(q, buf[..., :r], buf[..., r:], lens, num_splits, 2e-5, 2e-5)
+
+
+def test_more_splits_than_tiles():
+    """Splits past a short row's length see no key; the merge must weigh them 0."""
+    torch.manual_seed(2)
+    q, ck, cv, lens = _make_inputs(2, 1, 2, 1, 16, 16, True, torch.float32, [1, 40], L=64)
+    _check(q, ck, cv, lens, 16, 2e-5, 2e-5)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    """On CPU without TRITON_INTERPRET the op runs the reference, float64 included."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(3)
+    q, ck, cv, lens = _make_inputs(3, 2, 4, 2, 24, 24, False, torch.float32, [2, 17, 300])
+    out, lse = latent_decode(q, ck, cv, lens, SCALE)
+    ref_out, ref_lse = latent_decode_ref(q, ck, cv, lens, SCALE)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_custom_op_registration():
+    """Fake (meta) implementation, schema and dispatch agree with the real op."""
+    torch.manual_seed(4)
+    q, ck, cv, lens = _make_inputs(2, 1, 4, 2, 16, 16, False, torch.float32, [3, 40], L=48)
+    torch.library.opcheck(torch.ops.mla_kernels.latent_decode.default, (q, ck, cv, lens, SCALE, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_heuristic():
+    sms = 132
+    assert num_splits_heuristic(64, 12, 1, 4096, sms) == 1  # 768 programs already fill the H200
+    assert num_splits_heuristic(16, 12, 1, 32768, sms) == 2
+    assert num_splits_heuristic(1, 1, 1, 131072, sms) == MAX_SPLITS
+    assert num_splits_heuristic(1, 1, 1, 300, sms) == 1  # too short to split
+    assert num_splits_heuristic(1, 12, 1, 131072, sms) == 22
+
+
+def _valid():
+    torch.manual_seed(5)
+    return _make_inputs(2, 1, 4, 2, 16, 16, False, torch.float32, [1, 30], L=32)
+
+
+@pytest.mark.parametrize("lengths, match", [([0, 30], "cache_seqlens"), ([1, 33], "cache_seqlens")],
+                         ids=["len0", "beyond-L"])
+def test_bad_lengths(lengths, match):
+    q, ck, cv, _ = _valid()
+    with pytest.raises(ValueError, match=match):
+        latent_decode(q, ck, cv, torch.tensor(lengths, dtype=torch.int32), SCALE)
+
+
+def test_fewer_cached_than_new_tokens():
+    q, ck, cv, _ = _valid()
+    q2 = torch.randn(2, 3, 4, 16)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        latent_decode(q2, ck, cv, torch.tensor([2, 30], dtype=torch.int32), SCALE)
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: {**a, "cache_k": a["cache_k"][:1]}, ValueError, "cache_k"),
+    (lambda a: {**a, "cache_k": a["cache_k"][..., :8], "q_lat": a["q_lat"][..., :8]}, ValueError, "16..576"),
+    (lambda a: {**a, "cache_v": a["cache_v"][:, :5]}, ValueError, "cache_v"),
+    (lambda a: {**a, "q_lat": a["q_lat"][:, :, :3]}, ValueError, "multiple"),
+    (lambda a: {**a, "cache_k": a["cache_k"].half()}, TypeError, "cache_k"),
+    (lambda a: {**a, "q_lat": a["q_lat"].double(), "cache_k": a["cache_k"].double(),
+                "cache_v": a["cache_v"].double()}, TypeError, "q_lat"),
+    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"].float()}, TypeError, "cache_seqlens"),
+    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"][:1]}, ValueError, "cache_seqlens"),
+    (lambda a: {**a, "q_lat": a["q_lat"][0]}, ValueError, "q_lat"),
+    (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits"),
+    (lambda a: {**a, "softmax_scale": -1.0}, ValueError, "softmax_scale"),
+    (lambda a: {**a, "q_lat": a["q_lat"].numpy()}, TypeError, "q_lat"),
+], ids=["batch", "dim8", "v-len", "heads", "k-dtype", "float64", "len-dtype", "len-shape", "q-3d", "splits0",
+        "scale", "numpy"])
+def test_bad_inputs(mutate, exc, match):
+    q, ck, cv, lens = _valid()
+    args = mutate({"q_lat": q, "cache_k": ck, "cache_v": cv, "cache_seqlens": lens, "softmax_scale": SCALE,
+                   "num_splits": None})
+    with pytest.raises(exc, match=match):
+        latent_decode(**args)
