@@ -1,0 +1,643 @@
+"""Causal flash attention for MLA training: latent-space core and fused-expansion path.
+
+Two entry points, both differentiable and registered as `torch.library` custom ops
+(namespace `mla_kernels`) with fake implementations and autograd, so `torch.compile`
+traces through them without a graph break:
+
+- `flash_attention(q, k, v)`: causal grouped-query attention with separate qk / v head
+  dims (the absorbed MLA core runs it with head dim r over the latents themselves).
+- `mla_attention_expanded(q, c_k, c_v, w_uk, w_uv)`: attention whose K / V tiles are built
+  on-chip from latent tiles (k = c^k W_uk^h, v = c^v W_uv^h); the cheaper path when the
+  latent width r exceeds the head size.
+
+Kernels follow flash attention v2: softmax in base 2 (scale folded with log2 e), causal
+work split into blocks below the diagonal (no mask) and blocks on it (masked), logsumexp
+stored for the backward, which runs in three launches: delta = rowsum(o * do), dK/dV
+over query blocks (GQA: summed over the heads of a group inside the program, no atomics),
+and dQ over key blocks. Head dims that are not powers of two are padded to the next one
+inside the kernels and masked.
+
+Where the kernels run: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the Triton
+interpreter, used by the tests). Everywhere else (CPU without the interpreter, float64)
+both entry points fall back to `mla_kernels.reference`, which autograd differentiates.
+Triton is imported only when a kernel is launched, so this module imports on any machine.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+
+import torch
+
+from mla_kernels import reference
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs >= 16 along K; 256 bounds registers
+tl = None  # triton.language, bound by `_kernels()` on the first launch
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pad(d):
+    """Head dim padded to the power of two the kernels tile with (masked beyond d)."""
+    return max(MIN_HEAD_DIM, 1 << (d - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- kernels
+# Plain functions here, decorated with triton.jit by `_kernels()` on first use.
+
+def _load_tile(base, rows, cols, stride_row, n_rows, n_cols,
+               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """(len(rows), len(cols)) tile of a row-major matrix whose last dim is contiguous."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
+               lo, hi, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
+               DK_IN: tl.constexpr, DV_IN: tl.constexpr,
+               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXPAND: tl.constexpr,
+               PREC: tl.constexpr):
+    """Online-softmax accumulation over key blocks [lo, hi); MASKED applies causality and Tk."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,)
+        k = _load_tile(k_base, cols, offs_dk, stride_kt, Tk, DK_IN, MASKED, not EVEN_DK)
+        v = _load_tile(v_base, cols, offs_dv, stride_vt, Tk, DV_IN, MASKED, not EVEN_DV)
+        if EXPAND:  # build the head's K / V tiles on-chip from the latent tiles
+            k = tl.dot(k, wk, input_precision=PREC).to(q.dtype)  # (BLOCK_N, DQ_P)
+            v = tl.dot(v, wv, input_precision=PREC).to(q.dtype)  # (BLOCK_N, DO_P)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < Tk)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
+                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                swkh, swkr, swvh, swvr, sob, sot, soh,
+                Tq, Tk, NH, REP, q_offset, qk_scale,
+                DQ: tl.constexpr, DO: tl.constexpr, DK_IN: tl.constexpr, DV_IN: tl.constexpr,
+                DQ_P: tl.constexpr, DO_P: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
+                EXPAND: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // NH
+    h = bh % NH
+    kvh = h // REP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, DQ_P)
+    offs_do = tl.arange(0, DO_P)
+    offs_dk = tl.arange(0, DK_P)
+    offs_dv = tl.arange(0, DV_P)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
+    if EXPAND:
+        wk = _load_tile(WK + h * swkh, offs_dk, offs_dq, swkr, DK_IN, DQ, DK_IN != DK_P, DQ != DQ_P)
+        wv = _load_tile(WV + h * swvh, offs_dv, offs_do, swvr, DV_IN, DO, DV_IN != DV_P, DO != DO_P)
+    else:
+        wk = q
+        wv = q
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    q_pos = q_offset + offs_m  # (BLOCK_M,) absolute position of each query among the keys
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DO_P], tl.float32)
+    # keys every row of the block sees: [0, q_offset + start_m], cut to whole blocks inside Tk
+    full_end = (tl.minimum(q_offset + start_m + 1, Tk) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(q_offset + tl.minimum(start_m + BLOCK_M, Tq), Tk)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, skt, svt,
+                               0, full_end, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
+                               DK_IN, DV_IN, DK_IN == DK_P, DV_IN == DV_P,
+                               BLOCK_N, False, EXPAND, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, skt, svt,
+                               full_end, end, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
+                               DK_IN, DV_IN, DK_IN == DK_P, DV_IN == DV_P,
+                               BLOCK_N, True, EXPAND, PREC)
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_do[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_do[None, :] < DO))
+    tl.store(LSE + bh * Tq + offs_m, (m_i + tl.math.log2(l_i)) * LN2_C, mask=offs_m < Tq)
+
+def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
+                    DV: tl.constexpr, DV_P: tl.constexpr, HAS_DLSE: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    bh = tl.program_id(1)
+    b = bh // NH
+    h = bh % NH
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DV_P)
+    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, sot, Tq, DV, True, DV != DV_P)
+    do = _load_tile(DO_ + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, DV, True, DV != DV_P)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse / d s = p, so a logsumexp gradient shifts delta
+        delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    lo, hi, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
+                    DQ: tl.constexpr, DV: tl.constexpr, EVEN_DQ: tl.constexpr, EVEN_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m  # (BLOCK_M,)
+        q = _load_tile(q_base, rows, offs_dq, stride_qt, Tq, DQ, MASKED, not EVEN_DQ)
+        do = _load_tile(do_base, rows, offs_dv, stride_dot, Tq, DV, MASKED, not EVEN_DV)
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=rows < Tq, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E_C)
+        if MASKED:
+            keep = (cols[:, None] <= q_offset + rows[None, :]) & (rows[None, :] < Tq)
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                     Tq, Tk, NH, G, REP, q_offset, qk_scale, sm_scale,
+                     DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
+                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, KV head), summed over its REP query heads.
+
+    Grid (cdiv(Tk, BLOCK_N), B * G).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bg = tl.program_id(1)
+    b = bg // G
+    kvh = bg % G
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dq = tl.arange(0, DQ_P)
+    offs_dv = tl.arange(0, DV_P)
+    k = _load_tile(K + b * skb + kvh * skh, cols, offs_dq, skt, Tk, DQ, True, DQ != DQ_P)
+    v = _load_tile(V + b * svb + kvh * svh, cols, offs_dv, svt, Tk, DV, True, DV != DV_P)
+    dk = tl.zeros([BLOCK_N, DQ_P], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_P], tl.float32)
+    # queries that see key start_n start at row start_n - q_offset; rows from
+    # start_n + BLOCK_N - 1 - q_offset on see the whole key block (no causal mask)
+    lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+    diag_end = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M, lo)
+    q_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    diag_end = tl.minimum(diag_end, q_end)
+    full_end = tl.maximum((Tq // BLOCK_M) * BLOCK_M, diag_end)  # the last, partial query block is masked
+    for hh in range(0, REP):
+        h = kvh * REP + hh
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO_ + b * sdb + h * sdh
+        lse_base = LSE + (b * NH + h) * Tq
+        delta_base = DELTA + (b * NH + h) * Tq
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 lo, diag_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
+                                 DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 diag_end, full_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
+                                 qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, False, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 full_end, q_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
+                                 qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
+    dk *= sm_scale
+    row_ok = cols[:, None] < Tk
+    tl.store(DK + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
+             dk.to(DK.dtype.element_ty), mask=row_ok & (offs_dq[None, :] < DQ))
+    tl.store(DV_ + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
+
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                  lo, hi, q_pos, offs_n, offs_dq, offs_dv, Tk, qk_scale,
+                  DQ: tl.constexpr, DV: tl.constexpr, EVEN_DQ: tl.constexpr, EVEN_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, offs_dq, stride_kt, Tk, DQ, MASKED, not EVEN_DQ)
+        v = _load_tile(v_base, cols, offs_dv, stride_vt, Tk, DV, MASKED, not EVEN_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            keep = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < Tk)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
+                   Tq, Tk, NH, REP, q_offset, qk_scale, sm_scale,
+                   DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // NH
+    h = bh % NH
+    kvh = h // REP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, DQ_P)
+    offs_dv = tl.arange(0, DV_P)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
+    do = _load_tile(DO_ + b * sdb + h * sdh, offs_m, offs_dv, sdt, Tq, DV, True, DV != DV_P)
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    q_pos = q_offset + offs_m
+    dq = tl.zeros([BLOCK_M, DQ_P], tl.float32)
+    full_end = (tl.minimum(q_offset + start_m + 1, Tk) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(q_offset + tl.minimum(start_m + BLOCK_M, Tq), Tk)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, full_end, q_pos,
+                       offs_n, offs_dq, offs_dv, Tk, qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P,
+                       BLOCK_N, False, PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, full_end, end, q_pos,
+                       offs_n, offs_dq, offs_dv, Tk, qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P,
+                       BLOCK_N, True, PREC)
+    dq *= sm_scale
+    tl.store(DQ_ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_dq[None, :],
+             dq.to(DQ_.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_dq[None, :] < DQ))
+
+@functools.cache
+def _kernels():
+    """Import Triton and decorate the kernels above, once, on the first launch.
+
+    Deferred so that importing this module needs no Triton and so that TRITON_INTERPRET is
+    read when the kernels are first used, not when the module is imported. The kernels look
+    each other and `tl` up in this module's globals, so they are rebound here.
+    """
+    import triton
+    import triton.language
+
+    g = globals()
+    g["tl"] = triton.language
+    g["LOG2E_C"] = triton.language.constexpr(LOG2E)
+    g["LN2_C"] = triton.language.constexpr(LN2)
+    for name in ("_load_tile", "_fwd_inner", "_bwd_dkdv_inner", "_bwd_dq_inner", "_bwd_preprocess"):
+        g[name] = triton.jit(g[name])
+
+    ns = dict(_bwd_preprocess=g["_bwd_preprocess"], cdiv=triton.cdiv)
+    prune = {"early_config_prune": _prune}
+    ns["_fwd_kernel"] = triton.autotune(
+        _configs(triton, "fwd"), key=["Tq", "Tk", "DQ_P", "DO_P", "DK_P", "DV_P", "EXPAND"],
+        prune_configs_by=prune)(triton.jit(_fwd_kernel))
+    ns["_bwd_dkdv_kernel"] = triton.autotune(
+        _configs(triton, "dkdv"), key=["Tq", "Tk", "DQ_P", "DV_P", "REP"], prune_configs_by=prune,
+    )(triton.jit(_bwd_dkdv_kernel))
+    ns["_bwd_dq_kernel"] = triton.autotune(
+        _configs(triton, "dq"), key=["Tq", "Tk", "DQ_P", "DV_P"], prune_configs_by=prune,
+    )(triton.jit(_bwd_dq_kernel))
+    return types.SimpleNamespace(**ns)
+
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune candidates on the GPU, per kernel
+GPU_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+}
+# The interpreter runs one small config, BLOCK_M != BLOCK_N on purpose so the tests cover
+# unequal tiles (the dK/dV kernel tiles the other way round).
+INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+
+def _configs(triton, kind):
+    shapes = [INTERPRETER_CONFIGS[kind]] if _interpreting() else GPU_CONFIGS[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles too large for shared memory / registers at wide head dims (autotune hook)."""
+    args = {**named_args, **kwargs}
+    widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
+    limit = 64 * 64 if widest >= 256 else (64 * 128 if widest >= 128 else 128 * 128)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or configs[-1:]
+
+def _prec(dtype):
+    """Matrix-unit mode: exact float32 products for float32 inputs, native for 16-bit."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
+    """Launch the forward kernel.
+
+    Core: q (B, Tq, nh, Dq), k (B, Tk, g, Dq), v (B, Tk, g, Dv).
+    Expanded (w_uk, w_uv given): k / v are the latents c_k (B, Tk, g, r), c_v (B, Tk, g, rv),
+      w_uk (nh, r, Dq), w_uv (nh, rv, Dv).
+    Returns out (B, Tq, nh, Dv) in q's dtype and lse (B, nh, Tq) float32 (natural log).
+    """
+    kern = _kernels()
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    B, Tq, nh, dq = q.shape
+    Tk, g, dk_in = k.shape[1], k.shape[2], k.shape[3]
+    dv_in = v.shape[3]
+    expand = w_uk is not None
+    if expand:
+        w_uk, w_uv = w_uk.contiguous(), w_uv.contiguous()
+        d_out = w_uv.shape[2]
+        wk_args = (w_uk, w_uv, w_uk.stride(0), w_uk.stride(1), w_uv.stride(0), w_uv.stride(1))
+    else:
+        d_out = dv_in
+        wk_args = (q, q, 0, 0, 0, 0)
+    out = torch.empty(B, Tq, nh, d_out, device=q.device, dtype=q.dtype)  # (B, Tq, nh, Dv)
+    lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)  # (B, nh, Tq)
+    grid = lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)  # noqa: E731
+    kern._fwd_kernel[grid](
+        q, k, v, wk_args[0], wk_args[1], out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *wk_args[2:],
+        out.stride(0), out.stride(1), out.stride(2),
+        Tq, Tk, nh, nh // g, q_offset, softmax_scale * LOG2E,
+        DQ=dq, DO=d_out, DK_IN=dk_in, DV_IN=dv_in,
+        DQ_P=_pad(dq), DO_P=_pad(d_out), DK_P=_pad(dk_in), DV_P=_pad(dv_in),
+        EXPAND=expand, PREC=_prec(q.dtype),
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None):
+    """Launch the three backward kernels of the core.
+
+    do, out: (B, Tq, nh, Dv); q (B, Tq, nh, Dq); k (B, Tk, g, Dq); v (B, Tk, g, Dv);
+    lse (B, nh, Tq) float32; dlse: optional gradient of lse (B, nh, Tq).
+    Returns dq, dk, dv in the dtypes of q, k, v (dk / dv summed over each group's heads).
+    """
+    kern = _kernels()
+    q, k, v, out, do = (_last_contig(t) for t in (q, k, v, out, do))
+    B, Tq, nh, dq_dim = q.shape
+    Tk, g, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    rep = nh // g
+    delta = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)  # (B, nh, Tq)
+    pre_block = 64
+    has_dlse = dlse is not None
+    dlse_arg = dlse.float().contiguous() if has_dlse else delta
+    kern._bwd_preprocess[(kern.cdiv(Tq, pre_block), B * nh)](
+        out, do, dlse_arg, delta, out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), Tq, nh,
+        DV=dv_dim, DV_P=_pad(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
+    )
+    dq = torch.empty_like(q)  # (B, Tq, nh, Dq)
+    dk = torch.empty_like(k)  # (B, Tk, g, Dq)
+    dv = torch.empty_like(v)  # (B, Tk, g, Dv)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=_pad(dq_dim), DV_P=_pad(dv_dim), PREC=_prec(q.dtype))
+    qk_scale = softmax_scale * LOG2E
+    kern._bwd_dkdv_kernel[lambda meta: (kern.cdiv(Tk, meta["BLOCK_N"]), B * g)](
+        q, k, v, do, lse, delta, dk, dv, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Tq, Tk, nh, g, rep, q_offset, qk_scale, softmax_scale, **common,
+    )
+    kern._bwd_dq_kernel[lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
+        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mla_kernels::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                  q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, softmax_scale, q_offset)
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, softmax_scale, q_offset):
+    B, Tq, nh, _ = q.shape
+    return q.new_empty(B, Tq, nh, v.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mla_kernels::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
+                  q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse)
+
+
+@_flash_bwd_op.register_fake
+def _(do, dlse, q, k, v, out, lse, softmax_scale, q_offset):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, q_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale, ctx.q_offset = softmax_scale, q_offset
+
+
+def _flash_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, ctx.softmax_scale, ctx.q_offset)
+    return dq, dk, dv, None, None
+
+
+_flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+@torch.library.custom_op("mla_kernels::mla_attention_expanded_fwd", mutates_args=())
+def _mla_expanded_fwd_op(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_uk: torch.Tensor,
+                         w_uv: torch.Tensor, softmax_scale: float,
+                         q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, c_k, c_v, softmax_scale, q_offset, w_uk, w_uv)
+
+
+@_mla_expanded_fwd_op.register_fake
+def _(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset):
+    B, Tq, nh, _ = q.shape
+    return q.new_empty(B, Tq, nh, w_uv.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
+
+
+def _mla_expanded_setup_context(ctx, inputs, output):
+    q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, c_k, c_v, w_uk, w_uv, out, lse)
+    ctx.softmax_scale, ctx.q_offset = softmax_scale, q_offset
+
+
+def _mla_expanded_backward(ctx, dout, dlse):
+    """First-version backward: expands K / V per head in device memory (B, Tk, nh, hs) with
+    torch, runs the core backward kernels on them, then maps dK / dV back through the
+    expansion (dc = dk W^T summed over the group's heads, dW = c^T dk). The forward never
+    materializes K / V; this backward does, once, for the duration of the call."""
+    q, c_k, c_v, w_uk, w_uv, out, lse = ctx.saved_tensors
+    nh, g = q.shape[2], c_k.shape[2]
+    rep = nh // g
+    k = reference.expand_latent(c_k, w_uk)  # (B, Tk, nh, hs)
+    v = reference.expand_latent(c_v, w_uv)  # (B, Tk, nh, hs)
+    dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, ctx.softmax_scale, ctx.q_offset)
+    B, Tk = c_k.shape[:2]
+    dk_g = dk.view(B, Tk, g, rep, -1)  # (B, Tk, g, rep, hs)
+    dv_g = dv.view(B, Tk, g, rep, -1)  # (B, Tk, g, rep, hs)
+    wk_g = w_uk.view(g, rep, *w_uk.shape[1:])  # (g, rep, r, hs)
+    wv_g = w_uv.view(g, rep, *w_uv.shape[1:])  # (g, rep, rv, hs)
+    dc_k = torch.einsum("btgjd,gjrd->btgr", dk_g, wk_g)  # (B, Tk, g, r)
+    dc_v = torch.einsum("btgjd,gjrd->btgr", dv_g, wv_g)  # (B, Tk, g, rv)
+    dw_uk = torch.einsum("btgr,btgjd->gjrd", c_k, dk_g).reshape(w_uk.shape)  # (nh, r, hs)
+    dw_uv = torch.einsum("btgr,btgjd->gjrd", c_v, dv_g).reshape(w_uv.shape)  # (nh, rv, hs)
+    return dq, dc_k, dc_v, dw_uk, dw_uv, None, None
+
+
+_mla_expanded_fwd_op.register_autograd(_mla_expanded_backward, setup_context=_mla_expanded_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _use_kernels(*tensors):
+    """Kernels on CUDA, or on CPU under the Triton interpreter; reference elsewhere."""
+    t = tensors[0]
+    on_device = t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting())
+    return on_device and t.dtype in KERNEL_DTYPES
+
+
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def _check_head_dim(name, d):
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+
+
+def _check_common(tensors, names):
+    ref = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {names[0]} dtype {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device}, {names[0]} on {ref.device}; all must share a device")
+
+
+def _resolve_offset(q_offset, Tq, Tk):
+    if q_offset is None:
+        q_offset = Tk - Tq
+    if not isinstance(q_offset, int):
+        raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0 so every query sees a key, got {q_offset} "
+                         f"(Tq {Tq}, Tk {Tk}; the default is Tk - Tq)")
+    return q_offset
+
+
+def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False):
+    """Causal flash attention with grouped KV heads and separate qk / v head dims.
+
+    q: (B, Tq, nh, Dqk); k: (B, Tk, g, Dqk); v: (B, Tk, g, Dv); nh % g == 0, head h reads KV
+      head h // (nh // g). Head dims 16..256, any (non-power-of-two dims are padded inside).
+      float16 / bfloat16 (float32 accumulation) or float32; other dtypes use the reference.
+    softmax_scale: defaults to 1 / sqrt(Dqk).
+    q_offset: position of query 0 among the keys, query i sees keys j <= q_offset + i;
+      default Tk - Tq (bottom-right aligned, as in cached prefill); must be >= 0.
+    Returns out (B, Tq, nh, Dv) in q's dtype, and with return_lse=True also the natural-log
+    logsumexp (B, nh, Tq) float32 of the scaled, masked scores. Differentiable in q, k, v
+    (dk, dv summed over the heads of each group) and through lse.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    _check_common((q, k, v), ("q", "k", "v"))
+    B, Tq, nh, dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Tk, g)")
+    if k.shape[3] != dqk:
+        raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {dqk}")
+    g = k.shape[2]
+    if nh % g:
+        raise ValueError(f"query heads nh={nh} must be a multiple of KV heads g={g}")
+    _check_head_dim("q/k", dqk)
+    _check_head_dim("v", v.shape[3])
+    Tk = k.shape[1]
+    q_offset = _resolve_offset(q_offset, Tq, Tk)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(dqk)
+    if _use_kernels(q):
+        out, lse = _flash_fwd_op(q, k, v, float(softmax_scale), q_offset)
+    else:
+        out, lse = reference.attention_ref(q, k, v, softmax_scale, q_offset)
+    return (out, lse) if return_lse else out
+
+
+def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset=None, return_lse=False):
+    """MLA attention with K / V tiles expanded on-chip from the latents (never stored).
+
+    q: (B, Tq, nh, hs); c_k: (B, Tk, g, r); c_v: (B, Tk, g, rv) (pass c_k again for a joint
+    latent); w_uk: (nh, r, hs); w_uv: (nh, rv, hs); k_h = c_k[grp(h)] W_uk^h, v_h likewise.
+    softmax_scale defaults to 1 / sqrt(hs); q_offset as in `flash_attention`.
+    Returns out (B, Tq, nh, hs) (and lse (B, nh, Tq) with return_lse=True). Differentiable in
+    all five tensors; the backward (first version) expands K / V in device memory.
+    """
+    names = ("q", "c_k", "c_v", "w_uk", "w_uv")
+    tensors = (q, c_k, c_v, w_uk, w_uv)
+    for name, t, nd in zip(names, tensors, (4, 4, 4, 3, 3)):
+        _check_tensor(name, t, nd)
+    _check_common(tensors, names)
+    B, Tq, nh, hs = q.shape
+    Tk, g, r = c_k.shape[1:]
+    rv = c_v.shape[3]
+    if c_k.shape[0] != B or c_v.shape[:3] != c_k.shape[:3]:
+        raise ValueError(f"c_k {tuple(c_k.shape)} and c_v {tuple(c_v.shape)} must share (B={B}, Tk, g)")
+    if nh % g:
+        raise ValueError(f"query heads nh={nh} must be a multiple of latent groups g={g}")
+    if tuple(w_uk.shape) != (nh, r, hs):
+        raise ValueError(f"w_uk must have shape (nh, r, hs) = {(nh, r, hs)}, got {tuple(w_uk.shape)}")
+    if w_uv.shape[0] != nh or w_uv.shape[1] != rv:
+        raise ValueError(f"w_uv must have shape (nh, rv, hs_v) = ({nh}, {rv}, hs_v), got {tuple(w_uv.shape)}")
+    for name, d in (("hs", hs), ("r", r), ("rv", rv), ("w_uv hs", w_uv.shape[2])):
+        _check_head_dim(name, d)
+    q_offset = _resolve_offset(q_offset, Tq, Tk)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(hs)
+    if _use_kernels(q):
+        out, lse = _mla_expanded_fwd_op(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
+    else:
+        out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
+    return (out, lse) if return_lse else out
