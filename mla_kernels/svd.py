@@ -1,0 +1,383 @@
+"""Batched randomized SVD (Halko, Martinsson, Tropp 2011) with Triton kernels.
+
+Same algorithm as `mla_kernels.reference.randomized_svd_ref`: a Gaussian test matrix
+Omega (n, l), l = min(rank + oversample, m, n), drawn with torch from `generator`;
+Q = orth(A Omega); `n_iter` subspace iterations Q = orth(A orth(A^T Q)); then the
+small problem for B = Q^T A. What runs where:
+
+- Products with A (A X, A^T Q, and B^T = A^T Q) are Triton kernels that load A in
+  its own dtype (bf16 / fp16 / fp32 / fp64) and compute in float32 on the tensor
+  cores with 3xTF32 (`_DOT_PRECISION`), close to full float32 accuracy.
+- Orthonormalization is Cholesky-QR2 (twice Cholesky-QR) with the Gram matrices
+  accumulated in float64 (mixed-precision Cholesky-QR: Y in float32, Y^T Y in float64,
+  stable for cond(Y) up to about 1 / eps32 rather than 1 / sqrt(eps32)). For l <= 64
+  (`_MAX_KERNEL_SKETCH`) the Cholesky factorization and its inverse are computed in
+  the kernel by Gram-Schmidt on the Gram matrix (`_gram_factor`); a pivot at or below
+  `_DROP_TOL` times the largest diagonal entry means the column is numerically in the
+  span of the earlier ones, and it is set to zero rather than divided by a noise-level
+  pivot (the limit of a diagonal shift that goes to zero). Q then has orthonormal
+  columns plus zero columns; if the final Q keeps fewer than `rank` columns, those
+  matrices are recomputed with Householder QR (`_householder_rsvd`, same Omega).
+  For l > 64 the Cholesky-QR2 runs through torch.linalg (float64 Gram and factor) and
+  falls back to Householder QR (torch.linalg.qr) for the batch if a Cholesky fails.
+- The small problem: M = B B^T = Z^T Z with Z = A^T Q (n, l), Gram in float64, then
+  torch.linalg.eigh (float64) of the l x l matrices; S = sqrt(eigenvalues),
+  U = Q V, Vh = diag(1 / S) V^T Z^T.
+
+Two kernel layouts: for l <= 64 and matrices of at most `_FUSED_MAX_ELEMENTS`
+elements, one program per matrix runs the whole range finder and the Gram of B^T in
+one launch (`_rsvd_fused_kernel`); otherwise tiled batched products (`_bmm_kernel`)
+and one orthonormalization launch per step.
+
+CPU tensors without TRITON_INTERPRET=1 fall back to `randomized_svd_ref` (Householder
+QR and torch.linalg.svd on B); the tests force the Triton path on CPU with the
+interpreter.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import randomized_svd_ref
+
+_DOT_PRECISION = "tf32x3"  # three TF32 products per float32 product: ~float32 accuracy on tensor cores
+_MAX_KERNEL_SKETCH = 64  # largest sketch width whose l x l fp64 tiles the kernels factor in registers
+_FUSED_MAX_ELEMENTS = 1 << 20  # one program streams a matrix of up to 4 MB (fp32) 2 + 4 n_iter times
+_DROP_TOL = (64 * torch.finfo(torch.float32).eps) ** 2  # pivot / max diag below this: column is rounding noise
+_FUSED_BLOCK = 64  # rows and reduction chunk of the fused kernel's tiles
+
+
+@triton.jit
+def _gram_factor(G, l, drop_tol, LP: tl.constexpr):
+    """T (LP, LP) float64 upper triangular with T^T G T = I on the kept columns.
+
+    G: (LP, LP) float64 symmetric positive semi-definite Gram matrix, zero beyond l.
+    Gram-Schmidt on G: column j is normalized by its current pivot and removed from
+    the later columns by congruence, so T = R^{-1} for the Cholesky factor R of G.
+    Columns whose pivot is <= drop_tol * max(diag(G)) are zeroed. Returns (T, kept).
+    """
+    rows = tl.arange(0, LP)[:, None]
+    cols = tl.arange(0, LP)[None, :]
+    vec_r = tl.arange(0, LP)
+    eye = rows == cols
+    T = tl.where(eye, 1.0, 0.0).to(tl.float64)  # (LP, LP)
+    threshold = drop_tol * tl.max(tl.sum(tl.where(eye, G, 0.0), axis=1))
+    kept = 0
+    for j in range(LP):
+        g_r = tl.sum(tl.where(cols == j, G, 0.0), axis=1)  # (LP,) G[:, j] along rows
+        g_c = tl.sum(tl.where(rows == j, G, 0.0), axis=0)  # (LP,) G[j, :] along columns
+        pivot = tl.sum(tl.where(vec_r == j, g_r, 0.0))
+        keep = (pivot > threshold) & (j < l)
+        s = tl.where(keep, 1.0 / tl.sqrt(tl.where(keep, pivot, 1.0)), 0.0)
+        kept += keep.to(tl.int32)
+        scale_r = tl.where(vec_r == j, s, 1.0)  # (LP,)
+        G = G * scale_r[:, None] * scale_r[None, :]  # row and column j scaled: G[j, j] -> 1 (or 0)
+        g_r = g_r * scale_r * s  # scaled column j: g_r[j] = pivot s^2
+        g_c = g_c * scale_r * s
+        c_r = tl.where(vec_r > j, g_r, 0.0)  # (LP,) coefficients of the later columns on column j
+        c_c = tl.where(vec_r > j, g_c, 0.0)
+        g_jj = pivot * s * s
+        G = G - g_r[:, None] * c_c[None, :] - c_r[:, None] * g_c[None, :] + g_jj * c_r[:, None] * c_c[None, :]
+        t_j = tl.sum(tl.where(cols == j, T, 0.0), axis=1) * s  # (LP,) column j of T, normalized
+        T = tl.where(cols == j, t_j[:, None], T) - t_j[:, None] * c_c[None, :]
+    return T, kept
+
+
+@triton.jit
+def _apply(a_ptr, s_r, s_k, x_ptr, out_ptr, n_rows, n_red,
+           LP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """out = Aop @ X with Aop[r, k] = a[r * s_r + k * s_k] (n_rows, n_red), X (n_red, LP)
+    float32 contiguous, out (n_rows, LP) float32 contiguous. Returns out^T out (LP, LP) float64."""
+    offs_c = tl.arange(0, LP)
+    G = tl.zeros((LP, LP), dtype=tl.float64)
+    for r0 in range(0, n_rows, BM):
+        offs_r = r0 + tl.arange(0, BM)
+        acc = tl.zeros((BM, LP), dtype=tl.float32)
+        for k0 in range(0, n_red, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + offs_r[:, None] * s_r + offs_k[None, :] * s_k,
+                        mask=(offs_r[:, None] < n_rows) & (offs_k[None, :] < n_red), other=0.0)  # (BM, BK)
+            x = tl.load(x_ptr + offs_k[:, None] * LP + offs_c[None, :],
+                        mask=offs_k[:, None] < n_red, other=0.0)  # (BK, LP)
+            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PREC)
+        tl.store(out_ptr + offs_r[:, None] * LP + offs_c[None, :], acc, mask=offs_r[:, None] < n_rows)
+        acc64 = acc.to(tl.float64)
+        G = tl.dot(tl.trans(acc64), acc64, G, input_precision="ieee", out_dtype=tl.float64)
+    return G
+
+
+@triton.jit
+def _gram(y_ptr, n_rows, LP: tl.constexpr, BM: tl.constexpr):
+    """Y^T Y (LP, LP) float64 of Y (n_rows, LP) float32 contiguous."""
+    offs_c = tl.arange(0, LP)
+    G = tl.zeros((LP, LP), dtype=tl.float64)
+    for r0 in range(0, n_rows, BM):
+        offs_r = r0 + tl.arange(0, BM)
+        y = tl.load(y_ptr + offs_r[:, None] * LP + offs_c[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+        y64 = y.to(tl.float64)
+        G = tl.dot(tl.trans(y64), y64, G, input_precision="ieee", out_dtype=tl.float64)
+    return G
+
+
+@triton.jit
+def _orthonormalize(y_ptr, G, n_rows, l, drop_tol,
+                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Cholesky-QR2 of Y (n_rows, LP) float32 contiguous, in place; G = Y^T Y float64.
+
+    Q1 = Y T1, Q = Q1 T2 with T1, T2 from `_gram_factor`; Q1 is recomputed in the last
+    pass with the same operations, so it is the Q1 whose Gram gave T2. Returns the
+    number of kept (orthonormal) columns of Q.
+    """
+    offs_c = tl.arange(0, LP)
+    T1, kept1 = _gram_factor(G, l, drop_tol, LP)
+    T1 = T1.to(tl.float32)
+    G2 = tl.zeros((LP, LP), dtype=tl.float64)
+    for r0 in range(0, n_rows, BM):
+        offs_r = r0 + tl.arange(0, BM)
+        y = tl.load(y_ptr + offs_r[:, None] * LP + offs_c[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+        q1 = tl.dot(y, T1, input_precision=PREC).to(tl.float64)  # (BM, LP)
+        G2 = tl.dot(tl.trans(q1), q1, G2, input_precision="ieee", out_dtype=tl.float64)
+    T2, kept = _gram_factor(G2, l, drop_tol, LP)
+    T2 = T2.to(tl.float32)
+    for r0 in range(0, n_rows, BM):
+        offs_r = r0 + tl.arange(0, BM)
+        ptrs = y_ptr + offs_r[:, None] * LP + offs_c[None, :]
+        y = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        q1 = tl.dot(y, T1, input_precision=PREC)
+        q = tl.dot(q1, T2, input_precision=PREC)  # (BM, LP)
+        tl.debug_barrier()
+        tl.store(ptrs, q, mask=offs_r[:, None] < n_rows)
+    tl.debug_barrier()
+    return kept
+
+
+@triton.jit
+def _rsvd_fused_kernel(a_ptr, omega_ptr, q_ptr, z_ptr, gram_ptr, kept_ptr,
+                       m, n, l, n_iter, s_ab, s_am, s_an, drop_tol,
+                       LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Whole range finder for one matrix per program.
+
+    a: (batch, m, n) any float dtype, strided; omega: (n, LP) float32, zero beyond l;
+    q: (batch, m, LP) and z: (batch, n, LP) float32 scratch, on return Q and
+    Z = A^T Q = B^T; gram: (batch, LP, LP) float64, Z^T Z = B B^T; kept: (batch,) int32.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    a_ptr += b * s_ab
+    q_ptr += b * m * LP
+    z_ptr += b * n * LP
+    G = _apply(a_ptr, s_am, s_an, omega_ptr, q_ptr, m, n, LP, BM, BM, PREC)  # Y = A Omega
+    tl.debug_barrier()
+    kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC)
+    for _ in range(n_iter):
+        G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC)  # A^T Q
+        tl.debug_barrier()
+        _orthonormalize(z_ptr, G, n, l, drop_tol, LP, BM, PREC)
+        G = _apply(a_ptr, s_am, s_an, z_ptr, q_ptr, m, n, LP, BM, BM, PREC)  # A W
+        tl.debug_barrier()
+        kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC)
+    G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC)  # Z = A^T Q = B^T
+    offs = tl.arange(0, LP)
+    tl.store(gram_ptr + b * LP * LP + offs[:, None] * LP + offs[None, :], G)
+    tl.store(kept_ptr + b, kept)
+
+
+@triton.jit
+def _cholqr2_kernel(y_ptr, kept_ptr, n_rows, l, drop_tol,
+                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Cholesky-QR2 in place of y (batch, n_rows, LP) float32, one matrix per program."""
+    b = tl.program_id(0).to(tl.int64)
+    y_ptr += b * n_rows * LP
+    G = _gram(y_ptr, n_rows, LP, BM)
+    tl.debug_barrier()
+    kept = _orthonormalize(y_ptr, G, n_rows, l, drop_tol, LP, BM, PREC)
+    tl.store(kept_ptr + b, kept)
+
+
+@triton.jit
+def _bmm_kernel(a_ptr, x_ptr, out_ptr, R, K, N,
+                s_ab, s_ar, s_ak, s_xb, s_xk, s_ob, s_or,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """out[b] = Aop[b] @ X[b] in float32: Aop[b, r, k] = a[b * s_ab + r * s_ar + k * s_ak]
+    (R, K) any float dtype; X (K, N) float32 with unit column stride; out (R, N) float32."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_r = (pid_r * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    a_ptr += b * s_ab
+    x_ptr += b * s_xb
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
+                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
+        x = tl.load(x_ptr + offs_k[:, None] * s_xk + offs_n[None, :],
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)  # (BK, BN)
+        acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PREC)
+    tl.store(out_ptr + b * s_ob + offs_r[:, None] * s_or + offs_n[None, :], acc,
+             mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
+
+
+def _sketch_pad(l):
+    """Padded tile width of a sketch of l columns: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(l))
+
+
+def _range_fused(A, omega, l, n_iter):
+    """One launch: Q (b, m, LP), Z = A^T Q (b, n, LP), Gram Z^T Z (b, LP, LP) fp64, kept (b,)."""
+    batch, m, n = A.shape
+    LP = omega.shape[1]
+    q = torch.empty(batch, m, LP, device=A.device, dtype=torch.float32)
+    z = torch.empty(batch, n, LP, device=A.device, dtype=torch.float32)
+    gram = torch.empty(batch, LP, LP, device=A.device, dtype=torch.float64)
+    kept = torch.empty(batch, device=A.device, dtype=torch.int32)
+    _rsvd_fused_kernel[(batch,)](
+        A, omega, q, z, gram, kept, m, n, l, n_iter, *A.stride(), _DROP_TOL,
+        LP=LP, BM=_FUSED_BLOCK, PREC=_DOT_PRECISION, num_warps=4,
+    )
+    return q, z, gram, kept
+
+
+def _bmm(A, X, transpose_a):
+    """A @ X or A^T @ X for A (b, m, n) any float dtype, X (b or 1, K, N) float32 -> (b, R, N) float32."""
+    batch, m, n = A.shape
+    s_ab, s_am, s_an = A.stride()
+    R, K, s_ar, s_ak = (n, m, s_an, s_am) if transpose_a else (m, n, s_am, s_an)
+    X = X.contiguous()
+    N = X.shape[-1]
+    out = torch.empty(batch, R, N, device=A.device, dtype=torch.float32)
+    s_xb = 0 if X.shape[0] == 1 else X.stride(0)
+    BM, BN, BK = 128, 64, 32
+    grid = (triton.cdiv(R, BM), triton.cdiv(N, BN), batch)
+    _bmm_kernel[grid](A, X, out, R, K, N, s_ab, s_ar, s_ak, s_xb, X.stride(1), out.stride(0), out.stride(1),
+                      BM=BM, BN=BN, BK=BK, PREC=_DOT_PRECISION, num_warps=4, num_stages=3)
+    return out
+
+
+def _orth_tiled(Y, l):
+    """Orthonormal columns spanning Y (b, R, l or LP) float32 -> (Q, kept (b,) int32).
+
+    l <= 64: `_cholqr2_kernel` on the padded (b, R, LP) buffer. Wider: Cholesky-QR2
+    through torch.linalg with float64 Grams; Householder QR if a Cholesky fails.
+    """
+    batch = Y.shape[0]
+    if l <= _MAX_KERNEL_SKETCH:
+        kept = torch.empty(batch, device=Y.device, dtype=torch.int32)
+        _cholqr2_kernel[(batch,)](Y, kept, Y.shape[1], l, _DROP_TOL, LP=Y.shape[2], BM=_FUSED_BLOCK,
+                                  PREC=_DOT_PRECISION, num_warps=4)
+        return Y, kept
+    Q = Y
+    for _ in range(2):
+        gram = Q.double().mT @ Q.double()  # (b, l, l)
+        chol, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if bool((info != 0).any()):
+            Q = torch.linalg.qr(Y)[0]
+            break
+        Q = torch.linalg.solve_triangular(chol, Q.double(), upper=True, left=False).float()  # (b, R, l)
+    return Q, torch.full((batch,), l, device=Y.device, dtype=torch.int32)
+
+
+def _range_tiled(A, omega, l, n_iter):
+    """Tiled launches: Q (b, m, l'), Z = A^T Q (b, n, l'), Gram fp64, kept; l' = LP if l <= 64 else l."""
+    Q, kept = _orth_tiled(_bmm(A, omega[None], transpose_a=False), l)
+    for _ in range(n_iter):
+        W, _ = _orth_tiled(_bmm(A, Q, transpose_a=True), l)
+        Q, kept = _orth_tiled(_bmm(A, W, transpose_a=False), l)
+    Z = _bmm(A, Q, transpose_a=True)  # (b, n, l')
+    gram = Z.double().mT @ Z.double()  # (b, l', l')
+    return Q, Z, gram, kept
+
+
+def _householder_rsvd(A, omega, rank, n_iter):
+    """The reference algorithm on float32 A (b, m, n) with a given Omega (n, l):
+    Householder QR at every step, SVD of B. Used where Cholesky-QR kept < rank columns."""
+    Q = torch.linalg.qr(A @ omega)[0]  # (b, m, l)
+    for _ in range(n_iter):
+        W = torch.linalg.qr(A.mT @ Q)[0]  # (b, n, l)
+        Q = torch.linalg.qr(A @ W)[0]
+    U_small, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
+    return (Q @ U_small)[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+def _validate(A, rank, oversample, n_iter, name):
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if not A.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {A.dtype}")
+    if A.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., m, n) with at least 2 dims, got shape {tuple(A.shape)}")
+    m, n = A.shape[-2:]
+    for arg, value, low in (("rank", rank, 1), ("oversample", oversample, 0), ("n_iter", n_iter, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+        if value < low:
+            raise ValueError(f"{arg} must be >= {low}, got {value}")
+    if rank > min(m, n):
+        raise ValueError(f"rank must be <= min(m, n) = {min(m, n)} for {name} of shape {tuple(A.shape)}, got {rank}")
+    if A.numel() and not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{name} must be finite, got NaN or inf entries ({name} of shape {tuple(A.shape)})")
+
+
+def _use_triton(A):
+    return A.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _randomized_svd(A, rank, oversample, n_iter, generator, name):
+    _validate(A, rank, oversample, n_iter, name)
+    *batch_shape, m, n = A.shape
+    if not _use_triton(A):
+        U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator)
+        return U.float(), S.float(), Vh.float()
+    l = min(rank + oversample, m, n)
+    A3 = A.reshape(-1, m, n)  # (b, m, n)
+    batch = A3.shape[0]
+    if batch == 0:
+        return (A.new_empty(*batch_shape, m, rank, dtype=torch.float32),
+                A.new_empty(*batch_shape, rank, dtype=torch.float32),
+                A.new_empty(*batch_shape, rank, n, dtype=torch.float32))
+    omega = torch.randn(n, l, generator=generator, device=A.device, dtype=torch.float32)  # as the reference draws it
+    if l <= _MAX_KERNEL_SKETCH:
+        LP = _sketch_pad(l)
+        omega = torch.nn.functional.pad(omega, (0, LP - l))  # (n, LP), zero columns beyond l
+    if l <= _MAX_KERNEL_SKETCH and m * n <= _FUSED_MAX_ELEMENTS:
+        Q, Z, gram, kept = _range_fused(A3, omega, l, n_iter)
+    else:
+        Q, Z, gram, kept = _range_tiled(A3, omega, l, n_iter)
+    lam, V = torch.linalg.eigh(gram[:, :l, :l])  # ascending, float64
+    lam = lam.flip(-1)[:, :rank]  # (b, rank) descending
+    V = V.flip(-1)[:, :, :rank].float()  # (b, l, rank)
+    S = lam.clamp_min(0).sqrt().float()  # (b, rank)
+    U = Q[:, :, :l] @ V  # (b, m, rank)
+    inv_s = torch.where(S > 0, 1.0 / S, torch.zeros_like(S))
+    Vh = (Z[:, :, :l] @ V).mT * inv_s[:, :, None]  # (b, rank, n)
+    deficient = kept < rank
+    if bool(deficient.any()):
+        idx = deficient.nonzero()[:, 0]
+        U[idx], S[idx], Vh[idx] = _householder_rsvd(A3[idx].float(), omega[:, :l], rank, n_iter)
+    return U.reshape(*batch_shape, m, rank), S.reshape(*batch_shape, rank), Vh.reshape(*batch_shape, rank, n)
+
+
+def randomized_svd(A, rank, oversample=8, n_iter=2, generator=None):
+    """Rank-`rank` randomized SVD of every matrix of A.
+
+    A: (..., m, n) float16 / bfloat16 / float32 / float64, any strides; math in float32.
+    rank: 1 <= rank <= min(m, n). oversample: extra sketch columns (sketch width
+    l = min(rank + oversample, m, n)). n_iter: subspace iterations.
+    generator: torch.Generator on A's device; the Gaussian test matrix is drawn from it
+    exactly as `randomized_svd_ref` draws it, so a given generator state gives the
+    same result.
+    Returns U (..., m, rank), S (..., rank) descending, Vh (..., rank, n), float32.
+    """
+    return _randomized_svd(A, rank, oversample, n_iter, generator, "A")
+
+
+def low_rank_approx(A, rank, oversample=8, n_iter=2, generator=None):
+    """U diag(S) Vh of `randomized_svd`: rank-`rank` approximation (..., m, n) in A's dtype."""
+    U, S, Vh = _randomized_svd(A, rank, oversample, n_iter, generator, "A")
+    return ((U * S[..., None, :]) @ Vh).to(A.dtype)
+
+
+def top_left_singular_vectors(M, rank, oversample=8, n_iter=2, generator=None):
+    """Top-`rank` left singular vectors U (..., m, rank) float32 of M (..., m, n)."""
+    return _randomized_svd(M, rank, oversample, n_iter, generator, "M")[0]
