@@ -275,7 +275,7 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
         raise ValueError(f"num_splits must be None (heuristic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     capturing = q_lat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:  # reading lengths syncs the device: impossible inside a CUDA graph capture
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync
         if lo < Tq or hi > L:
             raise ValueError(f"cache_seqlens must lie in [Tq, L] = [{Tq}, {L}] (the {Tq} new tokens included), "
                              f"got min {lo}, max {hi}")
