@@ -266,7 +266,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _compute_value_basis(self):
         """Top-k left singular vectors of [W_uv^h for h in group]: (g, r, k), no gradient."""
-        w_uv = self.v_expand.weight.detach().float()  # (nh, r, hs)
+        w_uv = self.v_expand.weight.detach()  # (nh, r, hs)
         g, r = self.n_groups, self.latent_dim
         stacked = w_uv.view(g, self.n_head // g, r, self.head_size).transpose(1, 2)
         stacked = stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)

@@ -59,7 +59,8 @@ class GPTConfig:
                 f"mla_kv_groups must divide n_head={self.n_head}, got {self.mla_kv_groups}"
             )
         if self.use_svd and not self.use_mla:
-            raise ValueError("use_svd=True needs use_mla=True: SVD compresses the MLA value latents")
+            raise ValueError("use_svd=True needs use_mla=True (SVD compresses the MLA value latents), "
+                             "got use_mla=False")
         if self.use_svd and self.svd_rank is not None:
             limit = self.latent_dim if self.svd_mode == "weight" else self.head_size
             what = "latent dim" if self.svd_mode == "weight" else "head size"

@@ -1,0 +1,339 @@
+"""Multi-Head Latent Attention in the GPT: API, validation, formulas, SVD modes, causality, cache.
+
+Run with pytest, or as the original design says: `cd tests && python test_mla_implementation.py`.
+"""
+import sys
+
+import pytest
+import torch
+
+from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention, mla_path_costs
+from mla_kernels.cache import LatentKVCache
+
+SMALL = dict(n_embd=96, n_head=4, block_size=40, vocab_size=61, n_layer=2, bias=True, attn_backend="reference")
+
+
+def mla_config(**overrides):
+    return GPTConfig(**{**SMALL, "use_mla": True, **overrides})
+
+
+def layer(config):
+    torch.manual_seed(0)
+    return MultiHeadLatentAttention(config).double()
+
+
+# ---- API and initialization -----------------------------------------------------------------
+
+def test_original_design_api():
+    config = GPTConfig(n_embd=768, n_head=12, n_layer=12, use_mla=True, mla_latent_dim=128,
+                       use_svd=True, svd_rank=64)
+    mla = MultiHeadLatentAttention(config)
+    for part in ("q_proj", "kv_latent_proj", "k_expand", "v_expand", "c_proj"):
+        assert isinstance(getattr(mla, part), torch.nn.Module), part
+    assert mla.get_compression_ratio() > 0
+    assert mla.get_memory_savings(sequence_length=1024) > 0
+
+
+def test_default_latent_dim_and_groups():
+    config = mla_config()
+    assert config.latent_dim == config.head_size // 2 == 12
+    assert config.kv_groups == config.n_head
+    mla = layer(config)
+    assert mla.kv_latent_proj.out_features == 2 * config.n_head * 12  # 2 nh r, as the original design
+    assert mla.k_expand.weight.shape == mla.v_expand.weight.shape == (4, 12, 24)
+
+
+@pytest.mark.parametrize("latent_dim", [24, 48, 192, 7], ids=lambda r: f"r{r}")
+def test_forward_shape_matches_standard(latent_dim):
+    x = torch.randn(2, 13, 96, dtype=torch.float64)
+    standard = CausalSelfAttention(GPTConfig(**SMALL)).double()
+    mla = layer(mla_config(mla_latent_dim=latent_dim))
+    y = mla(x)
+    assert y.shape == standard(x).shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+def test_gpt_trains_with_mla_and_svd():
+    torch.manual_seed(0)
+    model = GPT(mla_config(use_svd=True, svd_rank=6))
+    idx = torch.randint(0, 61, (4, 24))
+    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(n_embd=100, n_head=3), ValueError, "n_embd must be divisible by n_head"),
+    (dict(use_mla=True, mla_latent_dim=0), ValueError, "mla_latent_dim"),
+    (dict(use_mla=True, mla_kv_groups=3), ValueError, "mla_kv_groups"),
+    (dict(use_mla=True, use_svd=True, svd_rank=0), ValueError, "svd_rank"),
+    (dict(use_mla=True, mla_latent_dim=12, use_svd=True, svd_rank=13), ValueError, "svd_rank"),
+    (dict(use_mla=True, use_svd=True, svd_rank=25, svd_mode="activation"), ValueError, "svd_rank"),
+    (dict(use_mla=True, svd_mode="fast"), ValueError, "svd_mode"),
+    (dict(attn_backend="cuda"), ValueError, "attn_backend"),
+    (dict(use_mla=True, mla_path="latent"), ValueError, "mla_path"),
+    (dict(use_svd=True), ValueError, "use_svd"),
+    (dict(use_mla="yes"), TypeError, "use_mla"),
+    (dict(mla_latent_dim=3.5), TypeError, "mla_latent_dim"),
+    (dict(dropout=1.5), ValueError, "dropout"),
+], ids=["n_embd", "latent0", "groups", "svd0", "svd>latent", "svd>hs", "svd_mode", "backend", "path",
+        "svd-no-mla", "bool-type", "int-type", "dropout"])
+def test_config_errors_name_the_argument(kwargs, error, words):
+    with pytest.raises(error, match=words) as info:
+        GPTConfig(**{**SMALL, **kwargs})
+    assert "got" in str(info.value)
+
+
+def test_latent_dim_above_head_size_is_allowed_and_expanded():
+    config = GPTConfig(n_embd=768, n_head=12, use_mla=True, mla_latent_dim=192, use_svd=True, svd_rank=32)
+    assert MultiHeadLatentAttention(config).choose_path(1024) == "expanded"
+    assert MultiHeadLatentAttention(GPTConfig(n_embd=768, n_head=12, use_mla=True)).choose_path(1024) == "absorbed"
+
+
+def test_sequence_longer_than_block_size():
+    model = GPT(mla_config())
+    with pytest.raises(ValueError, match="exceeds block_size=40"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_cache_errors():
+    cache = LatentKVCache(2, 8, 3, 5, 4, dtype=torch.float32, device="cpu")
+    k, v = torch.randn(2, 3, 3, 5), torch.randn(2, 3, 3, 4)
+    with pytest.raises(ValueError, match="cache overflow"):
+        cache.update(6, k, v)
+    with pytest.raises(ValueError, match="float64"):
+        cache.update(0, k.double(), v)
+    with pytest.raises(ValueError, match="max_batch"):
+        cache.update(0, torch.randn(3, 3, 3, 5), torch.randn(3, 3, 3, 4))
+    with pytest.raises(ValueError, match="v_new must be given"):
+        cache.update(0, k)
+    with pytest.raises(ValueError, match="max_seq"):
+        LatentKVCache(1, 0, 1, 1, dtype=torch.float32, device="cpu")
+
+
+def test_cache_update_writes_in_place_and_returns_prefix():
+    cache = LatentKVCache(2, 8, 3, 5, dtype=torch.float64, device="cpu")  # joint latent
+    first, second = torch.randn(2, 3, 3, 5, dtype=torch.float64), torch.randn(2, 2, 3, 5, dtype=torch.float64)
+    cache.update(0, first)
+    k, v = cache.update(3, second)
+    assert v is None and k.shape == (2, 5, 3, 5)
+    torch.testing.assert_close(k, torch.cat([first, second], dim=1), rtol=0, atol=0)
+
+
+# ---- compression and memory formulas ----------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,per_token", [
+    (dict(), 2 * 4 * 12),
+    (dict(mla_latent_dim=48), 2 * 4 * 48),
+    (dict(mla_kv_groups=2, mla_latent_dim=24), 2 * 2 * 24),
+    (dict(mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=64), 64),
+    (dict(use_svd=True, svd_rank=5), 4 * (12 + 5)),
+    (dict(mla_joint_kv=True, use_svd=True, svd_rank=5), 4 * (12 + 5)),
+], ids=["default", "r48", "g2-r24", "g1-joint-r64", "svd-weight-k5", "joint-svd-k5"])
+def test_memory_savings_formula_matches_cache_bytes(kwargs, per_token):
+    mla = layer(mla_config(**kwargs))
+    assert mla.kv_cache_elements_per_token() == per_token
+    report = mla.memory_report(sequence_length=100, batch_size=3, n_layer=2, dtype=torch.float16)
+    assert report["mla_bytes_per_token"] == 2 * per_token
+    assert report["standard_bytes_per_token"] == 2 * 2 * 96
+    assert report["mla_bytes_per_layer"] == 2 * per_token * 100 * 3
+    assert report["mla_bytes_per_sequence"] == 2 * per_token * 100 * 2
+    assert mla.get_memory_savings(sequence_length=100) == pytest.approx(2 * 96 / per_token)
+    cache = mla.make_cache(3, 100, torch.float16, "cpu")
+    standard_cache = CausalSelfAttention(GPTConfig(**SMALL)).make_cache(3, 100, torch.float16, "cpu")
+    assert cache.nbytes == report["mla_bytes_per_layer"]
+    assert standard_cache.nbytes == report["standard_bytes_per_layer"]
+
+
+def test_memory_report_rejects_bad_length():
+    with pytest.raises(ValueError, match="sequence_length must be a positive int, got 0"):
+        layer(mla_config()).memory_report(sequence_length=0)
+
+
+def test_compression_ratio_formula():
+    mla = layer(mla_config(mla_latent_dim=24))
+    C, nh, hs, r = 96, 4, 24, 24
+    mla_params = (C * C + C) * 2 + (C * 2 * nh * r + 2 * nh * r) + 2 * nh * r * hs
+    standard_params = 4 * C * C + 4 * C
+    assert mla.get_compression_ratio() == pytest.approx(standard_params / mla_params)
+
+
+def test_path_cost_model_prefers_latent_space_below_head_size():
+    for r in (8, 16, 32):
+        costs = mla_path_costs(2048, 768, 12, 12, r, r)
+        assert costs["absorbed"] < costs["expanded"]
+    costs = mla_path_costs(2048, 768, 12, 12, 192, 192)
+    assert costs["expanded"] < costs["absorbed"]
+
+
+# ---- the two paths agree; every path is causal ---------------------------------------------------
+
+PATH_CONFIGS = {
+    "default": dict(),
+    "r24": dict(mla_latent_dim=24),
+    "r48-g2": dict(mla_latent_dim=48, mla_kv_groups=2),
+    "r192": dict(mla_latent_dim=192),
+    "g1-joint-r30": dict(mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=30),
+    "svd-weight": dict(use_svd=True, svd_rank=5),
+}
+
+
+@pytest.mark.parametrize("kwargs", PATH_CONFIGS.values(), ids=list(PATH_CONFIGS))
+def test_absorbed_equals_expanded_in_module(kwargs):
+    x = torch.randn(2, 17, 96, dtype=torch.float64)
+    absorbed = layer(mla_config(mla_path="absorbed", **kwargs)).eval()
+    expanded = layer(mla_config(mla_path="expanded", **kwargs)).eval()
+    expanded.load_state_dict(absorbed.state_dict())
+    torch.testing.assert_close(absorbed(x), expanded(x), atol=1e-10, rtol=1e-10)
+
+
+CAUSAL_CONFIGS = {
+    "standard": dict(use_mla=False),
+    **{f"{name}-{path}": dict(kwargs, mla_path=path) for name, kwargs in PATH_CONFIGS.items()
+       for path in ("absorbed", "expanded")},
+}
+
+
+def future_changes_past(config, t=9):
+    """Does changing inputs after position t change any output at positions <= t?"""
+    torch.manual_seed(0)
+    module = (MultiHeadLatentAttention if config.use_mla else CausalSelfAttention)(config).double()
+    x = torch.randn(2, 20, 96, dtype=torch.float64)
+    x_changed = x.clone()
+    x_changed[:, t + 1:] = torch.randn_like(x_changed[:, t + 1:])
+    return not torch.allclose(module(x)[:, : t + 1], module(x_changed)[:, : t + 1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", CAUSAL_CONFIGS.values(), ids=list(CAUSAL_CONFIGS))
+def test_every_path_is_causal(kwargs):
+    assert not future_changes_past(GPTConfig(**{**SMALL, "use_mla": True, **kwargs}))
+
+
+def test_svd_activation_leaks_the_future_as_documented():
+    assert future_changes_past(mla_config(use_svd=True, svd_rank=3, svd_mode="activation"))
+
+
+# ---- SVD integration ---------------------------------------------------------------------------
+
+def test_svd_weight_basis_orthonormal_and_frozen_in_eval():
+    mla = layer(mla_config(use_svd=True, svd_rank=5, mla_kv_groups=2))
+    mla.eval()
+    basis = mla.value_basis.clone()  # (g, r, k)
+    assert basis.shape == (2, 12, 5)
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(5, dtype=torch.float64).expand(2, -1, -1))
+    with torch.no_grad():
+        mla.v_expand.weight.add_(torch.randn_like(mla.v_expand.weight))
+    mla(torch.randn(1, 4, 96, dtype=torch.float64))
+    torch.testing.assert_close(mla.value_basis, basis, rtol=0, atol=0)  # eval: frozen
+    mla.train()
+    mla(torch.randn(1, 4, 96, dtype=torch.float64))
+    assert not torch.allclose(mla.value_basis, basis)  # training: recomputed from the new weights
+
+
+def test_svd_weight_keeps_the_top_subspace_of_each_group():
+    mla = layer(mla_config(use_svd=True, svd_rank=5, mla_kv_groups=2)).eval()
+    stacked = mla.v_expand.weight.detach().view(2, 2, 12, 24).transpose(1, 2).reshape(2, 12, 48)
+    U = torch.linalg.svd(stacked)[0][..., :5]
+    # the randomized basis spans (nearly) the exact top-5 subspace
+    overlap = torch.linalg.matrix_norm(U.transpose(1, 2) @ mla.value_basis) ** 2
+    assert (overlap > 5 - 0.05).all(), overlap
+
+
+def test_svd_full_rank_activation_is_plain_mla():
+    x = torch.randn(2, 10, 96, dtype=torch.float64)
+    plain = layer(mla_config(mla_path="expanded"))
+    svd = layer(mla_config(use_svd=True, svd_mode="activation", svd_rank=24))
+    svd.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(plain(x), svd(x), atol=1e-10, rtol=1e-10)
+
+
+def test_svd_activation_output_uses_rank_k_values():
+    mla = layer(mla_config(use_svd=True, svd_mode="activation", svd_rank=3))
+    captured = {}
+
+    def capture(module, args, output):
+        captured["v"] = output
+
+    mla.v_expand.register_forward_hook(capture)
+    x = torch.randn(1, 16, 96, dtype=torch.float64)
+    y = mla(x)
+    y.sum().backward()  # gradients flow through the low-rank values
+    assert mla.v_expand.weight.grad is not None and torch.isfinite(mla.v_expand.weight.grad).all()
+    assert captured["v"].shape == (1, 16, 4, 24)
+
+
+# ---- cached generation ---------------------------------------------------------------------------
+
+GENERATION_CONFIGS = {
+    "standard": dict(use_mla=False),
+    "mla-default": dict(use_mla=True),
+    "mla-r48": dict(use_mla=True, mla_latent_dim=48),
+    "mla-g1-joint": dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=40),
+    "mla-svd-weight": dict(use_mla=True, use_svd=True, svd_rank=6),
+}
+
+
+def recompute_greedy(model, idx, steps):
+    """nanoGPT's generation: the whole (cropped) context through the model at every step."""
+    for _ in range(steps):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("kwargs", GENERATION_CONFIGS.values(), ids=list(GENERATION_CONFIGS))
+def test_cached_generation_equals_full_recompute(kwargs):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(**{**SMALL, **kwargs})).double().eval()
+    prompt = torch.randint(0, 61, (3, 7))
+    # 45 new tokens run past block_size 40, so the sliding window is covered too
+    cached = model.generate(prompt, 45, top_k=1)
+    torch.testing.assert_close(cached, recompute_greedy(model, prompt, 45), rtol=0, atol=0)
+
+
+def test_generation_uses_one_token_per_step():
+    model = GPT(mla_config()).double().eval()
+    lengths = []
+    model.transformer.h[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].size(1)))
+    model.generate(torch.randint(0, 61, (2, 5)), 6, top_k=1)
+    assert lengths == [5, 1, 1, 1, 1, 1]
+
+
+def test_generation_rejects_bad_sampling_arguments():
+    model = GPT(mla_config()).eval()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, top_k=0)
+
+
+def test_svd_activation_generation_warns_and_recomputes():
+    torch.manual_seed(0)
+    model = GPT(mla_config(use_svd=True, svd_rank=3, svd_mode="activation")).double().eval()
+    prompt = torch.randint(0, 61, (1, 6))
+    with pytest.warns(UserWarning, match="not causal"):
+        out = model.generate(prompt, 5, top_k=1)
+    torch.testing.assert_close(out, recompute_greedy(model, prompt, 5), rtol=0, atol=0)
+
+
+def test_nanogpt_interface():
+    model = GPT(mla_config())
+    assert model.get_num_params() < model.get_num_params(non_embedding=False)
+    assert 0 < model.estimate_mfu(fwdbwd_per_iter=4, dt=1.0) < 1
+    model.crop_block_size(16)
+    assert model.transformer.wpe.weight.shape[0] == 16
+    with pytest.raises(ValueError, match="block_size"):
+        model.crop_block_size(17)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
