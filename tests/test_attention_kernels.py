@@ -1,0 +1,226 @@
+"""Triton attention kernels against the float64 reference, run by the Triton interpreter on CPU.
+
+The interpreter's tl.dot is wrong on bfloat16, so these tests use float32 and float16;
+bfloat16 is checked on the GPU by bench/gpu_check_attention.py. The shape cases are a
+pairwise cover of B {1, 2} x T {1, 17, 64, 77, 130} x (nh, g) {(4, 4), (6, 2), (4, 1)} x
+head dims {16, 24, 32, 48, 64} x cached keys before the queries {0, > 0} x dtype, not the
+full product, so the file stays within a few minutes on 2 cores.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mla_kernels import attention, reference  # noqa: E402
+from mla_kernels.attention import flash_attention, mla_attention_expanded  # noqa: E402
+
+# (dtype, atol, rtol): float32 runs exact products in the interpreter; float16 rounds the
+# inputs, the probabilities and (fused path) the expanded K / V tiles to 11 bits.
+# numpy inside the interpreter warns on Triton's scalar conversions; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+F32 = (torch.float32, 2e-4, 2e-4)
+F16 = (torch.float16, 1.5e-2, 1.5e-2)
+
+# (B, Tq, nh, g, Dqk, Dv, cached keys before the queries, explicit q_offset or None, dtype spec)
+CORE_CASES = [
+    (1, 1, 4, 4, 16, 16, 0, None, F32),
+    (2, 17, 6, 2, 24, 24, 0, None, F16),
+    (1, 64, 4, 1, 32, 32, 0, None, F32),
+    (2, 77, 4, 4, 48, 48, 19, None, F32),
+    (1, 130, 6, 2, 64, 64, 0, None, F16),
+    (2, 130, 4, 1, 16, 16, 7, None, F32),
+    (1, 77, 4, 1, 24, 24, 33, None, F16),
+    (2, 64, 6, 2, 48, 48, 0, None, F16),
+    (1, 17, 4, 4, 64, 64, 40, None, F32),
+    (2, 1, 6, 2, 32, 32, 25, None, F16),
+    (1, 64, 4, 4, 32, 48, 0, None, F32),  # separate K / V latent widths
+    (2, 17, 4, 1, 24, 64, 30, 11, F32),  # explicit offset: a chunk in the middle of the keys
+    (1, 77, 6, 2, 64, 16, 17, 0, F16),  # top-left aligned although Tk > Tq
+]
+
+
+def _case_id(case):
+    B, T, nh, g, dqk, dv, extra, off, (dtype, _, _) = case
+    dims = f"D{dqk}" if dqk == dv else f"D{dqk}-Dv{dv}"
+    offset = "" if off is None else f"-off{off}"
+    return f"B{B}-T{T}-H{nh}-G{g}-{dims}-kv{T + extra}{offset}-{str(dtype)[6:]}"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every tensor the launchers allocate with NaN, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(attention.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(attention.torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+def assert_close(name, got, ref, atol, rtol):
+    got = got.double()
+    bad = ~((got - ref).abs() <= atol + rtol * ref.abs())
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = (got - ref).abs().nan_to_num(float("inf")).max().item()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (max abs "
+                             f"{worst:.3g}, atol {atol}, rtol {rtol}); first at {idx}")
+
+
+def _leaf(shape, dtype, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+
+def _check_grads(names, inputs, inputs64, atol, rtol):
+    for name, x, x64 in zip(names, inputs, inputs64):
+        assert_close(f"d{name}", x.grad, x64.grad, atol, rtol)
+
+
+@pytest.mark.parametrize("case", CORE_CASES, ids=_case_id)
+def test_flash_attention_matches_reference(case, poison):
+    B, Tq, nh, g, dqk, dv, extra, q_offset, (dtype, atol, rtol) = case
+    Tk = Tq + extra
+    q = _leaf((B, Tq, nh, dqk), dtype)
+    k = _leaf((B, Tk, g, dqk), dtype)
+    v = _leaf((B, Tk, g, dv), dtype)
+    out, lse = flash_attention(q, k, v, q_offset=q_offset, return_lse=True)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) * 0.1  # lse is differentiable too
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out64, lse64 = reference.attention_ref(q64, k64, v64, q_offset=q_offset)
+    ((out64 * dout.double()).sum() + (lse64 * dlse.double()).sum()).backward()
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == (B, Tq, nh, dv) and lse.shape == (B, nh, Tq)
+    assert_close("out", out, out64, atol, rtol)
+    assert_close("lse", lse, lse64, atol, rtol)
+    _check_grads("qkv", (q, k, v), (q64, k64, v64), atol, rtol)
+
+
+def test_explicit_scale_matches_reference(poison):
+    q, k, v = _leaf((1, 33, 4, 32), torch.float32), _leaf((1, 33, 2, 32), torch.float32), _leaf((1, 33, 2, 32), torch.float32)
+    out = flash_attention(q, k, v, softmax_scale=0.3)
+    ref, _ = reference.attention_ref(q.double(), k.double(), v.double(), softmax_scale=0.3)
+    assert_close("out", out, ref, *F32[1:])
+
+
+def test_causality(poison):
+    """Perturbing keys / values after position t leaves outputs and gradients before t unchanged."""
+    B, T, nh, g, d, t = 2, 77, 6, 2, 48, 40
+    q, k, v = (torch.randn(B, T, h, d) for h in (nh, g, g))
+    dout = torch.randn(B, T, nh, d)
+    dout[:, t:] = 0  # the loss reads the past queries only
+
+    def run(k, v):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        out = flash_attention(qs, ks, vs)
+        (out * dout).sum().backward()
+        return out.detach(), qs.grad, ks.grad, vs.grad
+
+    k2, v2 = k.clone(), v.clone()
+    k2[:, t:] += 3 * torch.randn_like(k2[:, t:])
+    v2[:, t:] += 3 * torch.randn_like(v2[:, t:])
+    base, moved = run(k, v), run(k2, v2)
+    for name, a, b in zip(("out", "dq"), base[:2], moved[:2]):
+        assert torch.equal(a[:, :t], b[:, :t]), f"{name} before t={t} changed"
+    for name, a, b in zip(("dk", "dv"), base[2:], moved[2:]):
+        assert torch.equal(a[:, :t], b[:, :t]), f"{name} before t={t} changed"
+        assert torch.all(b[:, t:] == 0), f"{name} after t={t} should get no gradient"
+    assert not torch.equal(base[0][:, t:], moved[0][:, t:])
+
+
+# (B, T, nh, g, hs, r, rv or None for a joint latent, dtype spec)
+EXPANDED_CASES = [
+    (2, 77, 4, 2, 32, 96, 48, F32),
+    (1, 130, 4, 4, 16, 48, 24, F32),
+    (1, 40, 6, 1, 32, 96, None, F16),
+    (2, 17, 4, 4, 24, 64, 64, F16),
+]
+
+
+def _expanded_id(case):
+    B, T, nh, g, hs, r, rv, (dtype, _, _) = case
+    latent = f"r{r}-joint" if rv is None else f"r{r}-rv{rv}"
+    return f"B{B}-T{T}-H{nh}-G{g}-D{hs}-{latent}-{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("case", EXPANDED_CASES, ids=_expanded_id)
+def test_mla_attention_expanded_matches_reference(case, poison):
+    B, T, nh, g, hs, r, rv, (dtype, atol, rtol) = case
+    q = _leaf((B, T, nh, hs), dtype)
+    c_k = _leaf((B, T, g, r), dtype)
+    c_v = c_k if rv is None else _leaf((B, T, g, rv), dtype)
+    w_uk = _leaf((nh, r, hs), dtype, r ** -0.5)
+    w_uv = _leaf((nh, c_v.shape[-1], hs), dtype, r ** -0.5)
+    out = mla_attention_expanded(q, c_k, c_v, w_uk, w_uv)
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+
+    leaves = (q, c_k, w_uk, w_uv) if rv is None else (q, c_k, c_v, w_uk, w_uv)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    args64 = leaves64[:2] + leaves64[1:] if rv is None else leaves64
+    out64, _ = reference.mla_attention_expanded_ref(*args64)
+    (out64 * dout.double()).sum().backward()
+
+    assert out.shape == (B, T, nh, hs) and out.dtype == dtype
+    assert_close("out", out, out64, atol, rtol)
+    names = ("q", "c_k", "w_uk", "w_uv") if rv is None else ("q", "c_k", "c_v", "w_uk", "w_uv")
+    _check_grads(names, leaves, leaves64, atol, rtol)
+
+
+def test_float64_falls_back_to_reference():
+    q, k, v = (torch.randn(1, 9, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = flash_attention(q, k, v, return_lse=True)
+    ref, ref_lse = reference.attention_ref(q, k, v)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = torch.randn(1, 20, 4, 16), torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
+    torch.library.opcheck(torch.ops.mla_kernels.flash_attention_fwd, (q, k, v, 0.25, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    w = torch.randn(4, 16, 16) * 0.25
+    torch.library.opcheck(torch.ops.mla_kernels.mla_attention_expanded_fwd, (q, k, v, w, w, 0.25, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_without_graph_break():
+    def f(q, k, v, c, w):
+        return flash_attention(q, k, v).sum() + mla_attention_expanded(q, c, c, w, w).sum()
+
+    q, k, v = (torch.randn(1, 24, 4, 16, requires_grad=True) for _ in range(3))
+    c = torch.randn(1, 24, 2, 32, requires_grad=True)
+    w = (torch.randn(4, 32, 16) * 0.2).requires_grad_()
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, c, w)
+    loss.backward()
+    assert torch.isfinite(loss) and all(x.grad is not None for x in (q, k, v, c, w))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(q=(1, 8, 6, 16), k=(1, 8, 4, 16)), ValueError, "multiple of KV heads"),
+    (dict(q=(1, 8, 4, 8), k=(1, 8, 4, 8)), ValueError, "head dim must be in"),
+    (dict(q=(1, 8, 4, 300), k=(1, 8, 4, 300)), ValueError, "head dim must be in"),
+    (dict(q=(1, 8, 4, 16), k=(1, 8, 4, 32)), ValueError, "k head dim"),
+    (dict(q=(1, 9, 4, 16), k=(1, 8, 4, 16)), ValueError, "q_offset must be >= 0"),
+    (dict(q=(1, 8, 16), k=(1, 8, 4, 16)), ValueError, "q must have 4 dims"),
+], ids=["heads", "dim8", "dim300", "dk-mismatch", "Tq>Tk", "ndim"])
+def test_flash_attention_rejects_bad_input(kwargs, error, match):
+    q, k = torch.randn(kwargs["q"]), torch.randn(kwargs["k"])
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, k)
+
+
+def test_rejects_wrong_types():
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        flash_attention(q, "k", q)
+    with pytest.raises(TypeError, match="dtype"):
+        flash_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="q_offset"):
+        flash_attention(q, q, q, q_offset=1.5)
+    with pytest.raises(ValueError, match="w_uk must have shape"):
+        mla_attention_expanded(q, q, q, torch.randn(4, 16, 8), torch.randn(4, 16, 16))
