@@ -1,0 +1,570 @@
+"""Train a GPT (standard or MLA attention) on a prepared dataset, nanoGPT style.
+
+    python -m mla_gpt.cli.train config/train_mla_test.py [--key=value ...]
+    torchrun --standalone --nproc_per_node=4 -m mla_gpt.cli.train config/train_shakespeare_char.py
+
+`python -m mla_gpt.cli.train --help` lists every key with its default. Model keys are the fields of
+GPTConfig; the rest are the fields of TrainConfig below. Everything is written to out_dir: ckpt.pt
+(atomic), metrics.jsonl (one record per log line and per eval) and loss.png.
+"""
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mla_gpt.cli.configurator import ConfigError, help_text, load_config
+from mla_gpt.data.prepare import ensure_prepared, load_meta
+from mla_gpt.model import GPT, GPTConfig
+
+CHECKPOINT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
+DEFAULT_VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64, for data without meta.pkl
+MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
+# Keys of GPTConfig that may differ between a checkpoint and the run resuming it (runtime choices).
+RUNTIME_MODEL_KEYS = ("dropout", "attn_backend", "mla_path")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = field(default="out", metadata={"help": "checkpoint, metrics and plot folder"})
+    eval_interval: int = field(default=2000, metadata={"help": "iterations between evals and checkpoints"})
+    log_interval: int = field(default=1, metadata={"help": "iterations between log lines"})
+    eval_iters: int = field(default=200, metadata={"help": "batches per split in each eval"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate once and exit"})
+    always_save_checkpoint: bool = field(default=True, metadata={"help": "save at every eval, not only on a new best val loss"})
+    init_from: str = field(default="scratch", metadata={"help": "'scratch' or 'resume' (from out_dir/ckpt.pt)"})
+    # data
+    dataset: str = field(default="shakespeare_char", metadata={"help": "'shakespeare_char', 'shakespeare' (BPE) or a name with data_dir"})
+    data_dir: str = field(default="", metadata={"help": "folder with train.bin/val.bin; '' -> mla_gpt/data/<dataset>"})
+    encoding: str = field(default="gpt2", metadata={"help": "tiktoken encoding of the BPE dataset"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration, over all processes"})
+    batch_size: int = field(default=12, metadata={"help": "sequences per micro-step and process"})
+    # AdamW
+    learning_rate: float = field(default=6e-4, metadata={"help": "peak learning rate"})
+    max_iters: int = field(default=600000, metadata={"help": "training iterations"})
+    weight_decay: float = field(default=1e-1, metadata={"help": "AdamW decay of 2-D weights"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0 disables"})
+    # learning-rate schedule: linear warmup, then cosine decay to min_lr
+    decay_lr: bool = field(default=True, metadata={"help": "warmup + cosine decay; False keeps learning_rate"})
+    warmup_iters: int = field(default=2000, metadata={"help": "linear warmup iterations"})
+    lr_decay_iters: int = field(default=600000, metadata={"help": "iteration where the cosine reaches min_lr"})
+    min_lr: float = field(default=6e-5, metadata={"help": "final learning rate"})
+    # system
+    backend: str = field(default="auto", metadata={"help": "DDP backend; 'auto' -> nccl on CUDA, gloo on CPU"})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'"})
+    dtype: str = field(default="auto", metadata={"help": "'auto' (bfloat16 on capable GPUs, float16 on others, float32 on CPU), 'float32', 'bfloat16', 'float16'"})
+    compile: Optional[bool] = field(default=None, metadata={"help": "torch.compile the model; None -> on for CUDA, off on CPU"})
+    seed: int = field(default=1337, metadata={"help": "seed of weights, dropout and batch sampling"})
+    progress_bar: Optional[bool] = field(default=None, metadata={"help": "tqdm bar; None -> on for CPU runs"})
+
+
+@dataclass
+class ModelKeys(GPTConfig):
+    """GPTConfig's fields as config keys; vocab_size None -> taken from the dataset's meta.pkl."""
+
+    vocab_size: Optional[int] = None
+
+    def __post_init__(self):
+        """Values are checked by the configurator here and by GPTConfig when the model is built."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is left in place."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not from this tool."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and validate an mla_gpt checkpoint; CheckpointError with the reason otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}; train first (python -m mla_gpt.cli.train ...)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    missing = [k for k in ("format", "model", "model_args", "iter_num") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not an mla_gpt checkpoint (missing {', '.join(missing)})")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {checkpoint['format']}; this version reads format {CHECKPOINT_FORMAT}"
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, **runtime_args):
+    """Build GPT from checkpoint['model_args'] (with runtime_args such as dropout overriding) and load its weights."""
+    model_args = {**checkpoint["model_args"], **runtime_args}
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint model_args has keys this GPTConfig lacks: {unknown}")
+    model = GPT(GPTConfig(**model_args))
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit the model they describe: {e}") from e
+    return model
+
+
+def _numpy_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+            "has_gauss": has_gauss, "cached_gaussian": cached}
+
+
+def _set_numpy_state(state):
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
+# ----------------------------------------------------------------------------- setup
+
+@dataclass
+class Runtime:
+    """Where and how this process runs."""
+
+    device: str
+    device_type: str
+    ptdtype: torch.dtype
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def resolve_runtime(cfg):
+    """Pick device and dtype, start torch.distributed when launched by torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend=backend)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"dtype expects one of auto, {', '.join(dtypes)}; got {dtype!r}")
+    return Runtime(device, device_type, dtypes[dtype], ddp, rank, local_rank, world_size)
+
+
+def check_train_config(cfg, rt):
+    """ConfigError for values that are well typed but unusable."""
+    for key in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size", "block_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        raise ConfigError(f"init_from expects 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if cfg["gradient_accumulation_steps"] % rt.world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple of the "
+            f"number of processes ({rt.world_size})"
+        )
+
+
+def learning_rate(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it > cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+class Batches:
+    """Random windows of a uint16 token file, drawn with a torch.Generator whose state is checkpointed."""
+
+    def __init__(self, path, batch_size, block_size, device, seed):
+        self.path, self.batch_size, self.block_size, self.device = path, batch_size, block_size, device
+        self.n_tokens = os.path.getsize(path) // np.dtype(np.uint16).itemsize
+        if self.n_tokens <= block_size:
+            raise ConfigError(f"{path} holds {self.n_tokens} tokens; block_size={block_size} needs more")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")  # re-opened per batch: avoids a memmap leak
+        ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])  # (B, T)
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])  # (B, T)
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """Appends JSON records to out_dir/metrics.jsonl and redraws out_dir/loss.png."""
+
+    def __init__(self, out_dir, resume_iter):
+        self.path = Path(out_dir) / METRICS_NAME
+        self.plot_path = Path(out_dir) / PLOT_NAME
+        records = self.read(self.path) if resume_iter is not None and self.path.exists() else []
+        self.records = [r for r in records if r["iter"] < (resume_iter or 0)]  # drop what the resumed run redoes
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    @staticmethod
+    def read(path):
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+    def add(self, record):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self, title):
+        """Train loss per logged iteration and train/val loss per eval; skipped without matplotlib."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        steps = [r for r in self.records if r["kind"] == "train"]
+        evals = [r for r in self.records if r["kind"] == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
+        ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "s-", label="val (eval)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("cross-entropy loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.plot_path)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+
+def build_model(cfg, model_keys, vocab_size, checkpoint, log):
+    """Model args from the config (scratch) or the checkpoint (resume), and the model."""
+    if checkpoint is None:
+        model_args = {k: cfg[k] for k in model_keys}
+        model_args["vocab_size"] = cfg["vocab_size"] or vocab_size
+        try:
+            config = GPTConfig(**model_args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model keys: {e}") from e
+        return GPT(config), model_args
+    model_args = dict(checkpoint["model_args"])
+    changed = [k for k in model_keys if k not in RUNTIME_MODEL_KEYS and k != "vocab_size" and cfg[k] != model_args[k]]
+    if changed:
+        log(f"resume: keeping the checkpoint's {', '.join(f'{k}={model_args[k]!r}' for k in changed)} over the config")
+    runtime = {k: cfg[k] for k in RUNTIME_MODEL_KEYS}
+    model_args.update(runtime)
+    return model_from_checkpoint(checkpoint, **runtime), model_args
+
+
+def train(cfg):
+    """Run one training job described by cfg (a dict from load_config). Returns a summary dict.
+
+    Raises TrainingDiverged when the loss becomes NaN/inf, CheckpointError on a bad checkpoint to resume.
+    """
+    rt = resolve_runtime(cfg)
+    try:
+        return _train(cfg, rt)
+    finally:
+        if rt.ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, rt):
+    check_train_config(cfg, rt)
+    out_dir = Path(cfg["out_dir"])
+    model_keys = [f.name for f in fields(GPTConfig)]
+    show_bar = cfg["progress_bar"] if cfg["progress_bar"] is not None else rt.device_type == "cpu"
+    bar = None
+
+    def log(message):
+        if rt.master:
+            (bar.write if bar is not None else print)(message)
+
+    if rt.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
+    tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * cfg["block_size"]
+    log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
+        f"{cfg['batch_size']} x {cfg['block_size']}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}")
+
+    # data: prepared by rank 0, the others wait for it
+    if rt.master:
+        data_dir = ensure_prepared(cfg["dataset"], cfg["data_dir"] or None, cfg["encoding"], log=log)
+    if rt.ddp:
+        holder = [str(data_dir) if rt.master else None]
+        dist.broadcast_object_list(holder, src=0)
+        data_dir = Path(holder[0])
+    meta = load_meta(data_dir)
+    vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
+
+    checkpoint = None
+    if cfg["init_from"] == "resume":
+        checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME, map_location=rt.device)
+    seed = cfg["seed"] + rt.rank  # each process draws different batches; weights are synced by DDP
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model, model_args = build_model(cfg, model_keys, vocab_size, checkpoint, log)
+    model.to(rt.device)
+    block_size = model_args["block_size"]
+    train_batches = Batches(data_dir / "train.bin", cfg["batch_size"], block_size, rt.device, seed)
+    # eval batches come from their own generator, reseeded per eval: every eval scores the same windows
+    eval_batches = {split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
+                    for split in ("train", "val")}
+
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), rt.device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"]:  # empty when saved by a disabled (non-float16) scaler
+            scaler.load_state_dict(checkpoint["scaler"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        restore_rng(checkpoint["rng"], rt, train_batches, log)
+        log(f"resuming from {out_dir / CHECKPOINT_NAME} at iter {iter_num} (best val loss {best_val_loss:.4f})")
+    checkpoint = None  # free the memory
+
+    compile_model = cfg["compile"] if cfg["compile"] is not None else rt.device_type == "cuda"
+    if compile_model:
+        log("compiling the model with torch.compile ...")
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    raw_model = model.module if rt.ddp else model
+    raw_model = getattr(raw_model, "_orig_mod", raw_model)
+    log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        f"{'MLA' if model_args['use_mla'] else 'standard'} attention")
+    autocast = nullcontext() if rt.ptdtype == torch.float32 else torch.amp.autocast(rt.device_type, dtype=rt.ptdtype)
+    metrics = Metrics(out_dir, iter_num if cfg["init_from"] == "resume" else None) if rt.master else None
+    title = f"{out_dir.name}: {'MLA' if model_args['use_mla'] else 'standard'} attention, " \
+            f"{model_args['n_layer']}L {model_args['n_head']}H {model_args['n_embd']}C, {cfg['dataset']}"
+
+    @torch.no_grad()
+    def estimate_loss():
+        model.eval()
+        out = {}
+        for split, batches in eval_batches.items():
+            batches.generator.manual_seed(cfg["seed"] + rt.rank)
+            losses = torch.zeros(cfg["eval_iters"])
+            for k in range(cfg["eval_iters"]):
+                x, y = batches.next()
+                with autocast:
+                    _, loss = model(x, y)
+                losses[k] = loss.item()
+            mean = losses.mean().to(rt.device)
+            if rt.ddp:
+                dist.all_reduce(mean)
+                mean /= rt.world_size
+            out[split] = mean.item()
+        model.train()
+        return out
+
+    def make_checkpoint(rng):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": cfg,
+            "meta": meta,
+            "rng": rng,
+        }
+
+    if show_bar and rt.master:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
+    last_losses = {}
+    running_mfu, local_iter, t0 = -1.0, 0, time.time()
+    try:
+        while True:
+            lr = learning_rate(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]:
+                # RNG states before the eval: a resumed run repeats this eval before its first step
+                rng = gather_rng(rt, train_batches)
+                last_losses = estimate_loss()
+                log(f"step {iter_num}: train loss {last_losses['train']:.4f}, val loss {last_losses['val']:.4f}")
+                if rt.master:
+                    metrics.add({"kind": "eval", "iter": iter_num, "train_loss": last_losses["train"],
+                                 "val_loss": last_losses["val"], "lr": lr})
+                    metrics.plot(title)
+                improved = last_losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, last_losses["val"])
+                if iter_num > 0 and (improved or cfg["always_save_checkpoint"]):
+                    if rt.master:
+                        save_checkpoint(out_dir / CHECKPOINT_NAME, make_checkpoint(rng))
+                        log(f"saved checkpoint to {out_dir / CHECKPOINT_NAME}")
+            if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
+                break
+
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro_step in range(grad_accum):
+                x, y = train_batches.next()
+                if rt.ddp:
+                    model.require_backward_grad_sync = micro_step == grad_accum - 1  # all-reduce once per iteration
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / grad_accum
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+            if rt.ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= rt.world_size
+            lossf = loss_sum.item()
+            if not math.isfinite(lossf):
+                raise TrainingDiverged(
+                    f"loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint "
+                    f"({out_dir / CHECKPOINT_NAME}) is left untouched; try a lower learning_rate or a grad_clip."
+                )
+            if cfg["grad_clip"] != 0.0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            if iter_num % cfg["log_interval"] == 0 and rt.master:
+                if local_iter >= MFU_WARMUP_ITERS:
+                    mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt)
+                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+                mfu_text = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 else "-"
+                tok_s = tokens_per_iter / dt
+                log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}, mfu {mfu_text}")
+                metrics.add({"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                             "tok_s": tok_s, "mfu": running_mfu if running_mfu >= 0 else None})
+            iter_num += 1
+            local_iter += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if rt.master:
+        metrics.plot(title)
+    return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
+            "best_val_loss": best_val_loss, "out_dir": str(out_dir)}
+
+
+def gather_rng(rt, train_batches):
+    """RNG states (torch, cuda, numpy, python, batch sampler) of every process, in rank order."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None,
+        "numpy": _numpy_state(),
+        "python": random.getstate(),
+        "sampler": train_batches.generator.get_state(),
+    }
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()})
+    return states
+
+
+def restore_rng(states, rt, train_batches, log):
+    """Put back this rank's RNG states; with another number of processes, keep the fresh seeds."""
+    if len(states) != rt.world_size:
+        log(f"resume: the checkpoint holds RNG states of {len(states)} processes, this run has {rt.world_size}; "
+            f"dropout and batches are drawn afresh from the seed")
+        return
+    state = states[rt.rank]
+    torch.set_rng_state(state["torch"].cpu())
+    if rt.device_type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    _set_numpy_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    train_batches.generator.set_state(state["sampler"].cpu())
+
+
+USAGE = "CONFIG.py [CONFIG.py ...] [--key=value ...]"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text("python -m mla_gpt.cli.train", USAGE, TrainConfig, ModelKeys))
+        return 0
+    try:
+        cfg = load_config(argv, TrainConfig, ModelKeys)
+        train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
