@@ -131,6 +131,9 @@ def core_providers(on_gpu):
             "sdpa_flash": _sdpa_core("flash"), "flex": _flex_core()}
 
 
+FLEX_DIMS_HELP = "head dims at which FlexAttention runs (each shape costs a torch.compile)"
+
+
 def bench_core(args, on_gpu, device, dtype):
     rows = []
     providers = core_providers(on_gpu)
@@ -140,6 +143,8 @@ def bench_core(args, on_gpu, device, dtype):
             nh = args.core_heads
             fwd_flops = 2 * B * nh * T * T * (2 * d) / 2
             for name, fn in providers.items():
+                if name == "flex" and d not in args.flex_dims:
+                    continue
                 q, k, v = (torch.randn(B, T, nh, d, device=device, dtype=dtype, requires_grad=True)
                            for _ in range(3))
                 row = dict(table="core", provider=name, B=B, T=T, nh=nh, d=d)
@@ -308,6 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-tokens", type=int, default=16384, help="core: B = batch_tokens // T")
     p.add_argument("--core-heads", type=int, default=12)
     p.add_argument("--core-dims", type=int, nargs="+", default=None, help="core head dims")
+    p.add_argument("--flex-dims", type=int, nargs="*", default=[64], help=FLEX_DIMS_HELP)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 16], help="layer: heads, paired with --head-sizes")
     p.add_argument("--head-sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--latent-fracs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 3.0], help="r = frac * hs")
@@ -350,6 +356,7 @@ def main(argv=None):
     rows = []
     if "core" not in args.skip:
         rows += bench_core(args, on_gpu, device, dtype)
+        write_results(rows, meta, args.out)  # keep the core table should the layer sweep be cut short
     if "layer" not in args.skip:
         rows += bench_layers(args, on_gpu, device, dtype)
     write_results(rows, meta, args.out)
