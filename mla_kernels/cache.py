@@ -42,22 +42,27 @@ class LatentKVCache(nn.Module):
         return self.nbytes // (self.max_batch * self.max_seq)
 
     def update(self, input_pos, k_new, v_new=None):
-        """Write the latents of new tokens at positions input_pos.. and return the filled prefix.
+        """Write the latents of new tokens at positions input_pos.. and return the cache.
 
-        input_pos: int, position of the first new token (same for every row).
+        input_pos: position of the first new token (same for every row), an int, or a 0-dim
+          integer tensor on the cache's device for static-shape decode steps (CUDA graphs).
         k_new: (B, T, n_groups, key_dim); v_new: (B, T, n_groups, value_dim), None when joint.
-        Returns (k, v): views (B, input_pos + T, n_groups, dim) of the cache; v is None when joint.
+        Returns (k, v): with an int input_pos, views (B, input_pos + T, n_groups, dim) of the
+        filled prefix; with a tensor, the whole buffers (B, max_seq, n_groups, dim), whose
+        valid length the caller passes on as cache_seqlens. v is None when joint.
+        A tensor input_pos is not range-checked (that would synchronize with the device).
         """
         B, T = k_new.shape[:2]
-        end = input_pos + T
-        if input_pos < 0 or end > self.max_seq:
+        static = isinstance(input_pos, torch.Tensor)
+        if not static and (input_pos < 0 or input_pos + T > self.max_seq):
             raise ValueError(
-                f"cache overflow: positions [{input_pos}, {end}) do not fit max_seq={self.max_seq}"
+                f"cache overflow: positions [{input_pos}, {input_pos + T}) do not fit max_seq={self.max_seq}"
             )
         if B > self.max_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         if (v_new is None) != self.joint:
             raise ValueError(f"v_new must be {'None' if self.joint else 'given'} for this cache")
+        positions = input_pos + torch.arange(T, device=k_new.device) if static else slice(input_pos, input_pos + T)
         for name, new, buf in (("k_new", k_new, self.k_cache), ("v_new", v_new, self.v_cache)):
             if new is None:
                 continue
@@ -67,7 +72,8 @@ class LatentKVCache(nn.Module):
                 )
             if new.shape[2:] != buf.shape[2:] or new.shape[:2] != (B, T):
                 raise ValueError(f"{name} must be ({B}, {T}, {tuple(buf.shape[2:])}), got {tuple(new.shape)}")
-            buf[:B, input_pos:end] = new
+            buf[:B, positions] = new
+        end = self.max_seq if static else input_pos + T
         k = self.k_cache[:B, :end]
         v = None if self.joint else self.v_cache[:B, :end]
         return k, v

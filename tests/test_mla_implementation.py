@@ -300,6 +300,27 @@ def test_cached_generation_equals_full_recompute(kwargs):
     torch.testing.assert_close(cached, recompute_greedy(model, prompt, 45), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kwargs", GENERATION_CONFIGS.values(), ids=list(GENERATION_CONFIGS))
+def test_static_shape_decode_step_equals_prefix_step(kwargs):
+    """The CUDA-graph step (position in a tensor, whole cache read) gives the same logits."""
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(**{**SMALL, **kwargs})).double().eval()
+    prompt = torch.randint(0, 61, (2, 9))
+    token = torch.randint(0, 61, (2, 1))
+    logits = []
+    for position in (9, torch.tensor(9)):
+        caches = model.setup_caches(2, 20)
+        model(prompt, caches=caches, input_pos=0)
+        logits.append(model(token, caches=caches, input_pos=position)[0])
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-12, rtol=0)
+
+
+def test_cuda_graph_needs_cuda():
+    model = GPT(mla_config()).eval()
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got idx on cpu"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, cuda_graph=True)
+
+
 def test_generation_uses_one_token_per_step():
     model = GPT(mla_config()).double().eval()
     lengths = []

@@ -40,6 +40,26 @@ def _causal_attention(q, k, v, softmax_scale, q_offset, kernels):
     return ref.attention_ref(q, k, v, softmax_scale, q_offset)[0]
 
 
+def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
+    """New queries over a cache: q (B, T, nh, D); k (B, Tk, g, D); v (B, Tk, g, Dv), or None when
+    the latent is joint (v = k). Returns (B, T, nh, Dv).
+
+    A tensor input_pos (static-shape decode) passes the whole cache with its valid length as
+    cache_seqlens; so do short chunks on the kernels, which the decode kernel serves best.
+    """
+    B, T = q.shape[:2]
+    if isinstance(input_pos, torch.Tensor) or (
+        kernels and T <= DECODE_MAX_QUERIES and not torch.is_grad_enabled()
+    ):
+        seqlens = torch.full((B,), T, dtype=torch.int32, device=q.device) + input_pos  # (B,) int32
+        if kernels:
+            from mla_kernels.decode import latent_decode
+
+            return latent_decode(q, k, v, seqlens, softmax_scale)[0]
+        return ref.latent_decode_ref(q, k, v, seqlens, softmax_scale)[0]
+    return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, kernels)
+
+
 def _svd_module(kernels):
     if kernels:
         from mla_kernels import svd
@@ -93,9 +113,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         v = v.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, input_pos + T, nh, hs)
+            k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, hs): the filled prefix, or all of it
         if self.backend == "auto":
             y = self._sdpa(q, k, v, input_pos)
+        elif cache is not None:
+            y = _cached_attention(q, k, v, input_pos, None, self.backend == "triton")
         else:
             y = _causal_attention(q, k, v, None, input_pos, self.backend == "triton")
         y = y.reshape(B, T, C)
@@ -106,7 +128,7 @@ class CausalSelfAttention(nn.Module):
         T, Tk = q.size(1), k.size(1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if q_offset == 0:
+        if isinstance(q_offset, int) and q_offset == 0 and T == Tk:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             q_pos = torch.arange(T, device=q.device)[:, None] + q_offset
@@ -350,26 +372,16 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
         c_k, c_v = self._latents(projected[..., nh * r :], basis)  # (B, T, g, r), (B, T, g, rv)
 
-        if cache is not None:
-            c_k, cached_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)
-            c_v = c_k if cached_v is None else cached_v  # (B, input_pos + T, g, rv)
-        o_lat = self._latent_core(q_lat, c_k, c_v, input_pos, kernels, cache is not None)  # (B, T, nh, rv)
+        if cache is None:
+            o_lat = _causal_attention(q_lat, c_k, c_v, self.softmax_scale, 0, kernels)  # (B, T, nh, rv)
+        else:
+            c_k, c_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)  # (B, Tk, g, .)
+            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
 
         rv = o_lat.size(-1)
         w_o = self.c_proj.weight.view(C, nh, hs)
         w_o_absorbed = torch.einsum("chd,hkd->chk", w_o, w_uv).reshape(C, nh * rv)
         return F.linear(o_lat.reshape(B, T, nh * rv), w_o_absorbed, self.c_proj.bias)
-
-    def _latent_core(self, q_lat, c_k, c_v, input_pos, kernels, cached):
-        """Attention of q_lat (B, T, nh, r) over c_k / c_v (B, Tk, g, .), returns (B, T, nh, rv)."""
-        if kernels and cached and q_lat.size(1) <= DECODE_MAX_QUERIES and not torch.is_grad_enabled():
-            from mla_kernels.decode import latent_decode
-
-            B, T = q_lat.shape[:2]
-            seqlens = torch.full((B,), input_pos + T, dtype=torch.int32, device=q_lat.device)
-            cache_v = None if c_v is c_k else c_v
-            return latent_decode(q_lat, c_k, cache_v, seqlens, self.softmax_scale)[0]
-        return _causal_attention(q_lat, c_k, c_v, self.softmax_scale, input_pos, kernels)
 
     def _forward_activation_svd(self, x, kernels):
         """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.

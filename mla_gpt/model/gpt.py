@@ -98,15 +98,17 @@ class GPT(nn.Module):
         With targets (B, T): logits (B, T, vocab) and the mean cross-entropy (-1 ignored).
         Without: logits of the last position only (B, 1, vocab), loss None.
         caches: one LatentKVCache per layer (from `setup_caches`); idx then holds the tokens at
-        positions input_pos .. input_pos + T - 1.
+        positions input_pos .. input_pos + T - 1. input_pos may be a 0-dim tensor on the device
+        (static shapes for CUDA graphs); the caller then keeps it inside block_size.
         """
         b, t = idx.size()
-        if input_pos + t > self.config.block_size:
+        last = t if isinstance(input_pos, torch.Tensor) else input_pos + t
+        if last > self.config.block_size:
             raise ValueError(
                 f"sequence of length {input_pos + t} (input_pos={input_pos} + {t} tokens) exceeds "
                 f"block_size={self.config.block_size}"
             )
-        pos = torch.arange(input_pos, input_pos + t, dtype=torch.long, device=idx.device)  # (t,)
+        pos = input_pos + torch.arange(t, dtype=torch.long, device=idx.device)  # (t,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[i], input_pos)
@@ -157,30 +159,35 @@ class GPT(nn.Module):
         return [block.attn.make_cache(max_batch, max_seq, dtype, device) for block in self.transformer.h]
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False):
         """Yield max_new_tokens sampled tokens, each (B, 1), continuing idx (B, T).
 
         temperature 0 or top_k 1 is greedy. The prompt is prefilled into the caches once, then
         each step feeds one token. Past block_size the context slides (as nanoGPT crops it), so
         each further step recomputes the last block_size tokens. svd_mode='activation' is not
         causal and keeps no cache: every step recomputes the whole context.
+        cuda_graph: capture the one-token step once (static shapes) and replay it (CUDA only).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if cuda_graph and idx.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got idx on {idx.device}")
         block_size = self.config.block_size
         cached = all(block.attn.supports_cache for block in self.transformer.h)
         if not cached:
             warnings.warn("svd_mode='activation' is not causal: generation recomputes the whole "
                           "context at every step, without a KV cache", stacklevel=2)
-        tokens = idx
-        caches = None
+        caches = step = None
         if cached:
             caches = self.setup_caches(idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
-        for step in range(max_new_tokens):
-            if step > 0 and cached and tokens.size(1) <= block_size:
-                logits, _ = self(tokens[:, -1:], caches=caches, input_pos=tokens.size(1) - 1)
+        tokens = idx
+        for i in range(max_new_tokens):
+            if i > 0 and cached and tokens.size(1) <= block_size:
+                if step is None:
+                    step = _DecodeStep(self, caches, tokens[:, -1:], cuda_graph)
+                logits = step(tokens[:, -1:], tokens.size(1) - 1)
             else:
                 logits, _ = self(tokens[:, -block_size:], caches=caches, input_pos=0)
             next_token = _sample(logits[:, -1, :], temperature, top_k)  # (B, 1)
@@ -188,10 +195,43 @@ class GPT(nn.Module):
             tokens = torch.cat((tokens, next_token), dim=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k))
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False):
+        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache (see generate_stream)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph))
         return torch.cat([idx, *new], dim=1)
+
+
+class _DecodeStep:
+    """One token through the model over the caches: logits (B, 1, vocab).
+
+    Plain: the position is an int and each layer attends over the filled prefix. With
+    cuda_graph: static shapes (the position lives in a device tensor, attention reads the whole
+    cache with its valid length), captured once as a CUDA graph and replayed every step.
+    """
+
+    def __init__(self, model, caches, token, cuda_graph):
+        self.model, self.caches, self.graph = model, caches, None
+        if not cuda_graph:
+            return
+        self.token = token.clone()  # (B, 1)
+        self.position = torch.zeros((), dtype=torch.long, device=token.device)
+        self.position.fill_(caches[0].max_seq - 1)  # warm up on the last slot: overwritten before it is read
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(self.token, caches=caches, input_pos=self.position)  # compiles kernels, no capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model(self.token, caches=caches, input_pos=self.position)
+
+    def __call__(self, token, position):
+        if self.graph is None:
+            return self.model(token, caches=self.caches, input_pos=position)[0]
+        self.token.copy_(token)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
 
 
 def _sample(logits, temperature, top_k):
