@@ -1,0 +1,112 @@
+"""End-to-end generation speed: tokens/s of GPT.generate with the latent KV cache.
+
+    python bench/generate.py [--batch_sizes 1 32] [--prompt 128] [--new_tokens 256]
+
+A GPT-2-small-shaped model (12 layers, 12 heads, 768 wide, block 1024, random weights) samples
+greedily. Rows:
+- mla-latent-cache: MLA (default r = hs/2) with its latent cache, one token per step;
+- mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed;
+- standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
+  cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
+- mla-recompute: nanoGPT's generation, the whole context through the model every step.
+Also checks that greedy tokens from the kernels equal those of the reference path in the
+same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
+bench/results/generate_<device>.json.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from mla_gpt.model import GPT, GPTConfig
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def recompute_generate(model, idx, new_tokens):
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def timed(fn, device):
+    fn()  # warm-up: kernel compilation, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_head", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=768)
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/generate_<device>.json)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        print("no GPU: running a small CPU configuration; kernel timings need a GPU")
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=1024,
+                 vocab_size=50304, bias=False)
+    torch.manual_seed(0)
+    mla = GPT(GPTConfig(**shape, use_mla=True)).to(device, dtype).eval()
+    standard = GPT(GPTConfig(**shape)).to(device, dtype).eval()
+    mla_reference = GPT(GPTConfig(**shape, use_mla=True, attn_backend="reference")).to(device, dtype).eval()
+    mla_reference.load_state_dict(mla.state_dict())
+    rows = []
+    for batch in args.batch_sizes:
+        prompt = torch.randint(0, 50257, (batch, args.prompt), device=device)
+        runs = {
+            "mla-latent-cache": lambda: mla.generate(prompt, args.new_tokens, top_k=1),
+            "standard-kv-cache": lambda: standard.generate(prompt, args.new_tokens, top_k=1),
+            "mla-recompute": lambda: recompute_generate(mla, prompt, args.new_tokens),
+        }
+        if device == "cuda":
+            runs["mla-latent-cache-graph"] = lambda: mla.generate(prompt, args.new_tokens, top_k=1, cuda_graph=True)
+        outputs = {}
+        for name, fn in runs.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            outputs[name], seconds = timed(fn, device)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+            rows.append(dict(provider=name, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                             seconds=seconds, tokens_per_s=batch * args.new_tokens / seconds, peak_mb=peak))
+            print(f"B {batch:>3}  {name:<24} {seconds * 1e3:>9.1f} ms  "
+                  f"{batch * args.new_tokens / seconds:>10.1f} tok/s" + (f"  peak {peak:.0f} MB" if peak else ""))
+        reference_tokens = mla_reference.generate(prompt, args.new_tokens, top_k=1)
+        for name in ("mla-latent-cache", "mla-latent-cache-graph", "mla-recompute"):
+            if name in outputs:
+                same = (outputs[name] == reference_tokens).float().mean().item()
+                print(f"B {batch:>3}  {name:<24} tokens equal to the {dtype} reference path: {100 * same:.1f}%")
+                rows.append(dict(provider=name, batch=batch, check="tokens_equal_reference", fraction=same))
+
+    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, dtype=str(dtype), shape=shape)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out = args.out or os.path.join(RESULTS, f"generate_{device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
