@@ -12,7 +12,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -98,13 +97,12 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path, checkpoint):
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -317,7 +315,9 @@ def build_model(cfg, model_keys, vocab_size, checkpoint, log):
 
 
 def train(cfg):
-    """Run one training job described by cfg (a dict from load_config). Returns a summary dict.
+    """Run one training job described by cfg (a dict from load_config).
+
+    Returns {'iter_num', 'train_loss', 'val_loss' (last eval), 'best_val_loss', 'out_dir', 'model'}.
 
     Raises TrainingDiverged when the loss becomes NaN/inf, CheckpointError on a bad checkpoint to resume.
     """
@@ -385,6 +385,7 @@ def _train(cfg, rt):
         restore_rng(checkpoint["rng"], rt, train_batches, log)
         log(f"resuming from {out_dir / CHECKPOINT_NAME} at iter {iter_num} (best val loss {best_val_loss:.4f})")
     checkpoint = None  # free the memory
+    start_iter = iter_num
 
     compile_model = cfg["compile"] if cfg["compile"] is not None else rt.device_type == "cuda"
     if compile_model:
@@ -456,7 +457,7 @@ def _train(cfg, rt):
                     metrics.plot(title)
                 improved = last_losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, last_losses["val"])
-                if iter_num > 0 and (improved or cfg["always_save_checkpoint"]):
+                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):  # not the state just loaded
                     if rt.master:
                         save_checkpoint(out_dir / CHECKPOINT_NAME, make_checkpoint(rng))
                         log(f"saved checkpoint to {out_dir / CHECKPOINT_NAME}")
@@ -511,7 +512,7 @@ def _train(cfg, rt):
     if rt.master:
         metrics.plot(title)
     return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
-            "best_val_loss": best_val_loss, "out_dir": str(out_dir)}
+            "best_val_loss": best_val_loss, "out_dir": str(out_dir), "model": raw_model}
 
 
 def gather_rng(rt, train_batches):

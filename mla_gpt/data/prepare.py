@@ -12,7 +12,6 @@ token ids are stored as uint16 (both vocabularies are below 65536).
 import argparse
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +59,13 @@ def _split(text):
 
 def _write_atomic(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

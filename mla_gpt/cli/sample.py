@@ -1,0 +1,156 @@
+"""Sample from a trained model, streaming tokens as they are generated (latent KV cache).
+
+    python -m mla_gpt.cli.sample --out_dir=out-mla-test
+    python -m mla_gpt.cli.sample --out_dir=out-mla --start="ROMEO:" --num_samples=2 --max_new_tokens=300
+    python -m mla_gpt.cli.sample --out_dir=out-mla --start=FILE:prompt.txt --temperature=0.9 --top_k=50
+
+`--help` lists every key. Samples go to stdout; timings (tokens/s) to stderr.
+"""
+import codecs
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mla_gpt.cli.configurator import ConfigError, help_text, load_config
+from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = field(default="out", metadata={"help": "folder holding ckpt.pt"})
+    start: str = field(default="\n", metadata={"help": "prompt text, or FILE:path to read it from a file"})
+    num_samples: int = field(default=3, metadata={"help": "samples to draw, one after the other"})
+    max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
+    temperature: float = field(default=0.8, metadata={"help": "1.0 as trained, lower is more conservative, 0 greedy"})
+    top_k: Optional[int] = field(default=200, metadata={"help": "sample among the k most likely tokens; None: all"})
+    seed: int = field(default=1337, metadata={"help": "sampling seed"})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"})
+    dtype: str = field(default="auto", metadata={"help": "'auto' (bfloat16 on capable GPUs, float32 on CPU), 'float32', 'bfloat16', 'float16'"})
+    attn_backend: Optional[str] = field(default=None, metadata={"help": "override the checkpoint's attention backend"})
+
+
+class Tokenizer:
+    """encode(str) -> list[int] and a streaming decoder, from the meta stored in the checkpoint."""
+
+    def __init__(self, meta):
+        if meta is None:
+            raise CheckpointError("the checkpoint has no tokenizer meta (trained on data without meta.pkl); "
+                                  "cannot turn text into tokens")
+        self.meta = meta
+        if meta["tokenizer"] == "char":
+            self.stoi, self.itos = meta["stoi"], meta["itos"]
+        elif meta["tokenizer"] == "tiktoken":
+            from mla_gpt.data.prepare import load_tiktoken_encoding
+
+            self.enc = load_tiktoken_encoding(meta["encoding"])
+        else:
+            raise CheckpointError(f"unknown tokenizer {meta['tokenizer']!r} in the checkpoint")
+
+    def encode(self, text):
+        if self.meta["tokenizer"] == "char":
+            unknown = sorted(set(text) - set(self.stoi))
+            if unknown:
+                raise ConfigError(f"start: characters {unknown} are not in the model's vocabulary")
+            return [self.stoi[c] for c in text]
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def stream_decoder(self):
+        """A function token_id -> text to print; BPE bytes are held back until they form whole UTF-8 characters."""
+        if self.meta["tokenizer"] == "char":
+            return lambda token: self.itos[token]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda token: decoder.decode(self.enc.decode_single_token_bytes(token))
+
+
+def read_start(start):
+    """The prompt: literal text, or the contents of a file given as FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):])
+    if not path.is_file():
+        raise ConfigError(f"start: prompt file {str(path)!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def sample(cfg, out=None, err=None):
+    """Draw cfg['num_samples'] samples, writing text to `out` (stdout) as it comes and timings to `err`
+    (stderr). Returns the sample texts, prompt included."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    for key in ("num_samples", "max_new_tokens"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"dtype expects one of auto, {', '.join(dtypes)}; got {dtype!r}")
+
+    checkpoint = load_checkpoint(Path(cfg["out_dir"]) / CHECKPOINT_NAME, map_location="cpu")
+    runtime = {"dropout": 0.0}
+    if cfg["attn_backend"] is not None:
+        runtime["attn_backend"] = cfg["attn_backend"]
+    model = model_from_checkpoint(checkpoint, **runtime)
+    tokenizer = Tokenizer(checkpoint.get("meta"))
+    model.eval().to(device)
+    autocast = nullcontext() if dtypes[dtype] == torch.float32 else torch.amp.autocast(device_type, dtype=dtypes[dtype])
+
+    prompt = read_start(cfg["start"])
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("start: the prompt encodes to no tokens; give at least one character")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
+    torch.manual_seed(cfg["seed"])
+    if device_type == "cuda":
+        torch.cuda.manual_seed(cfg["seed"])
+    texts, total_tokens, total_time = [], 0, 0.0
+    for k in range(cfg["num_samples"]):
+        decode = tokenizer.stream_decoder()
+        pieces = [prompt]
+        out.write(prompt)
+        out.flush()
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast:
+            for token in model.generate_stream(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"]):
+                piece = decode(int(token[0, 0]))
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        dt = time.perf_counter() - t0
+        total_tokens += cfg["max_new_tokens"]
+        total_time += dt
+        texts.append("".join(pieces))
+        out.write("\n---------------\n")
+        out.flush()
+        err.write(f"sample {k + 1}: {cfg['max_new_tokens']} tokens in {dt:.2f} s, {cfg['max_new_tokens'] / dt:.1f} tokens/s\n")
+    err.write(f"{total_tokens} tokens in {total_time:.2f} s: {total_tokens / total_time:.1f} tokens/s "
+              f"(iter {checkpoint['iter_num']} checkpoint, {device}, {dtype})\n")
+    return texts
+
+
+USAGE = "--out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N] [--key=value ...]"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text("python -m mla_gpt.cli.sample", USAGE, SampleConfig))
+        return 0
+    try:
+        sample(load_config(argv, SampleConfig))
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""CPU tests of the train and sample tools, the configurator and the Shakespeare data preparation.
+
+Tiny models (2 layers, 32 wide, block 16) with attn_backend='reference'; float32 on CPU, so a resumed
+run must reproduce an uninterrupted one exactly.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mla_gpt.cli import sample as sample_cli
+from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.configurator import ConfigError, load_config
+from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError, ModelKeys, TrainConfig, TrainingDiverged
+from mla_gpt.data import prepare
+from mla_gpt.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_SLICE = 60_000  # characters of the bundled corpus used by the training tests: enough for block 16
+
+
+def tiny_args(data_dir, out_dir, **overrides):
+    """--key=value arguments of a tiny MLA run (a few seconds on 2 CPU cores)."""
+    settings = dict(
+        data_dir=data_dir, out_dir=out_dir, device="cpu", dtype="float32", compile=False, progress_bar=False,
+        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, dropout=0.1, bias=False,
+        use_mla=True, mla_latent_dim=8, attn_backend="reference",
+        learning_rate=3e-3, max_iters=20, lr_decay_iters=20, warmup_iters=4, min_lr=3e-4,
+        eval_interval=10, eval_iters=2, log_interval=1, seed=7,
+    )
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def run_train(args):
+    return train_cli.train(load_config(args, TrainConfig, ModelKeys))
+
+
+def train_losses(out_dir):
+    records = train_cli.Metrics.read(Path(out_dir) / train_cli.METRICS_NAME)
+    return {r["iter"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """shakespeare_char prepared from the first CORPUS_SLICE characters of the bundled corpus."""
+    directory = tmp_path_factory.mktemp("shakespeare_char")
+    prepare.prepare_char(directory, prepare.CORPUS_PATH.read_text()[:CORPUS_SLICE])
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """out_dir of a finished 20-iteration run and its summary."""
+    out_dir = str(tmp_path_factory.mktemp("out-trained"))
+    return out_dir, run_train(tiny_args(data_dir, out_dir))
+
+
+# ----------------------------------------------------------------------------- configurator
+
+def test_config_file_then_overrides(tmp_path):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text("import math\nbatch_size = 7\nlearning_rate = 1\nn_layer = 3\n_private = 'skipped'\n")
+    cfg = load_config([str(cfg_file), "--n_layer=5", "--use_mla=True", "--mla_latent_dim=32", "--use_svd=True",
+                       "--svd_rank=16", "--compile=None", "--init_from=resume"], TrainConfig, ModelKeys)
+    assert cfg["batch_size"] == 7 and cfg["n_layer"] == 5  # the command line wins over the file
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)  # int accepted for float
+    assert (cfg["use_mla"], cfg["mla_latent_dim"], cfg["use_svd"], cfg["svd_rank"]) == (True, 32, True, 16)
+    assert cfg["compile"] is None and cfg["init_from"] == "resume"
+    assert cfg["block_size"] == 1024 and cfg["vocab_size"] is None  # defaults fill the rest
+
+
+@pytest.mark.parametrize(
+    "file_text, argv, message",
+    [
+        (None, ["--batch_sise=4"], r"unknown key 'batch_sise'; did you mean batch_size"),
+        (None, ["--mla_latent=4"], r"did you mean mla_latent_dim"),
+        ("learnin_rate = 1e-3\n", [], r"cfg\.py: unknown key 'learnin_rate'; did you mean learning_rate"),
+        (None, ["--batch_size=abc"], r"batch_size expects int, got 'abc'"),
+        (None, ["--use_mla=maybe"], r"use_mla expects bool, got 'maybe'"),
+        (None, ["--mla_latent_dim=1.5"], r"mla_latent_dim expects int or None"),
+        ("batch_size = '12'\n", [], r"batch_size expects int, got '12' \(str\)"),
+        ("dropout = True\n", [], r"dropout expects float, got True \(bool\)"),
+        ("batch_size = (\n", [], r"failed to run: SyntaxError"),
+        (None, ["--batch_size"], r"must be written --key=value"),
+        (None, ["missing_config.py"], r"config file 'missing_config.py' does not exist"),
+    ],
+    ids=["typo-cli", "typo-model-key", "typo-file", "int-cli", "bool-cli", "optional-int-cli", "int-file",
+         "float-file", "syntax-error", "no-value", "missing-file"],
+)
+def test_config_errors(tmp_path, monkeypatch, file_text, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if file_text is not None:
+        (tmp_path / "cfg.py").write_text(file_text)
+        argv = ["cfg.py", *argv]
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, TrainConfig, ModelKeys)
+
+
+def test_help_lists_every_key(capsys):
+    assert train_cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in load_config([], TrainConfig, ModelKeys):
+        assert f"--{name}=" in text, name
+    assert "--learning_rate=0.0006" in text and "--use_mla=False" in text
+
+
+def test_cli_reports_config_error(capsys):
+    assert train_cli.main(["--max_iter=10"]) == 2
+    assert "unknown key 'max_iter'; did you mean max_iters" in capsys.readouterr().err
+
+
+def test_shipped_configs_load():
+    for name in ("train_shakespeare_char", "train_mla_test", "train_mla_custom"):
+        cfg = load_config([str(REPO / "config" / f"{name}.py")], TrainConfig, ModelKeys)
+        assert cfg["out_dir"] and cfg["dataset"] == "shakespeare_char"
+    assert cfg["use_svd"] and cfg["svd_rank"] == 32 and cfg["mla_latent_dim"] == 192
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_prepare_char_round_trip(tmp_path):
+    text = prepare.CORPUS_PATH.read_text()
+    meta = prepare.prepare_char(tmp_path)
+    ids = np.concatenate([np.fromfile(tmp_path / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert "".join(meta["itos"][int(i)] for i in ids) == text
+    assert meta == prepare.load_meta(tmp_path) and meta["vocab_size"] == len(set(text))
+    assert os.path.getsize(tmp_path / "train.bin") // 2 == int(len(text) * prepare.TRAIN_FRACTION)
+
+
+def tiny_encoding():
+    """An offline tiktoken encoding: the 256 single bytes plus a few merges."""
+    import tiktoken
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in (b"th", b"he", b"the", b"an", b"in", b"er"):
+        ranks[word] = len(ranks)
+    return tiktoken.Encoding(name="tiny_test", pat_str=r"\s?\w+|\s?[^\w\s]+|\s+", mergeable_ranks=ranks, special_tokens={})
+
+
+def test_prepare_bpe_round_trip(tmp_path):
+    enc = tiny_encoding()
+    text = prepare.CORPUS_PATH.read_text()[:20_000] + "caf\u00e9 \u2014 ok\n"  # non-ASCII survives too
+    meta = prepare.prepare_bpe(tmp_path, text=text, encoding=enc)
+    train_ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist()
+    val_ids = np.fromfile(tmp_path / "val.bin", dtype=np.uint16).tolist()
+    assert enc.decode(train_ids + val_ids) == text
+    assert len(train_ids) + len(val_ids) < len(text.encode())  # the merges compress
+    assert meta == {"tokenizer": "tiktoken", "encoding": "tiny_test", "vocab_size": enc.n_vocab}
+
+
+def test_bpe_without_tokenizer_files_explains_cache_dir(tmp_path, monkeypatch):
+    import tiktoken.load
+
+    def offline(blobpath):
+        raise ConnectionError(f"no network for {blobpath}")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.delitem(__import__("tiktoken.registry").registry.ENCODINGS, "gpt2", raising=False)
+    with pytest.raises(RuntimeError, match=r"(?s)could not load the tiktoken encoding 'gpt2'.*TIKTOKEN_CACHE_DIR"):
+        prepare.prepare_bpe(tmp_path / "bpe", text="hello")
+    with pytest.raises(ValueError, match=r"encoding='nope' is not a tiktoken encoding"):
+        prepare.load_tiktoken_encoding("nope")
+
+
+def test_ensure_prepared_runs_once_with_one_line(tmp_path):
+    messages = []
+    data_dir = prepare.ensure_prepared("shakespeare_char", tmp_path / "d", log=messages.append)
+    assert len(messages) == 1 and "preparing shakespeare_char" in messages[0]
+    assert all((data_dir / name).exists() for name in ("train.bin", "val.bin", "meta.pkl"))
+    prepare.ensure_prepared("shakespeare_char", data_dir, log=messages.append)
+    assert len(messages) == 1  # already prepared: silent
+    with pytest.raises(ValueError, match=r"dataset='owt' has no bundled preparation"):
+        prepare.ensure_prepared("owt")
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_short_run_loss_falls(trained):
+    out_dir, summary = trained
+    losses = train_losses(out_dir)
+    assert sorted(losses) == list(range(20))
+    assert np.mean([losses[i] for i in range(17, 20)]) < np.mean([losses[i] for i in range(3)]) - 0.5
+    evals = [r for r in train_cli.Metrics.read(Path(out_dir) / train_cli.METRICS_NAME) if r["kind"] == "eval"]
+    assert [r["iter"] for r in evals] == [0, 10, 20] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert summary["iter_num"] == 20 and summary["val_loss"] == evals[-1]["val_loss"]
+    assert (Path(out_dir) / train_cli.PLOT_NAME).stat().st_size > 0
+    checkpoint = train_cli.load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    assert checkpoint["iter_num"] == 20 and checkpoint["model_args"]["use_mla"] is True
+    assert set(checkpoint["rng"][0]) == {"torch", "cuda", "numpy", "python", "sampler"}
+
+
+def test_log_line_format(data_dir, tmp_path, capsys):
+    assert train_cli.main(tiny_args(data_dir, str(tmp_path), max_iters=2, eval_interval=2)) == 0
+    out = capsys.readouterr().out
+    assert "step 0: train loss" in out
+    assert any(line.startswith("iter 1: loss ") and ", time " in line and "ms, tok/s " in line and ", mfu " in line
+               for line in out.splitlines())
+
+
+def test_resume_equals_uninterrupted(data_dir, trained, tmp_path):
+    straight_dir, straight = trained
+    run_train(tiny_args(data_dir, str(tmp_path), max_iters=10))  # "interrupted" after the iter-10 checkpoint
+    resumed = run_train(tiny_args(data_dir, str(tmp_path), init_from="resume"))
+    assert train_losses(tmp_path) == train_losses(straight_dir)  # exact, iterations 0..19
+    assert resumed["val_loss"] == straight["val_loss"]
+    for p, q in zip(resumed["model"].parameters(), straight["model"].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, trained, tmp_path, monkeypatch):
+    _, _ = trained
+    run_train(tiny_args(data_dir, str(tmp_path), max_iters=10))
+    ckpt = tmp_path / CHECKPOINT_NAME
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        return logits, (loss * float("nan") if self.training and loss is not None else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at iter 10; stopping.*last good checkpoint"):
+        run_train(tiny_args(data_dir, str(tmp_path), init_from="resume"))
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 not really a checkpoint")
+    assert train_cli.main(tiny_args(data_dir, str(tmp_path), init_from="resume")) == 2
+    assert "is corrupt or unreadable" in capsys.readouterr().err
+    torch.save({"weights": torch.zeros(2)}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=r"not an mla_gpt checkpoint \(missing format, model, model_args"):
+        train_cli.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at"):
+        run_train(tiny_args(data_dir, str(tmp_path / "empty"), init_from="resume"))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_args(out_dir, **overrides):
+    settings = dict(out_dir=out_dir, device="cpu", num_samples=2, max_new_tokens=40, seed=3, start="ROMEO:")
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def test_checkpoint_to_sample(trained, tmp_path, capsys):
+    out_dir, _ = trained
+    assert sample_cli.main(sample_args(out_dir)) == 0
+    captured = capsys.readouterr()
+    samples = captured.out.split("\n---------------\n")[:-1]
+    assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 40 for s in samples)
+    assert "tokens/s" in captured.err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("HAMLET:\n")
+    texts = sample_cli.sample(load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig))
+    again = sample_cli.sample(load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig))
+    assert texts == again and texts[0].startswith("HAMLET:\n")  # seeded
+
+
+def test_sample_errors(trained, tmp_path, capsys):
+    out_dir, _ = trained
+    assert sample_cli.main(sample_args(str(tmp_path / "none"))) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    checkpoint = train_cli.load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    checkpoint["model_args"]["n_embd"] = 48  # weights no longer fit the described model
+    torch.save(checkpoint, tmp_path / CHECKPOINT_NAME)
+    assert sample_cli.main(sample_args(str(tmp_path))) == 2
+    assert "checkpoint weights do not fit the model" in capsys.readouterr().err
+    assert sample_cli.main(sample_args(out_dir, start="\u00e9t\u00e9")) == 2
+    assert "not in the model's vocabulary" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- DDP
+
+DDP_WRAPPER = """
+import os, sys, torch
+from mla_gpt.cli.configurator import load_config
+from mla_gpt.cli.train import ModelKeys, TrainConfig, train
+summary = train(load_config(sys.argv[1:], TrainConfig, ModelKeys))
+flat = torch.cat([p.detach().flatten() for p in summary["model"].parameters()]).double()
+with open(os.path.join(summary["out_dir"], f"checksum-rank{os.environ['RANK']}.txt"), "w") as f:
+    f.write(repr((flat.sum().item(), flat.abs().sum().item(), flat.square().sum().item())))
+"""
+
+
+def test_ddp_gloo_two_processes_keep_replicas_identical(data_dir, tmp_path):
+    wrapper = tmp_path / "ddp_train.py"
+    wrapper.write_text(DDP_WRAPPER)
+    out_dir = tmp_path / "out"
+    args = tiny_args(data_dir, str(out_dir), max_iters=6, eval_interval=3, gradient_accumulation_steps=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checksums = [(out_dir / f"checksum-rank{r}.txt").read_text() for r in range(2)]
+    assert checksums[0] == checksums[1]
+    assert "tokens per iteration: 256 (2 process(es) x 1 micro-steps" in result.stdout
+    assert train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)["iter_num"] == 6
+    assert len(train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)["rng"]) == 2
