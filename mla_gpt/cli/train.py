@@ -84,6 +84,26 @@ class ModelKeys(GPTConfig):
         """Values are checked by the configurator here and by GPTConfig when the model is built."""
 
 
+MODEL_KEY_HELP = {
+    "block_size": "context length in tokens",
+    "vocab_size": "None -> from the dataset's meta.pkl (50304 without one)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "n_embd": "model width",
+    "dropout": "dropout probability",
+    "bias": "biases in Linear and LayerNorm layers",
+    "use_mla": "Multi-Head Latent Attention instead of standard attention",
+    "mla_latent_dim": "latent width r; None -> head size // 2",
+    "mla_kv_groups": "latent groups g; None -> n_head",
+    "mla_joint_kv": "one latent for K and V (DeepSeek-V2 style)",
+    "use_svd": "SVD compression of the value latents (needs use_mla)",
+    "svd_rank": "kept rank; None -> full",
+    "svd_mode": "'weight' (causal, cached) or 'activation' (per sequence, not causal)",
+    "attn_backend": "'auto' (Triton on CUDA, reference on CPU), 'triton', 'reference'",
+    "mla_path": "'auto' (cost model), 'absorbed', 'expanded'",
+}
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left in place."""
 
@@ -342,18 +362,13 @@ def _train(cfg, rt):
 
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
-    tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * cfg["block_size"]
-    log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
-        f"{cfg['batch_size']} x {cfg['block_size']}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}")
 
-    # data: prepared by rank 0, the others wait for it
-    if rt.master:
-        data_dir = ensure_prepared(cfg["dataset"], cfg["data_dir"] or None, cfg["encoding"], log=log)
-    if rt.ddp:
-        holder = [str(data_dir) if rt.master else None]
-        dist.broadcast_object_list(holder, src=0)
-        data_dir = Path(holder[0])
+    # data: prepared by the first process of each node, the others wait for it
+    if rt.ddp and rt.local_rank != 0:
+        dist.barrier()
+    data_dir = ensure_prepared(cfg["dataset"], cfg["data_dir"] or None, cfg["encoding"], log=log)
+    if rt.ddp and rt.local_rank == 0:
+        dist.barrier()
     meta = load_meta(data_dir)
     vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
 
@@ -369,6 +384,10 @@ def _train(cfg, rt):
     model, model_args = build_model(cfg, model_keys, vocab_size, checkpoint, log)
     model.to(rt.device)
     block_size = model_args["block_size"]
+    grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
+    tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * block_size
+    log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
+        f"{cfg['batch_size']} x {block_size}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}")
     train_batches = Batches(data_dir / "train.bin", cfg["batch_size"], block_size, rt.device, seed)
     # eval batches come from their own generator, reseeded per eval: every eval scores the same windows
     eval_batches = {split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
@@ -553,7 +572,7 @@ USAGE = "CONFIG.py [CONFIG.py ...] [--key=value ...]"
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text("python -m mla_gpt.cli.train", USAGE, TrainConfig, ModelKeys))
+        print(help_text("python -m mla_gpt.cli.train", USAGE, TrainConfig, ModelKeys, extra_help=MODEL_KEY_HELP))
         return 0
     try:
         cfg = load_config(argv, TrainConfig, ModelKeys)
