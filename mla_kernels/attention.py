@@ -351,6 +351,8 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
     limit = 64 * 64 if widest >= 256 else (64 * 128 if widest >= 128 else 128 * 128)
+    if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
+        limit = 64 * 32
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
     return kept if _autotuning() else kept[:1]
 
