@@ -169,6 +169,16 @@ def test_bpe_without_tokenizer_files_explains_cache_dir(tmp_path, monkeypatch):
         prepare.load_tiktoken_encoding("nope")
 
 
+def test_train_on_bpe_data_takes_vocab_from_meta(tmp_path):
+    enc = tiny_encoding()
+    prepare.prepare_bpe(tmp_path / "bpe", text=prepare.CORPUS_PATH.read_text()[:20_000], encoding=enc)
+    args = tiny_args(str(tmp_path / "bpe"), str(tmp_path / "out"), dataset="shakespeare", encoding="tiny_test",
+                     max_iters=2, eval_interval=2)
+    summary = run_train(args)
+    assert summary["model"].config.vocab_size == enc.n_vocab
+    assert train_cli.load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME)["meta"]["encoding"] == "tiny_test"
+
+
 def test_ensure_prepared_runs_once_with_one_line(tmp_path):
     messages = []
     data_dir = prepare.ensure_prepared("shakespeare_char", tmp_path / "d", log=messages.append)
@@ -204,11 +214,21 @@ def test_log_line_format(data_dir, tmp_path, capsys):
                for line in out.splitlines())
 
 
-def test_resume_equals_uninterrupted(data_dir, trained, tmp_path):
-    straight_dir, straight = trained
-    run_train(tiny_args(data_dir, str(tmp_path), max_iters=10))  # "interrupted" after the iter-10 checkpoint
-    resumed = run_train(tiny_args(data_dir, str(tmp_path), init_from="resume"))
-    assert train_losses(tmp_path) == train_losses(straight_dir)  # exact, iterations 0..19
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"use_svd": True, "svd_rank": 4}, {"use_mla": False, "dropout": 0.0}],
+    ids=["mla-dropout", "mla-svd4", "standard"],
+)
+def test_resume_equals_uninterrupted(data_dir, trained, tmp_path, variant):
+    if variant:
+        straight_dir = str(tmp_path / "straight")
+        straight = run_train(tiny_args(data_dir, straight_dir, **variant))
+    else:
+        straight_dir, straight = trained
+    resumed_dir = tmp_path / "resumed"
+    run_train(tiny_args(data_dir, str(resumed_dir), max_iters=10, **variant))  # "interrupted" after the iter-10 checkpoint
+    resumed = run_train(tiny_args(data_dir, str(resumed_dir), init_from="resume", **variant))
+    assert train_losses(resumed_dir) == train_losses(straight_dir)  # exact, iterations 0..19
     assert resumed["val_loss"] == straight["val_loss"]
     for p, q in zip(resumed["model"].parameters(), straight["model"].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
