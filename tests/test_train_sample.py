@@ -169,6 +169,15 @@ def test_bpe_without_tokenizer_files_explains_cache_dir(tmp_path, monkeypatch):
         prepare.load_tiktoken_encoding("nope")
 
 
+def test_read_only_package_dir_falls_back_to_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PACKAGE_DIR", tmp_path / "read-only")
+    monkeypatch.setattr(prepare, "_writable", lambda directory: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    messages = []
+    assert prepare.default_data_dir("shakespeare_char", log=messages.append) == tmp_path / "cache" / "mla_gpt" / "shakespeare_char"
+    assert len(messages) == 1 and "is not writable; using" in messages[0]
+
+
 def test_train_on_bpe_data_takes_vocab_from_meta(tmp_path):
     enc = tiny_encoding()
     prepare.prepare_bpe(tmp_path / "bpe", text=prepare.CORPUS_PATH.read_text()[:20_000], encoding=enc)

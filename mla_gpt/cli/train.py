@@ -358,7 +358,10 @@ def _train(cfg, rt):
 
     def log(message):
         if rt.master:
-            (bar.write if bar is not None else print)(message)
+            if bar is not None:
+                bar.write(message)
+            else:
+                print(message, flush=True)  # flushed: logs piped to a file show up as they come
 
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
