@@ -40,56 +40,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start, hi, q_pos, offs_dk, offs_dv, D_K, D_V,
-                 stride_kl, stride_vl, sm_scale_log2,
-                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 JOINT: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """Online-softmax update with one latent tile of keys [start, start + BLOCK_N).
-
-    MASK_N: the tile may run past `hi` (the split's or row's end): mask its loads and scores.
-    EVEN_D: the latent dims equal their padded blocks, so no column mask is needed.
-    Returns the updated (acc (BLOCK_M, BLOCK_DV) fp32, l_i, m_i (BLOCK_M,) fp32, base 2).
-    """
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_dk[None, :]
-    if MASK_N:
-        n_ok = offs_n < hi
-        k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)  # (BLOCK_N, BLOCK_DK)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
-    else:
-        s = tl.dot(q, tl.trans(k))
-    visible = offs_n[None, :] <= q_pos[:, None]  # causal among the new tokens; q_pos < row length
-    if MASK_N:
-        visible = visible & n_ok[None, :]
-    s = tl.where(visible, s * sm_scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if JOINT:
-        v = k  # V is the first rv = r columns of the same latent tile: one read serves both
-    else:
-        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_dv[None, :]
-        if MASK_N:
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
-        elif EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < D_V, other=0.0)
-    if IEEE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _decode_partial_kernel(
     Q, K, V, SEQLENS, O, LSE,
     sm_scale_log2,
@@ -102,7 +52,7 @@ def _decode_partial_kernel(
     HPG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     """One (row, group, query block, split): online softmax over its KV chunk.
 
@@ -142,13 +92,32 @@ def _decode_partial_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N  # whole tiles need no row mask; at most one tail tile
-    for start in range(lo, hi_full, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start, hi, q_pos, offs_dk, offs_dv, D_K, D_V,
-                                     stride_kl, stride_vl, sm_scale_log2, BLOCK_N, False, EVEN_D, JOINT, IEEE_DOT)
-    if hi_full < hi:
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, hi_full, hi, q_pos, offs_dk, offs_dv, D_K,
-                                     D_V, stride_kl, stride_vl, sm_scale_log2, BLOCK_N, True, EVEN_D, JOINT, IEEE_DOT)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_dk[None, :],
+                    mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DK)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if JOINT:
+            v = k  # V is the first rv = r columns of the same latent tile: one read serves both
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :],
+                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -353,8 +322,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         *o_strides, *l_strides,
         nh, g, Tq, r, rv, num_splits, m_blocks,
     )
-    meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                EVEN_D=block_dk == r and block_dv == rv, JOINT=joint, SPLIT=split,
+    meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
                 IEEE_DOT=q_lat.dtype == torch.float32)
     if _interpreting():
         _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
