@@ -36,7 +36,8 @@ from mla_kernels import reference
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs >= 16 along K; 256 bounds registers
+MIN_TILE_DIM = 16  # tl.dot needs >= 16 along K: narrower head dims are padded and masked
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
 tl = None  # triton.language, bound by `_kernels()` on the first launch
 
 
@@ -46,7 +47,7 @@ def _interpreting():
 
 def _pad(d):
     """Head dim padded to the power of two the kernels tile with (masked beyond d)."""
-    return max(MIN_HEAD_DIM, 1 << (d - 1).bit_length())
+    return max(MIN_TILE_DIM, 1 << (d - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -582,7 +583,7 @@ def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False
     """Causal flash attention with grouped KV heads and separate qk / v head dims.
 
     q: (B, Tq, nh, Dqk); k: (B, Tk, g, Dqk); v: (B, Tk, g, Dv); nh % g == 0, head h reads KV
-      head h // (nh // g). Head dims 16..256, any (non-power-of-two dims are padded inside).
+      head h // (nh // g). Head dims 1..256, any (padded inside to a power of two >= 16, masked).
       float16 / bfloat16 (float32 accumulation) or float32; other dtypes use the reference.
     softmax_scale: defaults to 1 / sqrt(Dqk).
     q_offset: position of query 0 among the keys, query i sees keys j <= q_offset + i;

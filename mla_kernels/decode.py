@@ -31,7 +31,8 @@ _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned 
 MAX_BLOCK_M = 64  # packed (head, query) rows per program; more rows go to more programs
 MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 MAX_LATENT_DIM = 576  # DeepSeek-V2's joint latent (512 + 64 rope dims), the widest supported
-MIN_LATENT_DIM = 16
+MIN_LATENT_DIM = 1
+MIN_TILE_DIM = 16  # tl.dot needs >= 16 along K: narrower latents are padded and masked
 MIN_SPLIT_TOKENS = 256  # a KV split shorter than this costs more in merging than it saves
 MAX_SPLITS = 128  # about one program per multiprocessor from splits alone; bounds the merge's work
 MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
@@ -310,8 +311,8 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         o_strides = (*out.stride()[:3], 0)
         l_strides = (*lse.stride(), 0)
 
-    block_dk = max(triton.next_power_of_2(r), MIN_LATENT_DIM)
-    block_dv = block_dk if joint else max(triton.next_power_of_2(rv), MIN_LATENT_DIM)
+    block_dk = max(triton.next_power_of_2(r), MIN_TILE_DIM)
+    block_dv = block_dk if joint else max(triton.next_power_of_2(rv), MIN_TILE_DIM)
     grid = (num_splits, B * g * m_blocks)
     args = (
         q_lat, cache_k, v, seqlens, o_dst, l_dst,
@@ -374,7 +375,7 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
       tokens). Slots at or beyond cache_seqlens[b] are never read.
     softmax_scale: multiplies q'.c^k; for MLA this is 1 / sqrt(hs), not 1 / sqrt(r).
     num_splits: KV splits per row; None lets `num_splits_heuristic` choose.
-    Latent dims 16..576, any value (padded to a power of two and masked); last dims
+    Latent dims 1..576, any value (padded to a power of two and masked); last dims
     must be contiguous (others are copied first).
     Returns o_lat (B, Tq, nh, rv) in q_lat's dtype and logsumexp (B, nh, Tq) float32,
     natural log, as `mla_kernels.reference.latent_decode_ref`.

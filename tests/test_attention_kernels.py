@@ -39,6 +39,7 @@ CORE_CASES = [
     (1, 64, 4, 4, 32, 48, 0, None, F32),  # separate K / V latent widths
     (2, 17, 4, 1, 24, 64, 30, 11, F32),  # explicit offset: a chunk in the middle of the keys
     (1, 77, 6, 2, 64, 16, 17, 0, F16),  # top-left aligned although Tk > Tq
+    (2, 33, 4, 2, 8, 12, 0, None, F32),  # head dims narrower than a tile: padded to 16 and masked
 ]
 
 
@@ -202,12 +203,12 @@ def test_compiles_without_graph_break():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(q=(1, 8, 6, 16), k=(1, 8, 4, 16)), ValueError, "multiple of KV heads"),
-    (dict(q=(1, 8, 4, 8), k=(1, 8, 4, 8)), ValueError, "head dim must be in"),
+    (dict(q=(1, 8, 4, 0), k=(1, 8, 4, 0)), ValueError, "head dim must be in"),
     (dict(q=(1, 8, 4, 300), k=(1, 8, 4, 300)), ValueError, "head dim must be in"),
     (dict(q=(1, 8, 4, 16), k=(1, 8, 4, 32)), ValueError, "k head dim"),
     (dict(q=(1, 9, 4, 16), k=(1, 8, 4, 16)), ValueError, "q_offset must be >= 0"),
     (dict(q=(1, 8, 16), k=(1, 8, 4, 16)), ValueError, "q must have 4 dims"),
-], ids=["heads", "dim8", "dim300", "dk-mismatch", "Tq>Tk", "ndim"])
+], ids=["heads", "dim0", "dim300", "dk-mismatch", "Tq>Tk", "ndim"])
 def test_flash_attention_rejects_bad_input(kwargs, error, match):
     q, k = torch.randn(kwargs["q"]), torch.randn(kwargs["k"])
     with pytest.raises(error, match=match):

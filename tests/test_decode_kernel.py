@@ -12,7 +12,7 @@ from mla_kernels.reference import latent_decode_ref
 SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
 L_CACHE = 320  # cache capacity; the longest row uses 300, so every row has NaN-filled slots
 
-# (B, Tq, nh, g, r, rv, joint, num_splits): g in {nh, 2, 1}, dims {16, 24, 64, 96}, rv != r too
+# (B, Tq, nh, g, r, rv, joint, num_splits): g in {nh, 2, 1}, dims {8, 16, 24, 64, 96}, rv != r too
 CASES = [
     (3, 1, 4, 4, 16, 16, False, 1),
     (3, 1, 4, 2, 24, 24, False, 3),
@@ -21,6 +21,7 @@ CASES = [
     (3, 2, 4, 2, 64, 24, False, 2),
     (3, 4, 4, 4, 96, 96, False, 5),
     (3, 4, 32, 1, 16, 16, True, 2),  # 32 heads x 4 queries = 128 packed rows: two query blocks
+    (3, 1, 4, 2, 8, 12, False, 2),  # latents narrower than a tile: padded to 16 and masked
 ]
 TOLS = [(torch.float32, 2e-5, 2e-5), (torch.float16, 3e-3, 3e-3)]
 
@@ -140,7 +141,8 @@ def test_fewer_cached_than_new_tokens():
 
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda a: {**a, "cache_k": a["cache_k"][:1]}, ValueError, "cache_k"),
-    (lambda a: {**a, "cache_k": a["cache_k"][..., :8], "q_lat": a["q_lat"][..., :8]}, ValueError, "16..576"),
+    (lambda a: {**a, "cache_k": torch.randn(2, 32, 2, 600), "q_lat": torch.randn(2, 1, 4, 600)}, ValueError,
+     "1..576"),
     (lambda a: {**a, "cache_v": a["cache_v"][:, :5]}, ValueError, "cache_v"),
     (lambda a: {**a, "q_lat": a["q_lat"][:, :, :3]}, ValueError, "multiple"),
     (lambda a: {**a, "cache_k": a["cache_k"].half()}, TypeError, "cache_k"),
