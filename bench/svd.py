@@ -74,7 +74,8 @@ def providers(rank):
 
 
 def check_correctness(device):
-    """Float32 and bf16 kernels against the float64 reference with the same generator."""
+    """Float32 and bf16 kernels against the reference (Householder QR, SVD of B) with the same Omega;
+    errors are measured in float64."""
     rows = []
     for batch, m, n, rank in SHAPES + [(3, 77, 48, 8)]:
         for dtype in (torch.float32, torch.bfloat16):
@@ -83,17 +84,18 @@ def check_correctness(device):
             A, _ = make_matrix(batch, m, n, device, seed=batch + m + n)
             A = A.to(dtype)
             U, S, Vh = svd.randomized_svd(A, rank, generator=torch.Generator(device=device).manual_seed(0))
-            Ur, Sr, Vhr = randomized_svd_ref(A.double(), rank, generator=torch.Generator(device=device).manual_seed(0))
+            # float32 reference: the same Omega (a float64 draw from the same seed differs)
+            Ur, Sr, Vhr = randomized_svd_ref(A.float(), rank, generator=torch.Generator(device=device).manual_seed(0))
             eye = torch.eye(rank, device=device, dtype=torch.float64)
             row = dict(
                 shape=f"{batch}x{m}x{n}", rank=rank, dtype=str(dtype).replace("torch.", ""),
                 finite=bool(torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()),
                 s_rel_diff=float(((S.double() - Sr) / Sr[..., :1]).abs().max()),
-                err=rel_error(A, U, S, Vh), err_ref64=rel_error(A, Ur, Sr, Vhr),
+                err=rel_error(A, U, S, Vh), err_ref=rel_error(A, Ur, Sr, Vhr),
                 u_orth=float((U.double().mT @ U.double() - eye).abs().max()),
                 v_orth=float((Vh.double() @ Vh.double().mT - eye).abs().max()),
             )
-            row["ok"] = bool(row["finite"] and row["s_rel_diff"] < 1e-3 and row["err"] <= 1.001 * row["err_ref64"] + 1e-5
+            row["ok"] = bool(row["finite"] and row["s_rel_diff"] < 1e-3 and row["err"] <= 1.001 * row["err_ref"] + 1e-5
                              and row["u_orth"] < 1e-4 and row["v_orth"] < 1e-4)
             print("check", row, flush=True)
             rows.append(row)

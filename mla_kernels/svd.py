@@ -61,14 +61,14 @@ def _gram_factor(G, l, drop_tol, LP: tl.constexpr):
     cols = tl.arange(0, LP)[None, :]
     vec_r = tl.arange(0, LP)
     eye = rows == cols
-    T = tl.where(eye, 1.0, 0.0).to(tl.float64)  # (LP, LP)
+    T = tl.where(eye & (rows < l), 1.0, 0.0).to(tl.float64)  # (LP, LP), zero beyond l
     threshold = drop_tol * tl.max(tl.sum(tl.where(eye, G, 0.0), axis=1))
     kept = 0
-    for j in range(LP):
+    for j in range(l):
         g_r = tl.sum(tl.where(cols == j, G, 0.0), axis=1)  # (LP,) G[:, j] along rows
         g_c = tl.sum(tl.where(rows == j, G, 0.0), axis=0)  # (LP,) G[j, :] along columns
         pivot = tl.sum(tl.where(vec_r == j, g_r, 0.0))
-        keep = (pivot > threshold) & (j < l)
+        keep = pivot > threshold
         s = tl.where(keep, 1.0 / tl.sqrt(tl.where(keep, pivot, 1.0)), 0.0)
         kept += keep.to(tl.int32)
         scale_r = tl.where(vec_r == j, s, 1.0)  # (LP,)
