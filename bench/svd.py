@@ -123,18 +123,34 @@ def bench_shapes(device):
 
 
 def bench_breakdown(device):
-    """Where the time of the (96, 1024, 64) rank-16 call goes: the fused range finder, eigh, the rest."""
+    """Where the time goes: (96, 1024, 64) rank 16 (fused range finder, eigh, the small SVD with
+    its glue, the input check) and (1, 4096, 4096) rank 256 (one product, one torch Cholesky-QR2,
+    the range finder, the small SVD, eigh)."""
     batch, m, n, rank = SHAPES[0]
     A, _ = make_matrix(batch, m, n, device, seed=2)
     l = rank + OVERSAMPLE
     omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd._sketch_pad(l) - l))
-    gram = svd._range_fused(A, omega, l, N_ITER)[2]
+    Q, Z, gram, _ = svd._range_fused(A, omega, l, N_ITER)
     out = dict(
         fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
         eigh_fp64_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l])),
         eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l].float())),
+        small_svd_ms=bench_ms(lambda: svd._small_svd(Q, Z, gram, l, rank)),
         isfinite_check_ms=bench_ms(lambda: bool(torch.isfinite(A).all())),
         total_ms=bench_ms(lambda: svd.randomized_svd(A, rank)),
+    )
+    batch, m, n, rank = SHAPES[2]
+    A, _ = make_matrix(batch, m, n, device, seed=3)
+    l = rank + OVERSAMPLE
+    omega = torch.randn(n, l, device=device)
+    Q, Z, gram, _ = svd._range_tiled(A, omega, l, N_ITER)
+    out.update(
+        big_products_ms=bench_ms(lambda: svd._bmm(A, omega[None], transpose_a=False)),
+        big_torch_cholqr2_ms=bench_ms(lambda: svd._orth_tiled(Q, l)),
+        big_range_finder_ms=bench_ms(lambda: svd._range_tiled(A, omega, l, N_ITER)),
+        big_small_svd_ms=bench_ms(lambda: svd._small_svd(Q, Z, gram, l, rank)),
+        big_eigh_fp64_ms=bench_ms(lambda: torch.linalg.eigh(gram)),
+        big_eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram.float())),
     )
     print("breakdown", out, flush=True)
     return out

@@ -300,6 +300,19 @@ def _householder_rsvd(A, omega, rank, n_iter):
     return (Q @ U_small)[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
+def _small_svd(Q, Z, gram, l, rank):
+    """Rayleigh-Ritz on the sketch: eigh of M = B B^T (torch.linalg, float64), U = Q V,
+    Vh = diag(1 / S) V^T B. Q (b, m, >= l), Z = B^T (b, n, >= l), gram (b, >= l, >= l)."""
+    lam, V = torch.linalg.eigh(gram[:, :l, :l])  # ascending, float64
+    lam = lam.flip(-1)[:, :rank]  # (b, rank) descending
+    V = V.flip(-1)[:, :, :rank].float()  # (b, l, rank)
+    S = lam.clamp_min(0).sqrt().float()  # (b, rank)
+    U = Q[:, :, :l] @ V  # (b, m, rank)
+    inv_s = torch.where(S > 0, 1.0 / S, torch.zeros_like(S))
+    Vh = (Z[:, :, :l] @ V).mT * inv_s[:, :, None]  # (b, rank, n)
+    return U, S, Vh
+
+
 def _validate(A, rank, oversample, n_iter, name):
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
@@ -344,13 +357,7 @@ def _randomized_svd(A, rank, oversample, n_iter, generator, name):
         Q, Z, gram, kept = _range_fused(A3, omega, l, n_iter)
     else:
         Q, Z, gram, kept = _range_tiled(A3, omega, l, n_iter)
-    lam, V = torch.linalg.eigh(gram[:, :l, :l])  # ascending, float64
-    lam = lam.flip(-1)[:, :rank]  # (b, rank) descending
-    V = V.flip(-1)[:, :, :rank].float()  # (b, l, rank)
-    S = lam.clamp_min(0).sqrt().float()  # (b, rank)
-    U = Q[:, :, :l] @ V  # (b, m, rank)
-    inv_s = torch.where(S > 0, 1.0 / S, torch.zeros_like(S))
-    Vh = (Z[:, :, :l] @ V).mT * inv_s[:, :, None]  # (b, rank, n)
+    U, S, Vh = _small_svd(Q, Z, gram, l, rank)
     deficient = kept < rank
     if bool(deficient.any()):
         idx = deficient.nonzero()[:, 0]
