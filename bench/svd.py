@@ -139,6 +139,22 @@ def bench_breakdown(device):
         isfinite_check_ms=bench_ms(lambda: bool(torch.isfinite(A).all())),
         total_ms=bench_ms(lambda: svd.randomized_svd(A, rank)),
     )
+    defaults = svd._GRAM_FP64, svd._FACTOR_WARPS
+    for gram64 in (True, False):  # variants of the fused kernel: Gram products' precision, warps
+        for warps in (2, 4, 8):
+            svd._GRAM_FP64, svd._FACTOR_WARPS = gram64, warps
+            out[f"fused_gram{64 if gram64 else 32}_w{warps}_ms"] = bench_ms(
+                lambda: svd._range_fused(A, omega, l, N_ITER))
+    svd._GRAM_FP64, svd._FACTOR_WARPS = defaults
+    batch, m, n, rank = SHAPES[1]  # 12 matrices: one program each (fused) or tiled launches
+    A, _ = make_matrix(batch, m, n, device, seed=4)
+    l = rank + OVERSAMPLE
+    omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd._sketch_pad(l) - l))
+    out.update(
+        mid_fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
+        mid_tiled_range_finder_ms=bench_ms(lambda: svd._range_tiled(A, omega, l, N_ITER)),
+        mid_cholqr2_kernel_ms=bench_ms(lambda: svd._orth_tiled(torch.randn(batch, m, omega.shape[1], device=device), l)),
+    )
     batch, m, n, rank = SHAPES[2]
     A, _ = make_matrix(batch, m, n, device, seed=3)
     l = rank + OVERSAMPLE

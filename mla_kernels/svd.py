@@ -46,6 +46,8 @@ _MAX_KERNEL_SKETCH = 64  # largest sketch width whose l x l fp64 tiles the kerne
 _FUSED_MAX_ELEMENTS = 1 << 20  # one program streams a matrix of up to 4 MB (fp32) 2 + 4 n_iter times
 _DROP_TOL = (64 * torch.finfo(torch.float32).eps) ** 2  # pivot / max diag below this: column is rounding noise
 _FUSED_BLOCK = 64  # rows and reduction chunk of the fused kernel's tiles
+_GRAM_FP64 = True  # Gram products in float64 (mixed-precision Cholesky-QR); False: float32 products
+_FACTOR_WARPS = 4  # warps of the one-program-per-matrix kernels
 
 
 @triton.jit
@@ -85,8 +87,19 @@ def _gram_factor(G, l, drop_tol, LP: tl.constexpr):
 
 
 @triton.jit
+def _gram_update(G, y, GRAM64: tl.constexpr, PREC: tl.constexpr):
+    """G + y^T y, G (LP, LP) float64, y (BM, LP) float32. GRAM64: the products in float64
+    (mixed-precision Cholesky-QR); else in float32 (PREC), then widened."""
+    if GRAM64:
+        y64 = y.to(tl.float64)
+        return tl.dot(tl.trans(y64), y64, G, input_precision="ieee", out_dtype=tl.float64)
+    else:
+        return G + tl.dot(tl.trans(y), y, input_precision=PREC).to(tl.float64)
+
+
+@triton.jit
 def _apply(a_ptr, s_r, s_k, x_ptr, out_ptr, n_rows, n_red,
-           LP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+           LP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GRAM64: tl.constexpr):
     """out = Aop @ X with Aop[r, k] = a[r * s_r + k * s_k] (n_rows, n_red), X (n_red, LP)
     float32 contiguous, out (n_rows, LP) float32 contiguous. Returns out^T out (LP, LP) float64."""
     offs_c = tl.arange(0, LP)
@@ -102,27 +115,25 @@ def _apply(a_ptr, s_r, s_k, x_ptr, out_ptr, n_rows, n_red,
                         mask=offs_k[:, None] < n_red, other=0.0)  # (BK, LP)
             acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PREC)
         tl.store(out_ptr + offs_r[:, None] * LP + offs_c[None, :], acc, mask=offs_r[:, None] < n_rows)
-        acc64 = acc.to(tl.float64)
-        G = tl.dot(tl.trans(acc64), acc64, G, input_precision="ieee", out_dtype=tl.float64)
+        G = _gram_update(G, acc, GRAM64, PREC)
     return G
 
 
 @triton.jit
-def _gram(y_ptr, n_rows, LP: tl.constexpr, BM: tl.constexpr):
+def _gram(y_ptr, n_rows, LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GRAM64: tl.constexpr):
     """Y^T Y (LP, LP) float64 of Y (n_rows, LP) float32 contiguous."""
     offs_c = tl.arange(0, LP)
     G = tl.zeros((LP, LP), dtype=tl.float64)
     for r0 in range(0, n_rows, BM):
         offs_r = r0 + tl.arange(0, BM)
         y = tl.load(y_ptr + offs_r[:, None] * LP + offs_c[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
-        y64 = y.to(tl.float64)
-        G = tl.dot(tl.trans(y64), y64, G, input_precision="ieee", out_dtype=tl.float64)
+        G = _gram_update(G, y, GRAM64, PREC)
     return G
 
 
 @triton.jit
 def _orthonormalize(y_ptr, G, n_rows, l, drop_tol,
-                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GRAM64: tl.constexpr):
     """Cholesky-QR2 of Y (n_rows, LP) float32 contiguous, in place; G = Y^T Y float64.
 
     Q1 = Y T1, Q = Q1 T2 with T1, T2 from `_gram_factor`; Q1 is recomputed in the last
@@ -136,8 +147,8 @@ def _orthonormalize(y_ptr, G, n_rows, l, drop_tol,
     for r0 in range(0, n_rows, BM):
         offs_r = r0 + tl.arange(0, BM)
         y = tl.load(y_ptr + offs_r[:, None] * LP + offs_c[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
-        q1 = tl.dot(y, T1, input_precision=PREC).to(tl.float64)  # (BM, LP)
-        G2 = tl.dot(tl.trans(q1), q1, G2, input_precision="ieee", out_dtype=tl.float64)
+        q1 = tl.dot(y, T1, input_precision=PREC)  # (BM, LP)
+        G2 = _gram_update(G2, q1, GRAM64, PREC)
     T2, kept = _gram_factor(G2, l, drop_tol, LP)
     T2 = T2.to(tl.float32)
     for r0 in range(0, n_rows, BM):
@@ -155,7 +166,7 @@ def _orthonormalize(y_ptr, G, n_rows, l, drop_tol,
 @triton.jit
 def _rsvd_fused_kernel(a_ptr, omega_ptr, q_ptr, z_ptr, gram_ptr, kept_ptr,
                        m, n, l, n_iter, s_ab, s_am, s_an, drop_tol,
-                       LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+                       LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GRAM64: tl.constexpr):
     """Whole range finder for one matrix per program.
 
     a: (batch, m, n) any float dtype, strided; omega: (n, LP) float32, zero beyond l;
@@ -166,17 +177,17 @@ def _rsvd_fused_kernel(a_ptr, omega_ptr, q_ptr, z_ptr, gram_ptr, kept_ptr,
     a_ptr += b * s_ab
     q_ptr += b * m * LP
     z_ptr += b * n * LP
-    G = _apply(a_ptr, s_am, s_an, omega_ptr, q_ptr, m, n, LP, BM, BM, PREC)  # Y = A Omega
+    G = _apply(a_ptr, s_am, s_an, omega_ptr, q_ptr, m, n, LP, BM, BM, PREC, GRAM64)  # Y = A Omega
     tl.debug_barrier()
-    kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC)
+    kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC, GRAM64)
     for _ in range(n_iter):
-        G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC)  # A^T Q
+        G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC, GRAM64)  # A^T Q
         tl.debug_barrier()
-        _orthonormalize(z_ptr, G, n, l, drop_tol, LP, BM, PREC)
-        G = _apply(a_ptr, s_am, s_an, z_ptr, q_ptr, m, n, LP, BM, BM, PREC)  # A W
+        _orthonormalize(z_ptr, G, n, l, drop_tol, LP, BM, PREC, GRAM64)
+        G = _apply(a_ptr, s_am, s_an, z_ptr, q_ptr, m, n, LP, BM, BM, PREC, GRAM64)  # A W
         tl.debug_barrier()
-        kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC)
-    G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC)  # Z = A^T Q = B^T
+        kept = _orthonormalize(q_ptr, G, m, l, drop_tol, LP, BM, PREC, GRAM64)
+    G = _apply(a_ptr, s_an, s_am, q_ptr, z_ptr, n, m, LP, BM, BM, PREC, GRAM64)  # Z = A^T Q = B^T
     offs = tl.arange(0, LP)
     tl.store(gram_ptr + b * LP * LP + offs[:, None] * LP + offs[None, :], G)
     tl.store(kept_ptr + b, kept)
@@ -184,13 +195,13 @@ def _rsvd_fused_kernel(a_ptr, omega_ptr, q_ptr, z_ptr, gram_ptr, kept_ptr,
 
 @triton.jit
 def _cholqr2_kernel(y_ptr, kept_ptr, n_rows, l, drop_tol,
-                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+                    LP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GRAM64: tl.constexpr):
     """Cholesky-QR2 in place of y (batch, n_rows, LP) float32, one matrix per program."""
     b = tl.program_id(0).to(tl.int64)
     y_ptr += b * n_rows * LP
-    G = _gram(y_ptr, n_rows, LP, BM)
+    G = _gram(y_ptr, n_rows, LP, BM, PREC, GRAM64)
     tl.debug_barrier()
-    kept = _orthonormalize(y_ptr, G, n_rows, l, drop_tol, LP, BM, PREC)
+    kept = _orthonormalize(y_ptr, G, n_rows, l, drop_tol, LP, BM, PREC, GRAM64)
     tl.store(kept_ptr + b, kept)
 
 
@@ -234,7 +245,7 @@ def _range_fused(A, omega, l, n_iter):
     kept = torch.empty(batch, device=A.device, dtype=torch.int32)
     _rsvd_fused_kernel[(batch,)](
         A, omega, q, z, gram, kept, m, n, l, n_iter, *A.stride(), _DROP_TOL,
-        LP=LP, BM=_FUSED_BLOCK, PREC=_DOT_PRECISION, num_warps=4,
+        LP=LP, BM=_FUSED_BLOCK, PREC=_DOT_PRECISION, GRAM64=_GRAM_FP64, num_warps=_FACTOR_WARPS,
     )
     return q, z, gram, kept
 
@@ -265,7 +276,7 @@ def _orth_tiled(Y, l):
     if l <= _MAX_KERNEL_SKETCH:
         kept = torch.empty(batch, device=Y.device, dtype=torch.int32)
         _cholqr2_kernel[(batch,)](Y, kept, Y.shape[1], l, _DROP_TOL, LP=Y.shape[2], BM=_FUSED_BLOCK,
-                                  PREC=_DOT_PRECISION, num_warps=4)
+                                  PREC=_DOT_PRECISION, GRAM64=_GRAM_FP64, num_warps=_FACTOR_WARPS)
         return Y, kept
     Q = Y
     for _ in range(2):
