@@ -533,6 +533,8 @@ def _train(cfg, rt):
             bar.close()
     if rt.master:
         metrics.plot(title)
+    if rt.ddp:
+        dist.barrier()  # no process tears the group down while rank 0 still writes its checkpoint
     return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
             "best_val_loss": best_val_loss, "out_dir": str(out_dir), "model": raw_model}
 
