@@ -5,7 +5,8 @@
 A GPT-2-small-shaped model (12 layers, 12 heads, 768 wide, block 1024, random weights) samples
 greedily. Rows:
 - mla-latent-cache: MLA (default r = hs/2) with its latent cache, one token per step;
-- mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed;
+- mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed
+  (standard-kv-cache-graph likewise);
 - standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
   cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
 - mla-recompute: nanoGPT's generation, the whole context through the model every step.
@@ -23,6 +24,7 @@ import torch
 
 from mla_gpt.model import GPT, GPTConfig
 
+WARMUP_TOKENS = 4
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -33,12 +35,13 @@ def recompute_generate(model, idx, new_tokens):
     return idx
 
 
-def timed(fn, device):
-    fn()  # warm-up: kernel compilation, allocator
+def timed(fn, new_tokens, device):
+    """fn(n) generates n tokens; returns (fn(new_tokens), seconds), after a short warm-up."""
+    fn(WARMUP_TOKENS)  # kernel compilation and tuning, allocator
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = fn()
+    out = fn(new_tokens)
     if device == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
@@ -70,17 +73,18 @@ def main():
     for batch in args.batch_sizes:
         prompt = torch.randint(0, 50257, (batch, args.prompt), device=device)
         runs = {
-            "mla-latent-cache": lambda: mla.generate(prompt, args.new_tokens, top_k=1),
-            "standard-kv-cache": lambda: standard.generate(prompt, args.new_tokens, top_k=1),
-            "mla-recompute": lambda: recompute_generate(mla, prompt, args.new_tokens),
+            "mla-latent-cache": lambda n: mla.generate(prompt, n, top_k=1),
+            "standard-kv-cache": lambda n: standard.generate(prompt, n, top_k=1),
+            "mla-recompute": lambda n: recompute_generate(mla, prompt, n),
         }
         if device == "cuda":
-            runs["mla-latent-cache-graph"] = lambda: mla.generate(prompt, args.new_tokens, top_k=1, cuda_graph=True)
+            runs["mla-latent-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True)
+            runs["standard-kv-cache-graph"] = lambda n: standard.generate(prompt, n, top_k=1, cuda_graph=True)
         outputs = {}
         for name, fn in runs.items():
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            outputs[name], seconds = timed(fn, device)
+            outputs[name], seconds = timed(fn, args.new_tokens, device)
             peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
             rows.append(dict(provider=name, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
                              seconds=seconds, tokens_per_s=batch * args.new_tokens / seconds, peak_mb=peak))

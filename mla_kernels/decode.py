@@ -228,7 +228,7 @@ def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
     return max(1, min(wanted, max_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
-def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):
     tensors = {"q_lat": q_lat, "cache_k": cache_k, "cache_seqlens": cache_seqlens}
     if cache_v is not None:
         tensors["cache_v"] = cache_v
@@ -275,7 +275,7 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None (heuristic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     capturing = q_lat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing:  # reading lengths syncs the device: impossible inside a CUDA graph capture
+    if check_seqlens and not capturing:  # reading lengths syncs the device: impossible while capturing
         lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync
         if lo < Tq or hi > L:
             raise ValueError(f"cache_seqlens must lie in [Tq, L] = [{Tq}, {L}] (the {Tq} new tokens included), "
@@ -362,7 +362,7 @@ def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
     return out, lse
 
 
-def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None):
+def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None, check_seqlens=True):
     """Attention of the Tq newest absorbed queries of each row over its latent KV cache.
 
     q_lat: (B, Tq, nh, r) absorbed queries q'_h = q_h W_uk^h^T, float16 / bfloat16 / float32;
@@ -380,8 +380,10 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     Returns o_lat (B, Tq, nh, rv) in q_lat's dtype and logsumexp (B, nh, Tq) float32,
     natural log, as `mla_kernels.reference.latent_decode_ref`.
     On CPU tensors without TRITON_INTERPRET=1 it runs that reference instead.
-    Lengths are checked on the host (one device sync) except during CUDA graph capture.
+    Lengths are checked on the host (one device sync) except during CUDA graph capture or
+    with check_seqlens=False, for callers that built cache_seqlens themselves (the model's
+    decode step), where a sync per layer and token would stall the launch queue.
     """
-    _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+    _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens)
     return torch.ops.mla_kernels.latent_decode(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale),
                                                num_splits)

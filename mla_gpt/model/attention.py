@@ -55,7 +55,7 @@ def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
         if kernels:
             from mla_kernels.decode import latent_decode
 
-            return latent_decode(q, k, v, seqlens, softmax_scale)[0]
+            return latent_decode(q, k, v, seqlens, softmax_scale, check_seqlens=False)[0]
         return ref.latent_decode_ref(q, k, v, seqlens, softmax_scale)[0]
     return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, kernels)
 
@@ -100,6 +100,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.head_size = config.head_size
+        self.softmax_scale = 1.0 / math.sqrt(config.head_size)
         self.dropout = config.dropout
         self.backend = config.attn_backend
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -117,9 +118,9 @@ class CausalSelfAttention(nn.Module):
         if self.backend == "auto":
             y = self._sdpa(q, k, v, input_pos)
         elif cache is not None:
-            y = _cached_attention(q, k, v, input_pos, None, self.backend == "triton")
+            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, self.backend == "triton")
         else:
-            y = _causal_attention(q, k, v, None, input_pos, self.backend == "triton")
+            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, self.backend == "triton")
         y = y.reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
