@@ -208,17 +208,17 @@ def plot(rows, path, gpu):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    labels = list(dict.fromkeys(f"{r['shape']} r{r['rank']}" for r in rows))
     names = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 4))
+    ms = {(f"{r['shape']} r{r['rank']}", r["provider"]): r["ms"] for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        xs = [j + i * width for j, s in enumerate(shapes) for r in rows if r["shape"] == s and r["provider"] == name]
-        ys = [r["ms"] for s in shapes for r in rows if r["shape"] == s and r["provider"] == name]
-        ax.bar(xs, ys, width, label=name)
+        xs = [j + i * width for j, label in enumerate(labels) if (label, name) in ms]
+        ax.bar(xs, [ms[label, name] for label in labels if (label, name) in ms], width, label=name)
     ax.set_yscale("log")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-    ax.set_xticklabels([f"{s} r{next(r['rank'] for r in rows if r['shape'] == s)}" for s in shapes])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels)
     ax.set_ylabel("ms (median, log scale)")
     ax.set_title(f"randomized SVD, float32, {gpu}")
     ax.legend()
