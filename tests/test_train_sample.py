@@ -3,6 +3,7 @@
 Tiny models (2 layers, 32 wide, block 16) with attn_backend='reference'; float32 on CPU, so a resumed
 run must reproduce an uninterrupted one exactly.
 """
+
 import hashlib
 import os
 import subprocess
@@ -27,11 +28,31 @@ CORPUS_SLICE = 60_000  # characters of the bundled corpus used by the training t
 def tiny_args(data_dir, out_dir, **overrides):
     """--key=value arguments of a tiny MLA run (a few seconds on 2 CPU cores)."""
     settings = dict(
-        data_dir=data_dir, out_dir=out_dir, device="cpu", dtype="float32", compile=False, progress_bar=False,
-        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, dropout=0.1, bias=False,
-        use_mla=True, mla_latent_dim=8, attn_backend="reference",
-        learning_rate=3e-3, max_iters=20, lr_decay_iters=20, warmup_iters=4, min_lr=3e-4,
-        eval_interval=10, eval_iters=2, log_interval=1, seed=7,
+        data_dir=data_dir,
+        out_dir=out_dir,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+        progress_bar=False,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=8,
+        dropout=0.1,
+        bias=False,
+        use_mla=True,
+        mla_latent_dim=8,
+        attn_backend="reference",
+        learning_rate=3e-3,
+        max_iters=20,
+        lr_decay_iters=20,
+        warmup_iters=4,
+        min_lr=3e-4,
+        eval_interval=10,
+        eval_iters=2,
+        log_interval=1,
+        seed=7,
     )
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]
@@ -63,11 +84,24 @@ def trained(data_dir, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- configurator
 
+
 def test_config_file_then_overrides(tmp_path):
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text("import math\nbatch_size = 7\nlearning_rate = 1\nn_layer = 3\n_private = 'skipped'\n")
-    cfg = load_config([str(cfg_file), "--n_layer=5", "--use_mla=True", "--mla_latent_dim=32", "--use_svd=True",
-                       "--svd_rank=16", "--compile=None", "--init_from=resume"], TrainConfig, ModelKeys)
+    cfg = load_config(
+        [
+            str(cfg_file),
+            "--n_layer=5",
+            "--use_mla=True",
+            "--mla_latent_dim=32",
+            "--use_svd=True",
+            "--svd_rank=16",
+            "--compile=None",
+            "--init_from=resume",
+        ],
+        TrainConfig,
+        ModelKeys,
+    )
     assert cfg["batch_size"] == 7 and cfg["n_layer"] == 5  # the command line wins over the file
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)  # int accepted for float
     assert (cfg["use_mla"], cfg["mla_latent_dim"], cfg["use_svd"], cfg["svd_rank"]) == (True, 32, True, 16)
@@ -90,8 +124,19 @@ def test_config_file_then_overrides(tmp_path):
         (None, ["--batch_size"], r"must be written --key=value"),
         (None, ["missing_config.py"], r"config file 'missing_config.py' does not exist"),
     ],
-    ids=["typo-cli", "typo-model-key", "typo-file", "int-cli", "bool-cli", "optional-int-cli", "int-file",
-         "float-file", "syntax-error", "no-value", "missing-file"],
+    ids=[
+        "typo-cli",
+        "typo-model-key",
+        "typo-file",
+        "int-cli",
+        "bool-cli",
+        "optional-int-cli",
+        "int-file",
+        "float-file",
+        "syntax-error",
+        "no-value",
+        "missing-file",
+    ],
 )
 def test_config_errors(tmp_path, monkeypatch, file_text, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -124,6 +169,7 @@ def test_shipped_configs_load():
 
 # ----------------------------------------------------------------------------- data
 
+
 def test_prepare_char_round_trip(tmp_path):
     text = prepare.CORPUS_PATH.read_text()
     meta = prepare.prepare_char(tmp_path)
@@ -140,7 +186,9 @@ def tiny_encoding():
     ranks = {bytes([b]): b for b in range(256)}
     for word in (b"th", b"he", b"the", b"an", b"in", b"er"):
         ranks[word] = len(ranks)
-    return tiktoken.Encoding(name="tiny_test", pat_str=r"\s?\w+|\s?[^\w\s]+|\s+", mergeable_ranks=ranks, special_tokens={})
+    return tiktoken.Encoding(
+        name="tiny_test", pat_str=r"\s?\w+|\s?[^\w\s]+|\s+", mergeable_ranks=ranks, special_tokens={}
+    )
 
 
 def test_prepare_bpe_round_trip(tmp_path):
@@ -163,7 +211,9 @@ def test_bpe_without_tokenizer_files_explains_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
     monkeypatch.delitem(__import__("tiktoken.registry").registry.ENCODINGS, "gpt2", raising=False)
-    with pytest.raises(RuntimeError, match=r"(?s)could not load the tiktoken encoding 'gpt2'.*TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)could not load the tiktoken encoding 'gpt2'.*TIKTOKEN_CACHE_DIR"
+    ):
         prepare.prepare_bpe(tmp_path / "bpe", text="hello")
     with pytest.raises(ValueError, match=r"encoding='nope' is not a tiktoken encoding"):
         prepare.load_tiktoken_encoding("nope")
@@ -174,15 +224,24 @@ def test_read_only_package_dir_falls_back_to_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "_writable", lambda directory: False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     messages = []
-    assert prepare.default_data_dir("shakespeare_char", log=messages.append) == tmp_path / "cache" / "mla_gpt" / "shakespeare_char"
+    assert (
+        prepare.default_data_dir("shakespeare_char", log=messages.append)
+        == tmp_path / "cache" / "mla_gpt" / "shakespeare_char"
+    )
     assert len(messages) == 1 and "is not writable; using" in messages[0]
 
 
 def test_train_on_bpe_data_takes_vocab_from_meta(tmp_path):
     enc = tiny_encoding()
     prepare.prepare_bpe(tmp_path / "bpe", text=prepare.CORPUS_PATH.read_text()[:20_000], encoding=enc)
-    args = tiny_args(str(tmp_path / "bpe"), str(tmp_path / "out"), dataset="shakespeare", encoding="tiny_test",
-                     max_iters=2, eval_interval=2)
+    args = tiny_args(
+        str(tmp_path / "bpe"),
+        str(tmp_path / "out"),
+        dataset="shakespeare",
+        encoding="tiny_test",
+        max_iters=2,
+        eval_interval=2,
+    )
     summary = run_train(args)
     assert summary["model"].config.vocab_size == enc.n_vocab
     assert train_cli.load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME)["meta"]["encoding"] == "tiny_test"
@@ -200,6 +259,7 @@ def test_ensure_prepared_runs_once_with_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def test_short_run_loss_falls(trained):
     out_dir, summary = trained
@@ -219,8 +279,10 @@ def test_log_line_format(data_dir, tmp_path, capsys):
     assert train_cli.main(tiny_args(data_dir, str(tmp_path), max_iters=2, eval_interval=2)) == 0
     out = capsys.readouterr().out
     assert "step 0: train loss" in out
-    assert any(line.startswith("iter 1: loss ") and ", time " in line and "ms, tok/s " in line and ", mfu " in line
-               for line in out.splitlines())
+    assert any(
+        line.startswith("iter 1: loss ") and ", time " in line and "ms, tok/s " in line and ", mfu " in line
+        for line in out.splitlines()
+    )
 
 
 @pytest.mark.parametrize(
@@ -235,11 +297,13 @@ def test_resume_equals_uninterrupted(data_dir, trained, tmp_path, variant):
     else:
         straight_dir, straight = trained
     resumed_dir = tmp_path / "resumed"
-    run_train(tiny_args(data_dir, str(resumed_dir), max_iters=10, **variant))  # "interrupted" after the iter-10 checkpoint
+    run_train(
+        tiny_args(data_dir, str(resumed_dir), max_iters=10, **variant)
+    )  # "interrupted" after the iter-10 checkpoint
     resumed = run_train(tiny_args(data_dir, str(resumed_dir), init_from="resume", **variant))
     assert train_losses(resumed_dir) == train_losses(straight_dir)  # exact, iterations 0..19
     assert resumed["val_loss"] == straight["val_loss"]
-    for p, q in zip(resumed["model"].parameters(), straight["model"].parameters()):
+    for p, q in zip(resumed["model"].parameters(), straight["model"].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
@@ -265,13 +329,16 @@ def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
     assert train_cli.main(tiny_args(data_dir, str(tmp_path), init_from="resume")) == 2
     assert "is corrupt or unreadable" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, tmp_path / CHECKPOINT_NAME)
-    with pytest.raises(CheckpointError, match=r"not an mla_gpt checkpoint \(missing format, model, model_args"):
+    with pytest.raises(
+        CheckpointError, match=r"not an mla_gpt checkpoint \(missing format, model, model_args"
+    ):
         train_cli.load_checkpoint(tmp_path / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match=r"no checkpoint at"):
         run_train(tiny_args(data_dir, str(tmp_path / "empty"), init_from="resume"))
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def sample_args(out_dir, **overrides):
     settings = dict(out_dir=out_dir, device="cpu", num_samples=2, max_new_tokens=40, seed=3, start="ROMEO:")
@@ -288,8 +355,12 @@ def test_checkpoint_to_sample(trained, tmp_path, capsys):
     assert "tokens/s" in captured.err
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("HAMLET:\n")
-    texts = sample_cli.sample(load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig))
-    again = sample_cli.sample(load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig))
+    texts = sample_cli.sample(
+        load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig)
+    )
+    again = sample_cli.sample(
+        load_config(sample_args(out_dir, start=f"FILE:{prompt}", num_samples=1), sample_cli.SampleConfig)
+    )
     assert texts == again and texts[0].startswith("HAMLET:\n")  # seeded
 
 
@@ -325,7 +396,15 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(data_dir, tmp_path):
     out_dir = tmp_path / "out"
     args = tiny_args(data_dir, str(out_dir), max_iters=6, eval_interval=3, gradient_accumulation_steps=2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(wrapper),
+        *args,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checksums = [(out_dir / f"checksum-rank{r}.txt").read_text() for r in range(2)]

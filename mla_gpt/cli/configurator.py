@@ -9,6 +9,7 @@ arguments override them, each parsed into the type of its dataclass field:
 Unknown keys, values of the wrong type and missing files raise ConfigError with a message that names
 the key, the value and what is expected (the closest known keys for a misspelt one).
 """
+
 import difflib
 import runpy
 import types
@@ -40,7 +41,9 @@ def config_schema(*dataclasses):
         hints = get_type_hints(cls)  # resolves string annotations too
         for f in fields(cls):
             if f.name in schema:
-                raise ValueError(f"setting {f.name!r} of {cls.__name__} is already defined by another dataclass")
+                raise ValueError(
+                    f"setting {f.name!r} of {cls.__name__} is already defined by another dataclass"
+                )
             default = f.default_factory() if f.default is MISSING else f.default
             schema[f.name] = Key(hints[f.name], default, f.metadata.get("help", ""))
     return schema
@@ -149,5 +152,7 @@ def help_text(prog, usage, *dataclasses, extra_help=None):
         lines.append(f"  [{cls.__name__}]")
         for name, key in config_schema(cls).items():
             setting = f"--{name}={key.default!r}"
-            lines.append(f"    {setting:<34} {type_name(key.type):<14} {key.help or extra_help.get(name, '')}".rstrip())
+            lines.append(
+                f"    {setting:<34} {type_name(key.type):<14} {key.help or extra_help.get(name, '')}".rstrip()
+            )
     return "\n".join(lines)

@@ -6,6 +6,7 @@
 
 `--help` lists every key. Samples go to stdout; timings (tokens/s) to stderr.
 """
+
 import codecs
 import sys
 import time
@@ -26,12 +27,25 @@ class SampleConfig:
     start: str = field(default="\n", metadata={"help": "prompt text, or FILE:path to read it from a file"})
     num_samples: int = field(default=3, metadata={"help": "samples to draw, one after the other"})
     max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
-    temperature: float = field(default=0.8, metadata={"help": "1.0 as trained, lower is more conservative, 0 greedy"})
-    top_k: Optional[int] = field(default=200, metadata={"help": "sample among the k most likely tokens; None: all"})
+    temperature: float = field(
+        default=0.8, metadata={"help": "1.0 as trained, lower is more conservative, 0 greedy"}
+    )
+    top_k: Optional[int] = field(
+        default=200, metadata={"help": "sample among the k most likely tokens; None: all"}
+    )
     seed: int = field(default=1337, metadata={"help": "sampling seed"})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"})
-    dtype: str = field(default="auto", metadata={"help": "'auto' (bfloat16 on capable GPUs, float32 on CPU), 'float32', 'bfloat16', 'float16'"})
-    attn_backend: Optional[str] = field(default=None, metadata={"help": "override the checkpoint's attention backend"})
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (bfloat16 on capable GPUs, float32 on CPU), 'float32', 'bfloat16', 'float16'"
+        },
+    )
+    attn_backend: Optional[str] = field(
+        default=None, metadata={"help": "override the checkpoint's attention backend"}
+    )
 
 
 class Tokenizer:
@@ -39,8 +53,10 @@ class Tokenizer:
 
     def __init__(self, meta):
         if meta is None:
-            raise CheckpointError("the checkpoint has no tokenizer meta (trained on data without meta.pkl); "
-                                  "cannot turn text into tokens")
+            raise CheckpointError(
+                "the checkpoint has no tokenizer meta (trained on data without meta.pkl); "
+                "cannot turn text into tokens"
+            )
         self.meta = meta
         if meta["tokenizer"] == "char":
             self.stoi, self.itos = meta["stoi"], meta["itos"]
@@ -71,7 +87,7 @@ def read_start(start):
     """The prompt: literal text, or the contents of a file given as FILE:path."""
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:"):])
+    path = Path(start[len("FILE:") :])
     if not path.is_file():
         raise ConfigError(f"start: prompt file {str(path)!r} does not exist")
     return path.read_text(encoding="utf-8")
@@ -89,7 +105,11 @@ def sample(cfg, out=None, err=None):
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     dtype = cfg["dtype"]
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+        dtype = (
+            ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+            if device_type == "cuda"
+            else "float32"
+        )
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ConfigError(f"dtype expects one of auto, {', '.join(dtypes)}; got {dtype!r}")
@@ -101,7 +121,11 @@ def sample(cfg, out=None, err=None):
     model = model_from_checkpoint(checkpoint, **runtime)
     tokenizer = Tokenizer(checkpoint.get("meta"))
     model.eval().to(device)
-    autocast = nullcontext() if dtypes[dtype] == torch.float32 else torch.amp.autocast(device_type, dtype=dtypes[dtype])
+    autocast = (
+        nullcontext()
+        if dtypes[dtype] == torch.float32
+        else torch.amp.autocast(device_type, dtype=dtypes[dtype])
+    )
 
     prompt = read_start(cfg["start"])
     ids = tokenizer.encode(prompt)
@@ -119,7 +143,9 @@ def sample(cfg, out=None, err=None):
         out.flush()
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
-            for token in model.generate_stream(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"]):
+            for token in model.generate_stream(
+                x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"]
+            ):
                 piece = decode(int(token[0, 0]))
                 pieces.append(piece)
                 out.write(piece)
@@ -130,9 +156,13 @@ def sample(cfg, out=None, err=None):
         texts.append("".join(pieces))
         out.write("\n---------------\n")
         out.flush()
-        err.write(f"sample {k + 1}: {cfg['max_new_tokens']} tokens in {dt:.2f} s, {cfg['max_new_tokens'] / dt:.1f} tokens/s\n")
-    err.write(f"{total_tokens} tokens in {total_time:.2f} s: {total_tokens / total_time:.1f} tokens/s "
-              f"(iter {checkpoint['iter_num']} checkpoint, {device}, {dtype})\n")
+        err.write(
+            f"sample {k + 1}: {cfg['max_new_tokens']} tokens in {dt:.2f} s, {cfg['max_new_tokens'] / dt:.1f} tokens/s\n"
+        )
+    err.write(
+        f"{total_tokens} tokens in {total_time:.2f} s: {total_tokens / total_time:.1f} tokens/s "
+        f"(iter {checkpoint['iter_num']} checkpoint, {device}, {dtype})\n"
+    )
     return texts
 
 

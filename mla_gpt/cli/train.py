@@ -7,6 +7,7 @@
 GPTConfig; the rest are the fields of TrainConfig below. Everything is written to out_dir: ckpt.pt
 (atomic), metrics.jsonl (one record per log line and per eval) and loss.png.
 """
+
 import json
 import math
 import os
@@ -45,13 +46,24 @@ class TrainConfig:
     log_interval: int = field(default=1, metadata={"help": "iterations between log lines"})
     eval_iters: int = field(default=200, metadata={"help": "batches per split in each eval"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate once and exit"})
-    always_save_checkpoint: bool = field(default=True, metadata={"help": "save at every eval, not only on a new best val loss"})
-    init_from: str = field(default="scratch", metadata={"help": "'scratch' or 'resume' (from out_dir/ckpt.pt)"})
+    always_save_checkpoint: bool = field(
+        default=True, metadata={"help": "save at every eval, not only on a new best val loss"}
+    )
+    init_from: str = field(
+        default="scratch", metadata={"help": "'scratch' or 'resume' (from out_dir/ckpt.pt)"}
+    )
     # data
-    dataset: str = field(default="shakespeare_char", metadata={"help": "'shakespeare_char', 'shakespeare' (BPE) or a name with data_dir"})
-    data_dir: str = field(default="", metadata={"help": "folder with train.bin/val.bin; '' -> mla_gpt/data/<dataset>"})
+    dataset: str = field(
+        default="shakespeare_char",
+        metadata={"help": "'shakespeare_char', 'shakespeare' (BPE) or a name with data_dir"},
+    )
+    data_dir: str = field(
+        default="", metadata={"help": "folder with train.bin/val.bin; '' -> mla_gpt/data/<dataset>"}
+    )
     encoding: str = field(default="gpt2", metadata={"help": "tiktoken encoding of the BPE dataset"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration, over all processes"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-steps per iteration, over all processes"}
+    )
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-step and process"})
     # AdamW
     learning_rate: float = field(default=6e-4, metadata={"help": "peak learning rate"})
@@ -61,15 +73,30 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0 disables"})
     # learning-rate schedule: linear warmup, then cosine decay to min_lr
-    decay_lr: bool = field(default=True, metadata={"help": "warmup + cosine decay; False keeps learning_rate"})
+    decay_lr: bool = field(
+        default=True, metadata={"help": "warmup + cosine decay; False keeps learning_rate"}
+    )
     warmup_iters: int = field(default=2000, metadata={"help": "linear warmup iterations"})
-    lr_decay_iters: int = field(default=600000, metadata={"help": "iteration where the cosine reaches min_lr"})
+    lr_decay_iters: int = field(
+        default=600000, metadata={"help": "iteration where the cosine reaches min_lr"}
+    )
     min_lr: float = field(default=6e-5, metadata={"help": "final learning rate"})
     # system
-    backend: str = field(default="auto", metadata={"help": "DDP backend; 'auto' -> nccl on CUDA, gloo on CPU"})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'"})
-    dtype: str = field(default="auto", metadata={"help": "'auto' (bfloat16 on capable GPUs, float16 on others, float32 on CPU), 'float32', 'bfloat16', 'float16'"})
-    compile: Optional[bool] = field(default=None, metadata={"help": "torch.compile the model; None -> on for CUDA, off on CPU"})
+    backend: str = field(
+        default="auto", metadata={"help": "DDP backend; 'auto' -> nccl on CUDA, gloo on CPU"}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (bfloat16 on capable GPUs, float16 on others, float32 on CPU), 'float32', 'bfloat16', 'float16'"
+        },
+    )
+    compile: Optional[bool] = field(
+        default=None, metadata={"help": "torch.compile the model; None -> on for CUDA, off on CPU"}
+    )
     seed: int = field(default=1337, metadata={"help": "seed of weights, dropout and batch sampling"})
     progress_bar: Optional[bool] = field(default=None, metadata={"help": "tqdm bar; None -> on for CPU runs"})
 
@@ -114,6 +141,7 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def save_checkpoint(path, checkpoint):
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
     path = Path(path)
@@ -130,14 +158,20 @@ def load_checkpoint(path, map_location="cpu"):
     """Load and validate an mla_gpt checkpoint; CheckpointError with the reason otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}; train first (python -m mla_gpt.cli.train ...)")
+        raise CheckpointError(
+            f"no checkpoint at {str(path)!r}; train first (python -m mla_gpt.cli.train ...)"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
-    missing = [k for k in ("format", "model", "model_args", "iter_num") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [
+        k
+        for k in ("format", "model", "model_args", "iter_num")
+        if not isinstance(checkpoint, dict) or k not in checkpoint
+    ]
     if missing:
         raise CheckpointError(f"{str(path)!r} is not an mla_gpt checkpoint (missing {', '.join(missing)})")
     if checkpoint["format"] != CHECKPOINT_FORMAT:
@@ -165,16 +199,29 @@ def model_from_checkpoint(checkpoint, **runtime_args):
 
 def _numpy_state():
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-            "has_gauss": has_gauss, "cached_gaussian": cached}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": pos,
+        "has_gauss": has_gauss,
+        "cached_gaussian": cached,
+    }
 
 
 def _set_numpy_state(state):
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            state["name"],
+            state["keys"].numpy().astype(np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- setup
+
 
 @dataclass
 class Runtime:
@@ -205,7 +252,9 @@ def resolve_runtime(cfg):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        backend = (
+            cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        )
         dist.init_process_group(backend=backend)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     dtype = cfg["dtype"]
@@ -222,7 +271,14 @@ def resolve_runtime(cfg):
 
 def check_train_config(cfg, rt):
     """ConfigError for values that are well typed but unusable."""
-    for key in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size", "block_size"):
+    for key in (
+        "eval_interval",
+        "log_interval",
+        "eval_iters",
+        "gradient_accumulation_steps",
+        "batch_size",
+        "block_size",
+    ):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["init_from"] not in ("scratch", "resume"):
@@ -261,14 +317,21 @@ class Batches:
         """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
         data = np.memmap(self.path, dtype=np.uint16, mode="r")  # re-opened per batch: avoids a memmap leak
         ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])  # (B, T)
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])  # (B, T)
+        x = torch.stack(
+            [torch.from_numpy(data[i : i + self.block_size].astype(np.int64)) for i in ix.tolist()]
+        )  # (B, T)
+        y = torch.stack(
+            [torch.from_numpy(data[i + 1 : i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()]
+        )  # (B, T)
         if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
+                self.device, non_blocking=True
+            )
         return x.to(self.device), y.to(self.device)
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 class Metrics:
     """Appends JSON records to out_dir/metrics.jsonl and redraws out_dir/loss.png."""
@@ -277,7 +340,9 @@ class Metrics:
         self.path = Path(out_dir) / METRICS_NAME
         self.plot_path = Path(out_dir) / PLOT_NAME
         records = self.read(self.path) if resume_iter is not None and self.path.exists() else []
-        self.records = [r for r in records if r["iter"] < (resume_iter or 0)]  # drop what the resumed run redoes
+        self.records = [
+            r for r in records if r["iter"] < (resume_iter or 0)
+        ]  # drop what the resumed run redoes
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     @staticmethod
@@ -293,6 +358,7 @@ class Metrics:
         """Train loss per logged iteration and train/val loss per eval; skipped without matplotlib."""
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
@@ -300,7 +366,9 @@ class Metrics:
         steps = [r for r in self.records if r["kind"] == "train"]
         evals = [r for r in self.records if r["kind"] == "eval"]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
+        ax.plot(
+            [r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)"
+        )
         ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
         ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "s-", label="val (eval)")
         ax.set_xlabel("iteration")
@@ -315,6 +383,7 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- training
 
+
 def build_model(cfg, model_keys, vocab_size, checkpoint, log):
     """Model args from the config (scratch) or the checkpoint (resume), and the model."""
     if checkpoint is None:
@@ -326,9 +395,13 @@ def build_model(cfg, model_keys, vocab_size, checkpoint, log):
             raise ConfigError(f"model keys: {e}") from e
         return GPT(config), model_args
     model_args = dict(checkpoint["model_args"])
-    changed = [k for k in model_keys if k not in RUNTIME_MODEL_KEYS and k != "vocab_size" and cfg[k] != model_args[k]]
+    changed = [
+        k for k in model_keys if k not in RUNTIME_MODEL_KEYS and k != "vocab_size" and cfg[k] != model_args[k]
+    ]
     if changed:
-        log(f"resume: keeping the checkpoint's {', '.join(f'{k}={model_args[k]!r}' for k in changed)} over the config")
+        log(
+            f"resume: keeping the checkpoint's {', '.join(f'{k}={model_args[k]!r}' for k in changed)} over the config"
+        )
     runtime = {k: cfg[k] for k in RUNTIME_MODEL_KEYS}
     model_args.update(runtime)
     return model_from_checkpoint(checkpoint, **runtime), model_args
@@ -389,15 +462,21 @@ def _train(cfg, rt):
     block_size = model_args["block_size"]
     grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
     tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * block_size
-    log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
-        f"{cfg['batch_size']} x {block_size}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}")
+    log(
+        f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
+        f"{cfg['batch_size']} x {block_size}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}"
+    )
     train_batches = Batches(data_dir / "train.bin", cfg["batch_size"], block_size, rt.device, seed)
     # eval batches come from their own generator, reseeded per eval: every eval scores the same windows
-    eval_batches = {split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
-                    for split in ("train", "val")}
+    eval_batches = {
+        split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
+        for split in ("train", "val")
+    }
 
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), rt.device_type)
+    optimizer = model.configure_optimizers(
+        cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), rt.device_type
+    )
     iter_num, best_val_loss = 0, float("inf")
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -405,7 +484,9 @@ def _train(cfg, rt):
             scaler.load_state_dict(checkpoint["scaler"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         restore_rng(checkpoint["rng"], rt, train_batches, log)
-        log(f"resuming from {out_dir / CHECKPOINT_NAME} at iter {iter_num} (best val loss {best_val_loss:.4f})")
+        log(
+            f"resuming from {out_dir / CHECKPOINT_NAME} at iter {iter_num} (best val loss {best_val_loss:.4f})"
+        )
     checkpoint = None  # free the memory
     start_iter = iter_num
 
@@ -417,12 +498,18 @@ def _train(cfg, rt):
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     raw_model = model.module if rt.ddp else model
     raw_model = getattr(raw_model, "_orig_mod", raw_model)
-    log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, "
-        f"{'MLA' if model_args['use_mla'] else 'standard'} attention")
-    autocast = nullcontext() if rt.ptdtype == torch.float32 else torch.amp.autocast(rt.device_type, dtype=rt.ptdtype)
+    log(
+        f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        f"{'MLA' if model_args['use_mla'] else 'standard'} attention"
+    )
+    autocast = (
+        nullcontext() if rt.ptdtype == torch.float32 else torch.amp.autocast(rt.device_type, dtype=rt.ptdtype)
+    )
     metrics = Metrics(out_dir, iter_num if cfg["init_from"] == "resume" else None) if rt.master else None
-    title = f"{out_dir.name}: {'MLA' if model_args['use_mla'] else 'standard'} attention, " \
-            f"{model_args['n_layer']}L {model_args['n_head']}H {model_args['n_embd']}C, {cfg['dataset']}"
+    title = (
+        f"{out_dir.name}: {'MLA' if model_args['use_mla'] else 'standard'} attention, "
+        f"{model_args['n_layer']}L {model_args['n_head']}H {model_args['n_embd']}C, {cfg['dataset']}"
+    )
 
     @torch.no_grad()
     def estimate_loss():
@@ -460,6 +547,7 @@ def _train(cfg, rt):
 
     if show_bar and rt.master:
         from tqdm import tqdm
+
         bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
     last_losses = {}
     running_mfu, local_iter, t0 = -1.0, 0, time.time()
@@ -472,14 +560,25 @@ def _train(cfg, rt):
                 # RNG states before the eval: a resumed run repeats this eval before its first step
                 rng = gather_rng(rt, train_batches)
                 last_losses = estimate_loss()
-                log(f"step {iter_num}: train loss {last_losses['train']:.4f}, val loss {last_losses['val']:.4f}")
+                log(
+                    f"step {iter_num}: train loss {last_losses['train']:.4f}, val loss {last_losses['val']:.4f}"
+                )
                 if rt.master:
-                    metrics.add({"kind": "eval", "iter": iter_num, "train_loss": last_losses["train"],
-                                 "val_loss": last_losses["val"], "lr": lr})
+                    metrics.add(
+                        {
+                            "kind": "eval",
+                            "iter": iter_num,
+                            "train_loss": last_losses["train"],
+                            "val_loss": last_losses["val"],
+                            "lr": lr,
+                        }
+                    )
                     metrics.plot(title)
                 improved = last_losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, last_losses["val"])
-                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):  # not the state just loaded
+                if iter_num > start_iter and (
+                    improved or cfg["always_save_checkpoint"]
+                ):  # not the state just loaded
                     if rt.master:
                         save_checkpoint(out_dir / CHECKPOINT_NAME, make_checkpoint(rng))
                         log(f"saved checkpoint to {out_dir / CHECKPOINT_NAME}")
@@ -490,7 +589,9 @@ def _train(cfg, rt):
             for micro_step in range(grad_accum):
                 x, y = train_batches.next()
                 if rt.ddp:
-                    model.require_backward_grad_sync = micro_step == grad_accum - 1  # all-reduce once per iteration
+                    model.require_backward_grad_sync = (
+                        micro_step == grad_accum - 1
+                    )  # all-reduce once per iteration
                 with autocast:
                     _, loss = model(x, y)
                     loss = loss / grad_accum
@@ -520,9 +621,20 @@ def _train(cfg, rt):
                     running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                 mfu_text = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 else "-"
                 tok_s = tokens_per_iter / dt
-                log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}, mfu {mfu_text}")
-                metrics.add({"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
-                             "tok_s": tok_s, "mfu": running_mfu if running_mfu >= 0 else None})
+                log(
+                    f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}, mfu {mfu_text}"
+                )
+                metrics.add(
+                    {
+                        "kind": "train",
+                        "iter": iter_num,
+                        "loss": lossf,
+                        "lr": lr,
+                        "time_ms": dt * 1000,
+                        "tok_s": tok_s,
+                        "mfu": running_mfu if running_mfu >= 0 else None,
+                    }
+                )
             iter_num += 1
             local_iter += 1
             if bar is not None:
@@ -535,8 +647,14 @@ def _train(cfg, rt):
         metrics.plot(title)
     if rt.ddp:
         dist.barrier()  # no process tears the group down while rank 0 still writes its checkpoint
-    return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
-            "best_val_loss": best_val_loss, "out_dir": str(out_dir), "model": raw_model}
+    return {
+        "iter_num": iter_num,
+        "train_loss": last_losses.get("train"),
+        "val_loss": last_losses.get("val"),
+        "best_val_loss": best_val_loss,
+        "out_dir": str(out_dir),
+        "model": raw_model,
+    }
 
 
 def gather_rng(rt, train_batches):
@@ -558,8 +676,10 @@ def gather_rng(rt, train_batches):
 def restore_rng(states, rt, train_batches, log):
     """Put back this rank's RNG states; with another number of processes, keep the fresh seeds."""
     if len(states) != rt.world_size:
-        log(f"resume: the checkpoint holds RNG states of {len(states)} processes, this run has {rt.world_size}; "
-            f"dropout and batches are drawn afresh from the seed")
+        log(
+            f"resume: the checkpoint holds RNG states of {len(states)} processes, this run has {rt.world_size}; "
+            f"dropout and batches are drawn afresh from the seed"
+        )
         return
     state = states[rt.rank]
     torch.set_rng_state(state["torch"].cpu())
@@ -577,7 +697,9 @@ USAGE = "CONFIG.py [CONFIG.py ...] [--key=value ...]"
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text("python -m mla_gpt.cli.train", USAGE, TrainConfig, ModelKeys, extra_help=MODEL_KEY_HELP))
+        print(
+            help_text("python -m mla_gpt.cli.train", USAGE, TrainConfig, ModelKeys, extra_help=MODEL_KEY_HELP)
+        )
         return 0
     try:
         cfg = load_config(argv, TrainConfig, ModelKeys)

@@ -9,6 +9,7 @@ token ids are stored as uint16 (both vocabularies are below 65536).
 
     python -m mla_gpt.data.prepare [shakespeare_char|shakespeare] [--data_dir DIR] [--encoding gpt2]
 """
+
 import argparse
 import os
 import pickle
@@ -97,12 +98,15 @@ def load_tiktoken_encoding(name):
     import tiktoken
 
     if name not in tiktoken.list_encoding_names():
-        raise ValueError(f"encoding={name!r} is not a tiktoken encoding; known: {tiktoken.list_encoding_names()}")
+        raise ValueError(
+            f"encoding={name!r} is not a tiktoken encoding; known: {tiktoken.list_encoding_names()}"
+        )
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # requests, OSError, hash mismatch: all mean the tokenizer data is unavailable
         raise RuntimeError(
-            f"could not load the tiktoken encoding {name!r}: {type(e).__name__}: {e}\n" + TIKTOKEN_HELP.format(name=name)
+            f"could not load the tiktoken encoding {name!r}: {type(e).__name__}: {e}\n"
+            + TIKTOKEN_HELP.format(name=name)
         ) from e
 
 
@@ -113,7 +117,9 @@ def prepare_bpe(data_dir, text=None, encoding="gpt2"):
     """
     enc = load_tiktoken_encoding(encoding) if isinstance(encoding, str) else encoding
     if enc.n_vocab > np.iinfo(np.uint16).max + 1:
-        raise ValueError(f"encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 storage allows at most 65536")
+        raise ValueError(
+            f"encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 storage allows at most 65536"
+        )
     text = CORPUS_PATH.read_text(encoding="utf-8") if text is None else text
     train_text, val_text = _split(text)
     meta = {"tokenizer": "tiktoken", "encoding": enc.name, "vocab_size": enc.n_vocab}
@@ -138,8 +144,10 @@ def ensure_prepared(dataset, data_dir=None, encoding="gpt2", log=print):
     """
     if not data_dir:
         if dataset not in DATASETS:
-            raise ValueError(f"dataset={dataset!r} has no bundled preparation ({', '.join(DATASETS)}); "
-                             f"set data_dir to a folder holding train.bin and val.bin")
+            raise ValueError(
+                f"dataset={dataset!r} has no bundled preparation ({', '.join(DATASETS)}); "
+                f"set data_dir to a folder holding train.bin and val.bin"
+            )
         data_dir = default_data_dir(dataset, log=log)
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
@@ -155,7 +163,9 @@ def ensure_prepared(dataset, data_dir=None, encoding="gpt2", log=print):
         log(f"preparing shakespeare (tiktoken {encoding}) from {CORPUS_PATH.name} into {data_dir} ...")
         prepare_bpe(data_dir, encoding=encoding)
     else:
-        raise FileNotFoundError(f"data_dir={str(data_dir)!r} has no train.bin / val.bin for dataset={dataset!r}")
+        raise FileNotFoundError(
+            f"data_dir={str(data_dir)!r} has no train.bin / val.bin for dataset={dataset!r}"
+        )
     return data_dir
 
 
@@ -166,9 +176,15 @@ def main():
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding for the BPE variant")
     args = parser.parse_args()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
-    meta = prepare_char(data_dir) if args.dataset == "shakespeare_char" else prepare_bpe(data_dir, encoding=args.encoding)
+    meta = (
+        prepare_char(data_dir)
+        if args.dataset == "shakespeare_char"
+        else prepare_bpe(data_dir, encoding=args.encoding)
+    )
     sizes = {name: os.path.getsize(data_dir / name) // 2 for name in SPLIT_FILES[:2]}
-    print(f"{data_dir}: vocab {meta['vocab_size']}, train {sizes['train.bin']:,} tokens, val {sizes['val.bin']:,} tokens")
+    print(
+        f"{data_dir}: vocab {meta['vocab_size']}, train {sizes['train.bin']:,} tokens, val {sizes['val.bin']:,} tokens"
+    )
 
 
 if __name__ == "__main__":

