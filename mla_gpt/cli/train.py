@@ -212,7 +212,7 @@ def _set_numpy_state(state):
     np.random.set_state(
         (
             state["name"],
-            state["keys"].numpy().astype(np.uint32),
+            state["keys"].cpu().numpy().astype(np.uint32),
             state["pos"],
             state["has_gauss"],
             state["cached_gaussian"],
