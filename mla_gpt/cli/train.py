@@ -576,9 +576,8 @@ def _train(cfg, rt):
                     metrics.plot(title)
                 improved = last_losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, last_losses["val"])
-                if iter_num > start_iter and (
-                    improved or cfg["always_save_checkpoint"]
-                ):  # not the state just loaded
+                # iter_num > start_iter: never re-save the state just loaded
+                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):
                     if rt.master:
                         save_checkpoint(out_dir / CHECKPOINT_NAME, make_checkpoint(rng))
                         log(f"saved checkpoint to {out_dir / CHECKPOINT_NAME}")
@@ -588,10 +587,8 @@ def _train(cfg, rt):
             loss_sum = torch.zeros((), device=rt.device)
             for micro_step in range(grad_accum):
                 x, y = train_batches.next()
-                if rt.ddp:
-                    model.require_backward_grad_sync = (
-                        micro_step == grad_accum - 1
-                    )  # all-reduce once per iteration
+                if rt.ddp:  # all-reduce the gradients once per iteration, on the last micro-step
+                    model.require_backward_grad_sync = micro_step == grad_accum - 1
                 with autocast:
                     _, loss = model(x, y)
                     loss = loss / grad_accum
