@@ -375,6 +375,8 @@ def test_sample_errors(trained, tmp_path, capsys):
     assert "checkpoint weights do not fit the model" in capsys.readouterr().err
     assert sample_cli.main(sample_args(out_dir, start="\u00e9t\u00e9")) == 2
     assert "not in the model's vocabulary" in capsys.readouterr().err
+    assert sample_cli.main([*sample_args(out_dir), "--cuda_graph=True", "--device=cpu"]) == 2
+    assert "cuda_graph=True needs a CUDA device, got device='cpu'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -46,6 +46,10 @@ class SampleConfig:
     attn_backend: Optional[str] = field(
         default=None, metadata={"help": "override the checkpoint's attention backend"}
     )
+    cuda_graph: Optional[bool] = field(
+        default=None,
+        metadata={"help": "replay the one-token decode step as a CUDA graph; None -> on for CUDA"},
+    )
 
 
 class Tokenizer:
@@ -121,10 +125,14 @@ def sample(cfg, out=None, err=None):
     model = model_from_checkpoint(checkpoint, **runtime)
     tokenizer = Tokenizer(checkpoint.get("meta"))
     model.eval().to(device)
+    cuda_graph = device_type == "cuda" if cfg["cuda_graph"] is None else cfg["cuda_graph"]
+    if cuda_graph and device_type != "cuda":
+        raise ConfigError(f"cuda_graph=True needs a CUDA device, got device={device!r}")
+    # a captured graph must not read autocast's cached weight casts, which are freed on exit
     autocast = (
         nullcontext()
         if dtypes[dtype] == torch.float32
-        else torch.amp.autocast(device_type, dtype=dtypes[dtype])
+        else torch.amp.autocast(device_type, dtype=dtypes[dtype], cache_enabled=not cuda_graph)
     )
 
     prompt = read_start(cfg["start"])
@@ -144,7 +152,8 @@ def sample(cfg, out=None, err=None):
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
             for token in model.generate_stream(
-                x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"]
+                x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
+                cuda_graph=cuda_graph,
             ):
                 piece = decode(int(token[0, 0]))
                 pieces.append(piece)

@@ -117,7 +117,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # (b, 1, vocab)
+            logits = self.lm_head(x[:, -1:, :])  # (b, 1, vocab)
             loss = None
         return logits, loss
 
