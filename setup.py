@@ -16,6 +16,8 @@ setup(
         "triton>=3.2,<4",
         "numpy>=1.24,<2.4",  # triton 3.6's interpreter fails under numpy >= 2.4 (DESIGN 5)
         "tiktoken>=0.6",
+        "tqdm>=4.60",  # progress bar of CPU training runs
+        "matplotlib>=3.6",  # loss-curve and benchmark plots
     ],
-    extras_require={"test": ["pytest>=7"], "plot": ["matplotlib>=3.6"]},
+    extras_require={"test": ["pytest>=7"]},
 )

@@ -8,6 +8,7 @@
 2. torch.compile(fullgraph=True) of that model: no graph break at attention.
 3. Host overhead of flash_attention forward + backward at a tiny shape (torch.profiler): where
    the CPU time of a call goes.
+4. (--only_layer_diagnostics) the attention layer on the kernels against its plain-PyTorch twin.
 """
 import argparse
 import copy
@@ -121,12 +122,64 @@ def profile_overhead():
     return dict(shape="B4-T128-H12-D32", fwd_bwd_wall_ms=wall_ms, pieces=per_call_ms, profile=table)
 
 
+def layer_diagnostics():
+    """Why the MLA layer on the kernels trails its plain-PyTorch twin although its core is faster.
+
+    (a) the core on contiguous q / k / v against the same core on strided slices of one
+        projection output, as the layer feeds it; (b) the CUDA kernels of one layer fwd+bwd,
+        ours against the plain-PyTorch MLA on cuDNN (bench/attention.py's PlainMLA).
+    """
+    import triton.testing
+
+    from bench.attention import PlainMLA, _sdpa_layer
+    from mla_gpt.model.attention import MultiHeadLatentAttention
+    from mla_kernels.attention import flash_attention
+
+    B, T, nh, r = 4, 4096, 12, 32
+    width = nh * r + 2 * nh * r
+    projected = torch.randn(B, T, width, device=DEVICE, dtype=LOW)
+    strided = (projected[..., : nh * r].view(B, T, nh, r),
+               projected[..., nh * r: 2 * nh * r].view(B, T, nh, r),
+               projected[..., 2 * nh * r:].view(B, T, nh, r))
+    contiguous = tuple(t.contiguous() for t in strided)
+    result = {}
+    for name, tensors in (("contiguous", contiguous), ("strided", strided)):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        dout = torch.randn(B, T, nh, r, device=DEVICE, dtype=LOW)
+        ms = triton.testing.do_bench(lambda: flash_attention(*leaves).backward(dout), return_mode="median")
+        result[f"core_fwd_bwd_ms_{name}"] = ms
+        print(f"core fwd+bwd B{B} T{T} H{nh} D{r}, {name} inputs: {ms:.3f} ms")
+    config = GPTConfig(n_embd=768, n_head=nh, bias=False, block_size=T, use_mla=True, mla_latent_dim=r,
+                       attn_backend="triton", mla_path="absorbed")
+    ours = MultiHeadLatentAttention(config).to(DEVICE, LOW)
+    layers = {"ours": ours, "plain_cudnn": _sdpa_layer(PlainMLA(ours, "cudnn"), "cudnn")}
+    x = torch.randn(B, T, 768, device=DEVICE, dtype=LOW, requires_grad=True)
+    for name, layer in layers.items():
+        for _ in range(3):
+            layer(x).sum().backward()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                layer(x).sum().backward()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        print(f"--- {name}: CUDA kernels of 5 layer fwd+bwd")
+        print(table)
+        result[f"profile_{name}"] = table
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip_compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to try the script on a CPU")
+    parser.add_argument("--only_layer_diagnostics", action="store_true")
     args = parser.parse_args()
+    if args.only_layer_diagnostics:
+        with open(args.out, "w") as f:
+            json.dump(layer_diagnostics(), f, indent=1)
+        return
     import triton
 
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
