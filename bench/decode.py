@@ -102,9 +102,10 @@ def copy_bandwidth(device):
 
 
 def make_caches(B, L, g, r, joint, device, lens=None):
-    """Random bf16 caches in LatentKVCache's layout (B, L, g, r); slots beyond lens are NaN."""
-    ck = torch.randn(B, L, g, r, device=device, dtype=torch.bfloat16)  # (B, L, g, r)
-    cv = None if joint else torch.randn(B, L, g, r, device=device, dtype=torch.bfloat16)  # (B, L, g, r)
+    """Random bf16 caches (B, L, g, r) in LatentKVCache's group-major storage (views of
+    (B, g, L, r) tensors); slots beyond lens are NaN."""
+    ck = torch.randn(B, g, L, r, device=device, dtype=torch.bfloat16).transpose(1, 2)  # (B, L, g, r)
+    cv = None if joint else torch.randn(B, g, L, r, device=device, dtype=torch.bfloat16).transpose(1, 2)
     if lens is not None:
         for b, n in enumerate(lens):
             ck[b, n:] = float("nan")
@@ -183,6 +184,13 @@ def time_shape(B, L, mode, splits, device, graph):
         add("ours", bench(lambda: op(q, ck, cv, seqlens, SCALE, None), graph), latent_bytes, num_splits=heur)
         add("ours_eager", bench(lambda: dec.latent_decode(q, ck, cv, seqlens, SCALE), False), latent_bytes,
             num_splits=heur)
+        # the first layout of the cache, token-major (B, L, g, r): each (row, group) program reads
+        # r-wide pieces strided by g r; kept as a row to show what the group-major storage bought
+        ck_tm, cv_tm = ck.contiguous(), None if cv is None else cv.contiguous()
+        op(q, ck_tm, cv_tm, seqlens, SCALE, None)
+        add("ours_token_major", bench(lambda: op(q, ck_tm, cv_tm, seqlens, SCALE, None), graph), latent_bytes,
+            num_splits=heur)
+        del ck_tm, cv_tm
 
     # plain PyTorch latent decode: SDPA with GQA over (B, g, L, r) latents
     qh = q.transpose(1, 2).contiguous()  # (B, nh, 1, r)

@@ -12,6 +12,10 @@ class LatentKVCache(nn.Module):
     SVD rank. Standard attention is the degenerate case n_groups = n_head,
     key_dim = value_dim = head_size (its K and V themselves).
     Rows are written by `update` in place; nothing grows by concatenation.
+
+    Storage is group-major, (max_batch, n_groups, max_seq, dim), handed out as (B, T, g, dim)
+    views: the decode kernel's program for one (row, group) then streams one contiguous block
+    of latents instead of dim-wide pieces strided by n_groups * dim.
     """
 
     def __init__(self, max_batch, max_seq, n_groups, key_dim, value_dim=None, *, dtype, device):
@@ -24,7 +28,7 @@ class LatentKVCache(nn.Module):
             raise ValueError(f"value_dim must be a positive int or None (joint latent), got {value_dim!r}")
         self.max_batch, self.max_seq = max_batch, max_seq
         self.joint = value_dim is None
-        shape = (max_batch, max_seq, n_groups)
+        shape = (max_batch, n_groups, max_seq)
         self.register_buffer("k_cache", torch.zeros(*shape, key_dim, dtype=dtype, device=device),
                              persistent=False)
         value_shape = (*shape, 0 if self.joint else value_dim)
@@ -70,10 +74,11 @@ class LatentKVCache(nn.Module):
                 raise ValueError(
                     f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"
                 )
-            if new.shape[2:] != buf.shape[2:] or new.shape[:2] != (B, T):
-                raise ValueError(f"{name} must be ({B}, {T}, {tuple(buf.shape[2:])}), got {tuple(new.shape)}")
-            buf[:B, positions] = new
+            expected = (B, T, buf.shape[1], buf.shape[3])
+            if tuple(new.shape) != expected:
+                raise ValueError(f"{name} must be {expected}, got {tuple(new.shape)}")
+            buf[:B, :, positions] = new.transpose(1, 2)
         end = self.max_seq if static else input_pos + T
-        k = self.k_cache[:B, :end]
-        v = None if self.joint else self.v_cache[:B, :end]
+        k = self.k_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, key_dim)
+        v = None if self.joint else self.v_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, value_dim)
         return k, v
