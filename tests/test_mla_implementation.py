@@ -346,6 +346,20 @@ def test_svd_activation_generation_warns_and_recomputes():
     torch.testing.assert_close(out, recompute_greedy(model, prompt, 5), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5),
+                                    dict(use_svd=True, svd_rank=5, svd_mode="activation")],
+                         ids=["mla", "svd-weight", "svd-activation"])
+def test_torch_compile_trains(kwargs):
+    """torch.compile traces the model; the randomized SVD runs outside the graph."""
+    torch.manual_seed(0)
+    model = GPT(mla_config(**kwargs))
+    idx = torch.randint(0, 61, (2, 17))
+    eager_loss = model(idx[:, :-1], idx[:, 1:])[1]
+    compiled_loss = torch.compile(model, backend="eager")(idx[:, :-1], idx[:, 1:])[1]
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+
+
 def test_nanogpt_interface():
     model = GPT(mla_config())
     assert model.get_num_params() < model.get_num_params(non_embedding=False)

@@ -60,12 +60,18 @@ def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
     return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, kernels)
 
 
-def _svd_module(kernels):
+@torch.compiler.disable  # the randomized SVD syncs with the host: it runs outside compiled graphs
+def _top_left_singular_vectors(matrices, rank, kernels):
+    """(..., m, n) -> the top-`rank` left singular vectors (..., m, rank), by randomized SVD.
+
+    No gradient flows through them; the test matrix is seeded, so a forward is reproducible.
+    """
+    generator = torch.Generator(device=matrices.device).manual_seed(0)
     if kernels:
         from mla_kernels import svd
 
-        return svd
-    return None
+        return svd.top_left_singular_vectors(matrices.detach(), rank, generator=generator)
+    return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
 
 
 def mla_path_costs(seq_len, n_embd, n_head, n_groups, latent_dim, value_dim, joint_kv=False):
@@ -293,12 +299,7 @@ class MultiHeadLatentAttention(nn.Module):
         g, r = self.n_groups, self.latent_dim
         stacked = w_uv.view(g, self.n_head // g, r, self.head_size).transpose(1, 2)
         stacked = stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)
-        generator = torch.Generator(device=stacked.device).manual_seed(0)
-        svd = _svd_module(_use_kernels(self.backend, stacked))
-        if svd is not None:
-            basis = svd.top_left_singular_vectors(stacked, self.svd_rank, generator=generator)
-        else:
-            basis = ref.randomized_svd_ref(stacked, self.svd_rank, generator=generator)[0]
+        basis = _top_left_singular_vectors(stacked, self.svd_rank, _use_kernels(self.backend, stacked))
         return basis.to(self.v_expand.weight.dtype)
 
     def _value_basis(self):
@@ -387,8 +388,8 @@ class MultiHeadLatentAttention(nn.Module):
     def _forward_activation_svd(self, x, kernels):
         """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.
 
-        Not causal: the projector comes from all T positions. V_low = V Vh_k^T Vh_k with the top
-        right singular vectors Vh_k detached, so gradients flow through V only.
+        Not causal: the projector comes from all T positions. V_low = V V_k V_k^T with the top
+        right singular vectors V_k (hs, k) detached, so gradients flow through V only.
         """
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
@@ -397,11 +398,8 @@ class MultiHeadLatentAttention(nn.Module):
         v = self.v_expand(c_v)  # (B, T, nh, hs)
         if self.svd_rank < min(T, self.head_size):
             per_head = v.transpose(1, 2)  # (B, nh, T, hs)
-            generator = torch.Generator(device=x.device).manual_seed(0)
-            svd = _svd_module(kernels)
-            randomized_svd = svd.randomized_svd if svd is not None else ref.randomized_svd_ref
-            _, _, vh = randomized_svd(per_head.detach(), self.svd_rank, generator=generator)
-            vh = vh.to(v.dtype)  # (B, nh, k, hs)
-            per_head = (per_head @ vh.transpose(-1, -2)) @ vh  # (B, nh, T, hs)
+            right = _top_left_singular_vectors(per_head.transpose(-1, -2), self.svd_rank, kernels)
+            right = right.to(v.dtype)  # (B, nh, hs, k)
+            per_head = (per_head @ right) @ right.transpose(-1, -2)  # (B, nh, T, hs)
             v = per_head.transpose(1, 2)
         return _causal_attention(q, k, v, self.softmax_scale, 0, kernels)
