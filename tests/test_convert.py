@@ -21,6 +21,16 @@ from mla_gpt.model import GPT, GPTConfig
 CORPUS_SLICE = 30_000  # characters of the bundled corpus: enough for block 16
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: torch's batched CPU QR (the reference SVD) slows ~1000x with two threads
+    on busy cores (measured 6.3 s vs 0.5 ms for (16, 128, 32)), and these models are tiny anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_model(n_head=4, n_embd=48, bias=True, dtype=torch.float64, seed=0):
     """A 2-layer standard GPT with weights far from their init (so no factor is trivially low rank)."""
     torch.manual_seed(seed)
@@ -62,7 +72,7 @@ def test_error_falls_with_rank_and_is_near_optimal():
     C, nh = model.config.n_embd, model.config.n_head
     hs = C // nh
     previous = float("inf")
-    for r in (1, 3, 6, 9, 12):
+    for r in (2, 7, 12):
         _, report = convert_model(model, r, generator=torch.Generator().manual_seed(0))
         error = report["layers"][0]["k"]
         w_k = model.transformer.h[0].attn.c_attn.weight[C:2 * C].double()  # (C, C) out x in
