@@ -118,29 +118,34 @@ def whitening_factors(moments):
 
 
 def factor(M, rank, whiten=None, oversample=16, n_iter=4, generator=None):
-    """Best rank-`rank` factorization M ~ A B of each matrix of M (b, C, n).
+    """Best rank-`rank` factorization M ~ A B of each matrix of M (..., C, n).
 
-    whiten: None (minimize ||M - A B||_F) or lower-triangular L (b, C, C) float64 (minimize
-    ||L^T (M - A B)||_F). Returns A (b, C, rank), B (b, rank, n) in M's dtype.
+    whiten: None (minimize ||M - A B||_F) or lower-triangular L (..., C, C) float64, broadcast
+    against M's batch dims (minimize ||L^T (M - A B)||_F). Returns A (..., C, rank), B (..., rank, n)
+    in M's dtype.
     """
-    target = M if whiten is None else (whiten.mT @ M.double()).to(M.dtype)  # (b, C, n)
+    target = M if whiten is None else (whiten.mT @ M.double()).to(M.dtype)  # (..., C, n)
     U, S, Vh = _svd(target, rank, oversample, n_iter, generator)
-    root = S.clamp_min(0).sqrt()  # (b, rank)
-    A = U * root[:, None, :]  # (b, C, rank)
-    B = root[:, :, None] * Vh  # (b, rank, n)
+    root = S.clamp_min(0).sqrt()  # (..., rank)
+    A = U * root[..., None, :]  # (..., C, rank)
+    B = root[..., :, None] * Vh  # (..., rank, n)
     if whiten is not None:
         A = torch.linalg.solve_triangular(whiten.mT, A.double(), upper=True).to(M.dtype)
     return A, B
 
 
-def _relative_error(M, A, B, whiten, per):
-    """sqrt(sum ||W (M - A B)||^2 / sum ||W M||^2) over each `per` consecutive matrices; W = L^T or I."""
-    E = M - A @ B  # (b, C, n)
+def _relative_error(M, A, B, whiten):
+    """sqrt(sum_j ||W (M_j - A_j B_j)||^2 / sum_j ||W M_j||^2) over the groups j; W = L^T or I.
+
+    M (L, n_latents, g, C, n), A (..., C, r), B (..., r, n), whiten None or (L, 1, 1, C, C).
+    Returns (L, n_latents) float64.
+    """
+    E = M - A @ B  # (L, n_latents, g, C, n)
     if whiten is not None:
         E, M = whiten.mT @ E.double(), whiten.mT @ M.double()
-    err = E.double().square().sum((-2, -1)).view(-1, per).sum(-1)
-    ref = M.double().square().sum((-2, -1)).view(-1, per).sum(-1)
-    return (err / ref).sqrt()  # (b // per,)
+    err = E.double().square().sum((-3, -2, -1))
+    ref = M.double().square().sum((-3, -2, -1))
+    return (err / ref).sqrt()
 
 
 def convert_state_dict(state_dict, model_args, latent_dim=None, kv_groups=None, joint_kv=False, moments=None,
@@ -180,31 +185,28 @@ def convert_state_dict(state_dict, model_args, latent_dim=None, kv_groups=None, 
     Wk = W[:, C:2 * C].mT.reshape(L, C, g, n).permute(0, 2, 1, 3)  # (L, g, C, n)
     Wv = W[:, 2 * C:].mT.reshape(L, C, g, n).permute(0, 2, 1, 3)  # (L, g, C, n)
     if joint_kv:
-        M = torch.cat([Wk, Wv], dim=-1).reshape(L * g, C, 2 * n)  # (L g, C, 2n)
-        per_layer, names = g, ("kv",)
+        M = torch.cat([Wk, Wv], dim=-1)[:, None]  # (L, 1, g, C, 2n)
+        names = ("kv",)
     else:
-        M = torch.stack([Wk, Wv], dim=1).reshape(L * 2 * g, C, n)  # (L 2 g, C, n): latent-major per layer
-        per_layer, names = g, ("k", "v")
+        M = torch.stack([Wk, Wv], dim=1)  # (L, 2, g, C, n): the (latent, group) layout of kv_latent_proj
+        names = ("k", "v")
     whiten = None
     if moments is not None:
-        factors = whitening_factors(moments.to(M.device))  # (L, C, C)
-        whiten = factors.repeat_interleave(M.size(0) // L, dim=0)  # (b, C, C)
-    A, B = factor(M, r, whiten, oversample, n_iter, generator)  # (b, C, r), (b, r, n or 2n)
+        whiten = whitening_factors(moments.to(M.device))[:, None, None]  # (L, 1, 1, C, C)
+    A, B = factor(M, r, whiten, oversample, n_iter, generator)  # (L, nl, g, C, r), (L, nl, g, r, n or 2n)
 
-    errors = _relative_error(M, A, B, None, per_layer).view(L, len(names))
+    errors = _relative_error(M, A, B, None)  # (L, nl)
     report = {"layers": [dict(zip(names, map(float, row), strict=True)) for row in errors]}
     if whiten is not None:
-        weighted = _relative_error(M, A, B, whiten, per_layer).view(L, len(names))
+        weighted = _relative_error(M, A, B, whiten)
         for layer, row in zip(report["layers"], weighted, strict=True):
             layer.update({f"weighted_{k}": float(v) for k, v in zip(names, row, strict=True)})
 
     n_latents = 1 if joint_kv else 2
-    A = A.reshape(L, n_latents, g, C, r)
-    B = B.reshape(L, g, r, 2 * n) if joint_kv else B.reshape(L, 2, g, r, n)
     out = {k: v for k, v in sd.items() if ".attn." not in k}
     for i in range(L):
         if joint_kv:
-            Bk, Bv = B[i, ..., :n], B[i, ..., n:]  # (g, r, n) each
+            Bk, Bv = B[i, 0, ..., :n], B[i, 0, ..., n:]  # (g, r, n) each
         else:
             Bk, Bv = B[i, 0], B[i, 1]
         prefix = f"transformer.h.{i}.attn."
