@@ -34,8 +34,8 @@ Group j of the g latent groups holds heads j nh/g .. (j + 1) nh/g - 1 (their col
 
 Factorizations run batched over all layers and groups through `mla_kernels.svd.randomized_svd`
 (the Triton kernels on CUDA; float32 math) with `svd_oversample` extra sketch columns (default 16)
-and `svd_n_iter` power iterations (default 4): on the bench model the error is within 0.1% of
-the exact truncated SVD's (bench/NOTES_convert.md). float64 weights go to the float64 reference
+and `svd_n_iter` power iterations (default 4): on the bench model (bench/convert.py) the error equals
+the exact truncated SVD's to four digits, and tests/test_convert.py holds it within 1% of it. float64 weights go to the float64 reference
 `randomized_svd_ref` instead, since the kernels compute in float32.
 """
 
@@ -64,14 +64,19 @@ from mla_kernels.reference import randomized_svd_ref
 from mla_kernels.svd import randomized_svd
 
 RIDGE = 1e-6  # ridge of the calibration Gram matrix, relative to its mean diagonal
-ATTENTION_KEYS = ("q_proj", "kv_latent_proj", "k_expand", "v_expand", "c_proj")
+ERROR_LABELS = {"k": "K", "v": "V", "kv": "KV", "weighted_k": "weighted K", "weighted_v": "weighted V",
+                "weighted_kv": "weighted KV"}
 
 
 @dataclass
 class ConvertConfig:
     in_dir: str = field(default="out", metadata={"help": "folder holding the standard-attention ckpt.pt"})
-    out_dir: str = field(default="out-converted", metadata={"help": "folder the MLA ckpt.pt is written to"})
-    mla_latent_dim: Optional[int] = field(default=None, metadata={"help": "latent width r; None -> head size // 2"})
+    out_dir: str = field(
+        default="out-converted", metadata={"help": "folder the MLA ckpt.pt is written to"}
+    )
+    mla_latent_dim: Optional[int] = field(
+        default=None, metadata={"help": "latent width r; None -> head size // 2"}
+    )
     mla_kv_groups: Optional[int] = field(default=None, metadata={"help": "latent groups g; None -> n_head"})
     mla_joint_kv: bool = field(default=False, metadata={"help": "one latent for K and V (DeepSeek-V2 style)"})
     calibration_batches: int = field(
@@ -82,7 +87,9 @@ class ConvertConfig:
     svd_oversample: int = field(default=16, metadata={"help": "extra sketch columns of the randomized SVD"})
     svd_n_iter: int = field(default=4, metadata={"help": "power iterations of the randomized SVD"})
     seed: int = field(default=1337, metadata={"help": "seed of the SVD sketches and the calibration batches"})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"})
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"}
+    )
 
 
 # ----------------------------------------------------------------------------- the factorization
@@ -284,8 +291,7 @@ def attention_input_moments(model, batches, n_batches):
 def print_report(report, log=print):
     """Per-layer relative reconstruction errors and the KV cache saving."""
     for i, layer in enumerate(report["layers"]):
-        parts = [f"{k.replace('weighted_', 'weighted ').replace('kv', 'KV').replace('k', 'K').replace('v', 'V')}"
-                 f" {v:.4f}" for k, v in layer.items()]
+        parts = [f"{ERROR_LABELS[k]} {v:.4f}" for k, v in layer.items()]
         log(f"layer {i}: relative reconstruction error " + ", ".join(parts))
     kv = report["kv_elements_per_token_layer"]
     log(f"KV cache per token and layer: standard {kv['standard']} elements, MLA {kv['mla']} "
