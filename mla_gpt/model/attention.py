@@ -375,6 +375,10 @@ class MultiHeadLatentAttention(nn.Module):
         c_k, c_v = self._latents(projected[..., nh * r :], basis)  # (B, T, g, r), (B, T, g, rv)
 
         if cache is None:
+            # The slices of one projection are strided by its full width; the core ran fwd+bwd
+            # 1.14 ms on them against 0.86 ms on contiguous copies (H200, B 4, T 4096, r 32), while
+            # the copies move ~75 MB there (~20 us at copy bandwidth, estimated, not timed).
+            q_lat, c_k, c_v = (t.contiguous() for t in (q_lat, c_k, c_v))
             o_lat = _causal_attention(q_lat, c_k, c_v, self.softmax_scale, 0, kernels)  # (B, T, nh, rv)
         else:
             c_k, c_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)  # (B, Tk, g, .)
