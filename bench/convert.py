@@ -77,6 +77,8 @@ def main():
     parser.add_argument("--iters", type=int, default=1000, help="steps of the standard run")
     parser.add_argument("--work_dir", default="/tmp/mla_convert_bench")
     opts = parser.parse_args()
+    # one intra-op thread: on 2 shared cores, two threads stall batched CPU QR (the SVD) ~1000x and slow training
+    torch.set_num_threads(1)
     work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     iters = opts.iters
@@ -96,8 +98,12 @@ def main():
     for r in (hs, hs // 2, hs // 4):
         scratch_dir = work / f"scratch_r{r}"
         scratch_steps = iters + round(max(FINE_TUNE_FRACTIONS) * iters)
-        scratch_loss, scratch_time = run_train(
-            base_args(str(scratch_dir), scratch_steps, use_mla=True, mla_latent_dim=r))
+        done = scratch_dir / train_cli.CHECKPOINT_NAME
+        if done.exists() and train_cli.load_checkpoint(done)["iter_num"] == scratch_steps:  # a finished earlier run
+            scratch_loss, scratch_time = train_cli.load_checkpoint(done)["best_val_loss"], float("nan")
+        else:
+            scratch_loss, scratch_time = run_train(
+                base_args(str(scratch_dir), scratch_steps, use_mla=True, mla_latent_dim=r))
         print(f"r={r}: MLA from scratch, {scratch_steps} steps: val loss {scratch_loss:.4f}", flush=True)
         for calib in (0, CALIB_BATCHES):
             conv_dir = work / f"converted_r{r}_calib{calib}"
