@@ -239,6 +239,25 @@ def test_svd_weight_basis_orthonormal_and_frozen_in_eval():
     assert not torch.allclose(mla.value_basis, basis)  # training: recomputed from the new weights
 
 
+def test_svd_weight_basis_recomputed_only_when_weights_change(monkeypatch):
+    mla = layer(mla_config(use_svd=True, svd_rank=5))
+    calls = []
+    compute = mla._compute_value_basis
+    monkeypatch.setattr(mla, "_compute_value_basis", lambda: calls.append(1) or compute())
+    x = torch.randn(1, 6, 96, dtype=torch.float64)
+    mla(x)
+    mla(x)  # a second micro-step on the same weights reuses the basis
+    assert len(calls) == 1
+    optimizer = torch.optim.SGD(mla.parameters(), lr=0.1)
+    mla(x).sum().backward()
+    optimizer.step()
+    before = mla.value_basis.clone()
+    mla(x)  # the step changed v_expand: recomputed
+    assert len(calls) == 2 and not torch.allclose(mla.value_basis, before)
+    with torch.no_grad():
+        torch.testing.assert_close(mla.value_basis, compute())
+
+
 def test_svd_weight_keeps_the_top_subspace_of_each_group():
     mla = layer(mla_config(use_svd=True, svd_rank=5, mla_kv_groups=2)).eval()
     stacked = mla.v_expand.weight.detach().view(2, 2, 12, 24).transpose(1, 2).reshape(2, 12, 48)

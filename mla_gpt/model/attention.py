@@ -206,6 +206,7 @@ class MultiHeadLatentAttention(nn.Module):
             # top-svd_rank left singular vectors of each group's stacked value expansion
             basis = torch.zeros(self.n_groups, self.latent_dim, self.svd_rank)  # (g, r, k)
             self.register_buffer("value_basis", basis)
+            self._basis_stamp = None  # (storage, version) of v_expand.weight the basis was computed from
         elif self.svd_mode == "activation":
             self.svd_rank = config.svd_rank or self.head_size
         self._warned_no_cache = False
@@ -289,9 +290,22 @@ class MultiHeadLatentAttention(nn.Module):
         """Entering eval freezes the value basis from the current weights (svd 'weight')."""
         super().train(mode)
         if not mode and self.svd_mode == "weight":
+            self._refresh_value_basis()
+        return self
+
+    @torch.compiler.disable  # reads parameter versions; the randomized SVD runs outside graphs
+    def _refresh_value_basis(self):
+        """Recompute the basis into its buffer if v_expand's weights changed since the last time.
+
+        A parameter's version counter moves with every in-place update (optimizer steps,
+        load_state_dict), so micro-steps of one accumulated step and repeated evals share one SVD.
+        """
+        weight = self.v_expand.weight
+        stamp = (weight.data_ptr(), weight._version)
+        if stamp != self._basis_stamp:
             with torch.no_grad():
                 self.value_basis.copy_(self._compute_value_basis())
-        return self
+            self._basis_stamp = stamp
 
     def _compute_value_basis(self):
         """Top-k left singular vectors of [W_uv^h for h in group]: (g, r, k), no gradient."""
@@ -303,11 +317,9 @@ class MultiHeadLatentAttention(nn.Module):
         return basis.to(self.v_expand.weight.dtype)
 
     def _value_basis(self):
-        """The projector basis U_k (g, r, k): recomputed while training, frozen in eval."""
+        """The projector basis U_k (g, r, k): follows the weights while training, frozen in eval."""
         if self.training:
-            basis = self._compute_value_basis()
-            self.value_basis.copy_(basis)
-            return basis
+            self._refresh_value_basis()
         return self.value_basis
 
     # ---- forward ---------------------------------------------------------------------------
