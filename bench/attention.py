@@ -208,7 +208,7 @@ def _sdpa_layer(layer, backend):
 
 def layer_providers(C, nh, r, on_gpu, device, dtype):
     """name -> callable x -> y, each a freshly initialised layer (weights in dtype)."""
-    base = dict(n_embd=C, n_head=nh, block_size=max(1 << 14, 1), bias=False, dropout=0.0)
+    base = dict(n_embd=C, n_head=nh, block_size=1 << 14, bias=False, dropout=0.0)
     std = CausalSelfAttention(GPTConfig(**base, attn_backend="auto")).to(device, dtype)
     mla_cfg = dict(base, use_mla=True, mla_latent_dim=r)
     ref_mla = MultiHeadLatentAttention(GPTConfig(**mla_cfg, attn_backend="reference", mla_path="absorbed"))

@@ -174,8 +174,7 @@ def time_shape(B, L, mode, splits, device, graph):
     q = torch.randn(B, 1, NH, r, device=device, dtype=torch.bfloat16)  # (B, 1, nh, r)
     seqlens = torch.full((B,), L, device=device, dtype=torch.int32)
     op = torch.ops.mla_kernels.latent_decode
-    heur = dec.num_splits_heuristic(B, g, 1, L, torch.cuda.get_device_properties(device).multi_processor_count
-                                    if graph else 132)
+    heur = dec.num_splits_heuristic(B, g, 1, L, dec._num_sms(device))
     if graph:
         for s in sorted({*[s for s in splits if s <= max(1, L // dec.MIN_SPLIT_TOKENS)], heur}):
             op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph
@@ -333,7 +332,7 @@ def main():
         result["correctness"] = correctness(device)
         result["autotune"] = {str(k): str(v) for k, v in dec._decode_partial_tuned.cache.items()}
     result["memory"] = memory_report(device, args.budget_gb, args.layers)
-    tag = "h200" if gpu else "cpu"
+    tag = torch.cuda.get_device_name(device).split()[-1].lower() if gpu else "cpu"  # "NVIDIA H200" -> h200
     with open(os.path.join(args.out, f"decode_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, f"decode_{tag}_timings.csv"), "w", newline="") as f:

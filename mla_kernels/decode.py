@@ -342,15 +342,19 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     return out, lse
 
 
+def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+    if q_lat.device.type == "cpu" and not _interpreting():
+        out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
+        return out, lse.to(torch.float32)
+    return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+
+
 @torch.library.custom_op("mla_kernels::latent_decode", mutates_args=())
 def _latent_decode_op(
     q_lat: torch.Tensor, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor], cache_seqlens: torch.Tensor,
     softmax_scale: float, num_splits: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q_lat.device.type == "cpu" and not _interpreting():
-        out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
-        return out, lse.to(torch.float32)
-    return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+    return _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
 
 
 @_latent_decode_op.register_fake
@@ -385,5 +389,7 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     decode step), where a sync per layer and token would stall the launch queue.
     """
     _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens)
-    return torch.ops.mla_kernels.latent_decode(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale),
-                                               num_splits)
+    # torch.compile traces the custom op; eager calls skip its dispatcher (~0.15 ms a call on the
+    # H200 for the attention ops, bench/NOTES.md), a cost paid per layer and token
+    op = torch.ops.mla_kernels.latent_decode if torch.compiler.is_compiling() else _latent_decode_impl
+    return op(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)

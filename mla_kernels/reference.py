@@ -120,9 +120,11 @@ def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None):
     Returns U (..., m, rank), S (..., rank) descending, Vh (..., rank, n) in A's
     compute dtype. generator: a torch.Generator on A's device for a reproducible Omega.
     """
+    m, n = A.shape[-2:]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}] for ({m}, {n}) matrices, got {rank}")
     cdt = _compute_dtype(A.dtype)
     A = A.to(cdt)
-    m, n = A.shape[-2:]
     sketch = min(rank + oversample, m, n)
     omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=cdt)
     Q, _ = torch.linalg.qr(A @ omega)  # (..., m, sketch)

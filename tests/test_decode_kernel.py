@@ -110,6 +110,19 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_compiled_call_runs_the_custom_op_and_matches_eager():
+    """torch.compile traces the custom op (fullgraph); eager calls skip the dispatcher."""
+    torch.manual_seed(5)
+    q, ck, cv, lens = _make_inputs(2, 1, 4, 2, 16, 16, False, torch.float32, [3, 40], L=48)
+
+    def decode(q, ck, cv, lens):
+        return latent_decode(q, ck, cv, lens, SCALE, num_splits=2, check_seqlens=False)
+
+    compiled = torch.compile(decode, backend="aot_eager", fullgraph=True)(q, ck, cv, lens)
+    eager = decode(q, ck, cv, lens)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_heuristic():
     sms = 132
     assert num_splits_heuristic(64, 12, 1, 4096, sms) == 1  # 768 programs already fill the H200

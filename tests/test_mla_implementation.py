@@ -169,9 +169,9 @@ def test_compression_ratio_formula():
 
 def test_path_cost_model_prefers_latent_space_below_head_size():
     for r in (8, 16, 32):
-        costs = mla_path_costs(2048, 768, 12, 12, r, r)
+        costs = mla_path_costs(2048, 768, 12, r, r)
         assert costs["absorbed"] < costs["expanded"]
-    costs = mla_path_costs(2048, 768, 12, 12, 192, 192)
+    costs = mla_path_costs(2048, 768, 12, 192, 192)
     assert costs["expanded"] < costs["absorbed"]
 
 

@@ -135,3 +135,9 @@ def test_low_rank_approx_ref_keeps_dtype_and_shape():
     approx = ref.low_rank_approx_ref(A, 4)
     assert approx.shape == A.shape and approx.dtype == A.dtype
     assert torch.linalg.matrix_rank(approx, rtol=1e-4).max() <= 4  # float32 rounding leaves ~1e-7 tails
+
+
+@pytest.mark.parametrize("rank", [0, 21], ids=["rank0", "rank>min"])
+def test_randomized_svd_ref_rejects_bad_rank(rank):
+    with pytest.raises(ValueError, match=f"rank must be in \\[1, min\\(m, n\\)\\] = \\[1, 20\\].*got {rank}"):
+        ref.randomized_svd_ref(torch.randn(30, 20), rank)

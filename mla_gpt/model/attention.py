@@ -7,7 +7,6 @@ TRITON_INTERPRET=1), 'reference' runs `mla_kernels.reference`, 'auto' picks the 
 CUDA and the reference on CPU (CausalSelfAttention: PyTorch's SDPA, nanoGPT's fast path).
 """
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +73,7 @@ def _top_left_singular_vectors(matrices, rank, kernels):
     return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
 
 
-def mla_path_costs(seq_len, n_embd, n_head, n_groups, latent_dim, value_dim, joint_kv=False):
+def mla_path_costs(seq_len, n_embd, n_head, latent_dim, value_dim):
     """Cost per token of one MLA forward in each form, in FLOP-equivalents (DESIGN 2).
 
     absorbed: composed query (C -> nh r) and output (nh rv -> C) projections, attention
@@ -82,15 +81,15 @@ def mla_path_costs(seq_len, n_embd, n_head, n_groups, latent_dim, value_dim, joi
     expanded: full q and output projections, attention at head size hs, plus the expansion
       of each K/V tile once per EXPANSION_ROWS_PER_TILE query rows (fused kernel).
     Bytes: the per-head activations each form writes and reads back (q and o).
-    Causal attention sees seq_len / 2 keys per query on average.
+    Causal attention sees seq_len / 2 keys per query on average. The latent projection is
+    the same in both forms and left out.
     """
     C, nh, r, rv = n_embd, n_head, latent_dim, value_dim
     hs = C // nh
-    latent_flops = 2 * C * n_groups * (r if joint_kv else r + rv)
     keys = seq_len / 2
-    absorbed_flops = 2 * C * nh * r + latent_flops + 2 * nh * (r + rv) * keys + 2 * nh * rv * C
+    absorbed_flops = 2 * C * nh * r + 2 * nh * (r + rv) * keys + 2 * nh * rv * C
     expansion_flops = 2 * nh * hs * (r + rv) * keys / EXPANSION_ROWS_PER_TILE
-    expanded_flops = 4 * C * C + latent_flops + 4 * nh * hs * keys + expansion_flops
+    expanded_flops = 4 * C * C + 4 * nh * hs * keys + expansion_flops
     absorbed_bytes = 2 * nh * (r + rv) * ACTIVATION_BYTES
     expanded_bytes = 4 * C * ACTIVATION_BYTES
     return {
@@ -209,7 +208,6 @@ class MultiHeadLatentAttention(nn.Module):
             self._basis_stamp = None  # (storage, version) of v_expand.weight the basis was computed from
         elif self.svd_mode == "activation":
             self.svd_rank = config.svd_rank or self.head_size
-        self._warned_no_cache = False
 
     # ---- sizes and reports -------------------------------------------------------------
 
@@ -280,8 +278,7 @@ class MultiHeadLatentAttention(nn.Module):
     def choose_path(self, seq_len):
         if self.path != "auto":
             return self.path
-        costs = mla_path_costs(seq_len, self.n_embd, self.n_head, self.n_groups, self.latent_dim,
-                               self.value_dim, self.caches_joint_latent)
+        costs = mla_path_costs(seq_len, self.n_embd, self.n_head, self.latent_dim, self.value_dim)
         return min(costs, key=costs.get)
 
     # ---- svd 'weight': the value basis ---------------------------------------------------

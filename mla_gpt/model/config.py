@@ -82,13 +82,6 @@ class GPTConfig:
     def kv_groups(self):
         return self.mla_kv_groups if self.mla_kv_groups is not None else self.n_head
 
-    @property
-    def value_rank(self):
-        """Width of the cached value latent: svd_rank under svd 'weight', else the latent dim."""
-        if self.use_svd and self.svd_mode == "weight" and self.svd_rank is not None:
-            return self.svd_rank
-        return self.latent_dim
-
 
 def _check_type(name, value, annotation):
     """TypeError unless value fits the field's annotation (int accepted where float is asked)."""
