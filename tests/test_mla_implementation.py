@@ -340,6 +340,24 @@ def test_cuda_graph_needs_cuda():
         model.generate(torch.zeros(1, 2, dtype=torch.long), 2, cuda_graph=True)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5)], ids=["mla", "svd-weight"])
+def test_inference_reuses_composed_weights_until_a_parameter_changes(kwargs):
+    mla = layer(mla_config(mla_path="absorbed", **kwargs)).eval()
+    x = torch.randn(2, 5, 96, dtype=torch.float64)
+    with torch.no_grad():
+        mla(x)
+        composed = mla._absorbed_memo[1]
+        mla(x)
+        assert mla._absorbed_memo[1] is composed  # nothing changed: composed once
+        for module in (mla.q_proj, mla.k_expand, mla.v_expand, mla.c_proj):
+            module.weight.mul_(1.5)  # in place, as an optimizer step or load_state_dict
+            stale = mla._absorbed_memo[1]
+            without_grad = mla(x)
+            assert mla._absorbed_memo[1] is not stale
+            with torch.enable_grad():  # composes afresh, no memo
+                torch.testing.assert_close(without_grad, mla(x), atol=1e-12, rtol=0)
+
+
 def test_generation_uses_one_token_per_step():
     model = GPT(mla_config()).double().eval()
     lengths = []

@@ -199,6 +199,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.v_expand = LatentExpansion(nh, self.latent_dim, self.head_size)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._absorbed_memo = None  # (parameter stamp, composed weights), see _absorbed_weights
 
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
@@ -331,17 +332,12 @@ class MultiHeadLatentAttention(nn.Module):
             return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
         basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
-        w_uk = self.k_expand.weight  # (nh, r, hs)
-        w_uv = self.v_expand.weight  # (nh, r, hs)
-        if basis is not None:
-            head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
-            w_uv = torch.einsum("hrk,hrd->hkd", head_basis, w_uv)  # (nh, k, hs)
-
         path = "absorbed" if cache is not None else self.choose_path(T)
         if path == "absorbed":
-            return self.resid_dropout(self._forward_absorbed(x, w_uk, w_uv, basis, cache, input_pos, kernels))
+            return self.resid_dropout(self._forward_absorbed(x, basis, cache, input_pos, kernels))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
+        w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
         if kernels:
             from mla_kernels.attention import mla_attention_expanded
 
@@ -349,6 +345,43 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             y = ref.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, self.softmax_scale)[0]
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+    def _value_expansion(self, basis):
+        """W_uv (nh, r, hs), or U_k^T W_uv (nh, k, hs) for the value latent z = c^v U_k."""
+        if basis is None:
+            return self.v_expand.weight
+        head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
+        return torch.einsum("hrk,hrd->hkd", head_basis, self.v_expand.weight)  # (nh, k, hs)
+
+    def _absorbed_weights(self, basis):
+        """The composed weights of the absorbed form: (weight_in, bias_in, weight_out).
+
+        weight_in (nh r + (2|1) g r, C): q_proj composed with W_uk, beside kv_latent_proj;
+        bias_in its bias or None; weight_out (C, nh rv): W_uv composed with c_proj.
+        Without autograd (generation) they are composed once and reused while no parameter has
+        changed (storage and version counter), instead of at every step in every layer.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._compose_absorbed_weights(basis)
+        tensors = [*self.parameters(), *([] if basis is None else [basis])]
+        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._absorbed_memo is None or self._absorbed_memo[0] != stamp:
+            self._absorbed_memo = (stamp, self._compose_absorbed_weights(basis))
+        return self._absorbed_memo[1]
+
+    def _compose_absorbed_weights(self, basis):
+        C, nh, hs, r = self.n_embd, self.n_head, self.head_size, self.latent_dim
+        w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
+        w_q = self.q_proj.weight.view(nh, hs, C)
+        w_q_absorbed = torch.einsum("hrd,hdc->hrc", w_uk, w_q).reshape(nh * r, C)
+        weight_in = torch.cat([w_q_absorbed, self.kv_latent_proj.weight])  # (nh r + (2|1) g r, C)
+        bias_in = None
+        if self.q_proj.bias is not None:
+            b_q_absorbed = torch.einsum("hrd,hd->hr", w_uk, self.q_proj.bias.view(nh, hs)).reshape(-1)
+            bias_in = torch.cat([b_q_absorbed, self.kv_latent_proj.bias])
+        w_o = self.c_proj.weight.view(C, nh, hs)
+        weight_out = torch.einsum("chd,hkd->chk", w_o, w_uv).reshape(C, -1)  # (C, nh rv)
+        return weight_in, bias_in, weight_out
 
     def _latents(self, latent, basis):
         """Split kv_latent_proj's output (B, T, (2|1) g r) into c^k (B, T, g, r) and the value latent.
@@ -363,7 +396,7 @@ class MultiHeadLatentAttention(nn.Module):
             c_v = torch.einsum("btgr,grk->btgk", c_v, basis)
         return c_k, c_v
 
-    def _forward_absorbed(self, x, w_uk, w_uv, basis, cache, input_pos, kernels):
+    def _forward_absorbed(self, x, basis, cache, input_pos, kernels):
         """Latent-space attention with the projections composed into one GEMM on each side.
 
         In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
@@ -371,15 +404,9 @@ class MultiHeadLatentAttention(nn.Module):
         torch: these are plain dense GEMMs, which a Triton GEMM would not beat.
         """
         B, T, C = x.shape
-        nh, hs, r = self.n_head, self.head_size, self.latent_dim
-        w_q = self.q_proj.weight.view(nh, hs, C)
-        w_q_absorbed = torch.einsum("hrd,hdc->hrc", w_uk, w_q).reshape(nh * r, C)
-        weight = torch.cat([w_q_absorbed, self.kv_latent_proj.weight])  # (nh r + (2|1) g r, C)
-        bias = None
-        if self.q_proj.bias is not None:
-            b_q_absorbed = torch.einsum("hrd,hd->hr", w_uk, self.q_proj.bias.view(nh, hs)).reshape(-1)
-            bias = torch.cat([b_q_absorbed, self.kv_latent_proj.bias])
-        projected = F.linear(x, weight, bias)
+        nh, r = self.n_head, self.latent_dim
+        weight_in, bias_in, weight_out = self._absorbed_weights(basis)
+        projected = F.linear(x, weight_in, bias_in)
         q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
         c_k, c_v = self._latents(projected[..., nh * r :], basis)  # (B, T, g, r), (B, T, g, rv)
 
@@ -393,10 +420,7 @@ class MultiHeadLatentAttention(nn.Module):
             c_k, c_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)  # (B, Tk, g, .)
             o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
 
-        rv = o_lat.size(-1)
-        w_o = self.c_proj.weight.view(C, nh, hs)
-        w_o_absorbed = torch.einsum("chd,hkd->chk", w_o, w_uv).reshape(C, nh * rv)
-        return F.linear(o_lat.reshape(B, T, nh * rv), w_o_absorbed, self.c_proj.bias)
+        return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, kernels):
         """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.
