@@ -324,7 +324,7 @@ def _small_svd(Q, Z, gram, l, rank):
     return U, S, Vh
 
 
-def _validate(A, rank, oversample, n_iter, name):
+def _validate(A, rank, oversample, n_iter, name, check_finite):
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
     if not A.is_floating_point():
@@ -339,7 +339,7 @@ def _validate(A, rank, oversample, n_iter, name):
             raise ValueError(f"{arg} must be >= {low}, got {value}")
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(m, n) = {min(m, n)} for {name} of shape {tuple(A.shape)}, got {rank}")
-    if A.numel() and not bool(torch.isfinite(A).all()):
+    if check_finite and A.numel() and not bool(torch.isfinite(A).all()):  # one device sync
         raise ValueError(f"{name} must be finite, got NaN or inf entries ({name} of shape {tuple(A.shape)})")
 
 
@@ -347,8 +347,8 @@ def _use_triton(A):
     return A.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _randomized_svd(A, rank, oversample, n_iter, generator, name):
-    _validate(A, rank, oversample, n_iter, name)
+def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=True):
+    _validate(A, rank, oversample, n_iter, name, check_finite)
     *batch_shape, m, n = A.shape
     if not _use_triton(A):
         U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator)
@@ -396,6 +396,10 @@ def low_rank_approx(A, rank, oversample=8, n_iter=2, generator=None):
     return ((U * S[..., None, :]) @ Vh).to(A.dtype)
 
 
-def top_left_singular_vectors(M, rank, oversample=8, n_iter=2, generator=None):
-    """Top-`rank` left singular vectors U (..., m, rank) float32 of M (..., m, n)."""
-    return _randomized_svd(M, rank, oversample, n_iter, generator, "M")[0]
+def top_left_singular_vectors(M, rank, oversample=8, n_iter=2, generator=None, check_finite=True):
+    """Top-`rank` left singular vectors U (..., m, rank) float32 of M (..., m, n).
+
+    check_finite=False skips the NaN / inf check and its device sync, for callers whose input
+    cannot hold them or who check elsewhere (the model, once per training step or forward).
+    """
+    return _randomized_svd(M, rank, oversample, n_iter, generator, "M", check_finite)[0]

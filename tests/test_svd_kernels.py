@@ -232,3 +232,13 @@ def test_bad_input(args, error, words):
 def test_bad_input_names_m_for_top_left_singular_vectors():
     with pytest.raises(TypeError, match="M must have a floating dtype"):
         top_left_singular_vectors(torch.ones(4, 4, dtype=torch.int32), 2)
+
+
+def test_check_finite_false_skips_only_the_nan_check():
+    bad = torch.randn(20, 12)
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="M must be finite"):
+        top_left_singular_vectors(bad, 3)
+    top_left_singular_vectors(bad, 3, check_finite=False)  # the caller vouches: no check, no sync
+    with pytest.raises(ValueError, match="rank must be <= min"):
+        top_left_singular_vectors(bad, 13, check_finite=False)  # every other check stays

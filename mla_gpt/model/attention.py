@@ -69,7 +69,8 @@ def _top_left_singular_vectors(matrices, rank, kernels):
     if kernels:
         from mla_kernels import svd
 
-        return svd.top_left_singular_vectors(matrices.detach(), rank, generator=generator)
+        # weights and activations are finite while the loss is (the trainer stops on a NaN loss)
+        return svd.top_left_singular_vectors(matrices.detach(), rank, generator=generator, check_finite=False)
     return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
 
 
