@@ -56,6 +56,7 @@ from mla_gpt.cli.train import (
     CheckpointError,
     TrainConfig,
     load_checkpoint,
+    resolve_device,
     save_checkpoint,
 )
 from mla_gpt.data.prepare import ensure_prepared
@@ -314,7 +315,7 @@ def convert(cfg, log=print):
     in_path, out_dir = Path(cfg["in_dir"]) / CHECKPOINT_NAME, Path(cfg["out_dir"])
     if out_dir.resolve() == Path(cfg["in_dir"]).resolve():
         raise ConfigError(f"out_dir must differ from in_dir (both {cfg['in_dir']!r}): the source would be overwritten")
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg["device"])
     checkpoint = load_checkpoint(in_path, map_location="cpu")
     args = checkpoint["model_args"]
     if args.get("use_mla"):

@@ -18,7 +18,14 @@ from typing import Optional
 import torch
 
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
-from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint
+from mla_gpt.cli.train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -105,18 +112,9 @@ def sample(cfg, out=None, err=None):
     for key in ("num_samples", "max_new_tokens"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg["device"])
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        dtype = (
-            ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-            if device_type == "cuda"
-            else "float32"
-        )
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"dtype expects one of auto, {', '.join(dtypes)}; got {dtype!r}")
+    dtype = resolve_dtype(cfg["dtype"], device_type)
 
     checkpoint = load_checkpoint(Path(cfg["out_dir"]) / CHECKPOINT_NAME, map_location="cpu")
     runtime = {"dropout": 0.0}
@@ -131,8 +129,8 @@ def sample(cfg, out=None, err=None):
     # a captured graph must not read autocast's cached weight casts, which are freed on exit
     autocast = (
         nullcontext()
-        if dtypes[dtype] == torch.float32
-        else torch.amp.autocast(device_type, dtype=dtypes[dtype], cache_enabled=not cuda_graph)
+        if dtype == torch.float32
+        else torch.amp.autocast(device_type, dtype=dtype, cache_enabled=not cuda_graph)
     )
 
     prompt = read_start(cfg["start"])
@@ -170,7 +168,7 @@ def sample(cfg, out=None, err=None):
         )
     err.write(
         f"{total_tokens} tokens in {total_time:.2f} s: {total_tokens / total_time:.1f} tokens/s "
-        f"(iter {checkpoint['iter_num']} checkpoint, {device}, {dtype})\n"
+        f"(iter {checkpoint['iter_num']} checkpoint, {device}, {str(dtype).removeprefix('torch.')})\n"
     )
     return texts
 

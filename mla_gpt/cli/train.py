@@ -32,7 +32,6 @@ CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
-DEFAULT_VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64, for data without meta.pkl
 MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
 # Keys of GPTConfig that may differ between a checkpoint and the run resuming it (runtime choices).
 RUNTIME_MODEL_KEYS = ("dropout", "attn_backend", "mla_path")
@@ -240,12 +239,30 @@ class Runtime:
         return self.rank == 0
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype, device_type):
+    """'auto' -> bfloat16 on GPUs that have it, float16 on other GPUs, float32 elsewhere."""
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype expects one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def resolve_runtime(cfg):
     """Pick device and dtype, start torch.distributed when launched by torchrun."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg["device"])
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -257,16 +274,8 @@ def resolve_runtime(cfg):
         )
         dist.init_process_group(backend=backend)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"dtype expects one of auto, {', '.join(dtypes)}; got {dtype!r}")
-    return Runtime(device, device_type, dtypes[dtype], ddp, rank, local_rank, world_size)
+    dtype = resolve_dtype(cfg["dtype"], device_type)
+    return Runtime(device, device_type, dtype, ddp, rank, local_rank, world_size)
 
 
 def check_train_config(cfg, rt):
@@ -446,7 +455,7 @@ def _train(cfg, rt):
     if rt.ddp and rt.local_rank == 0:
         dist.barrier()
     meta = load_meta(data_dir)
-    vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
+    vocab_size = meta["vocab_size"] if meta else GPTConfig.vocab_size  # data without meta.pkl: GPT-2's, padded
 
     checkpoint = None
     if cfg["init_from"] == "resume":
