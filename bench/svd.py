@@ -129,7 +129,7 @@ def bench_breakdown(device):
     batch, m, n, rank = SHAPES[0]
     A, _ = make_matrix(batch, m, n, device, seed=2)
     l = rank + OVERSAMPLE
-    omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd._sketch_pad(l) - l))
+    omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd.tile_dim(l) - l))
     Q, Z, gram, _ = svd._range_fused(A, omega, l, N_ITER)
     out = dict(
         fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
@@ -149,7 +149,7 @@ def bench_breakdown(device):
     batch, m, n, rank = SHAPES[1]  # 12 matrices: one program each (fused) or tiled launches
     A, _ = make_matrix(batch, m, n, device, seed=4)
     l = rank + OVERSAMPLE
-    omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd._sketch_pad(l) - l))
+    omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd.tile_dim(l) - l))
     out.update(
         mid_fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
         mid_tiled_range_finder_ms=bench_ms(lambda: svd._range_tiled(A, omega, l, N_ITER)),

@@ -32,22 +32,11 @@ import types
 import torch
 
 from mla_kernels import reference
+from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, interpreting, tile_dim
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_TILE_DIM = 16  # tl.dot needs >= 16 along K: narrower head dims are padded and masked
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
 tl = None  # triton.language, bound by `_kernels()` on the first launch
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pad(d):
-    """Head dim padded to the power of two the kernels tile with (masked beyond d)."""
-    return max(MIN_TILE_DIM, 1 << (d - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -343,7 +332,7 @@ def _autotuning():
 
 
 def _configs(triton, kind):
-    shapes = [INTERPRETER_CONFIGS[kind]] if _interpreting() else GPU_CONFIGS[kind]
+    shapes = [INTERPRETER_CONFIGS[kind]] if interpreting() else GPU_CONFIGS[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
@@ -408,7 +397,7 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
         out.stride(0), out.stride(1), out.stride(2),
         Tq, Tk, nh, nh // g, q_offset, softmax_scale * LOG2E, *_length_buckets(Tq, Tk),
         DQ=dq, DO=d_out, DK_IN=dk_in, DV_IN=dv_in,
-        DQ_P=_pad(dq), DO_P=_pad(d_out), DK_P=_pad(dk_in), DV_P=_pad(dv_in),
+        DQ_P=tile_dim(dq), DO_P=tile_dim(d_out), DK_P=tile_dim(dk_in), DV_P=tile_dim(dv_in),
         EXPAND=expand, PREC=_prec(q.dtype),
     )
     return out, lse
@@ -433,14 +422,14 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     kern._bwd_preprocess[(kern.cdiv(Tq, pre_block), B * nh)](
         out, do, dlse_arg, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), Tq, nh,
-        DV=dv_dim, DV_P=_pad(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
+        DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
     )
     dq = torch.empty_like(q)  # (B, Tq, nh, Dq)
     dk = torch.empty_like(k)  # (B, Tk, g, Dq)
     dv = torch.empty_like(v)  # (B, Tk, g, Dv)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=_pad(dq_dim), DV_P=_pad(dv_dim), PREC=_prec(q.dtype))
+    common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=tile_dim(dq_dim), DV_P=tile_dim(dv_dim), PREC=_prec(q.dtype))
     qk_scale = softmax_scale * LOG2E
     kern._bwd_dkdv_kernel[lambda meta: (kern.cdiv(Tk, meta["BLOCK_N"]), B * g)](
         q, k, v, do, lse, delta, dk, dv, *strides,
@@ -592,7 +581,7 @@ class _EagerMLAExpanded(torch.autograd.Function):
 def _use_kernels(*tensors):
     """Kernels on CUDA, or on CPU under the Triton interpreter; reference elsewhere."""
     t = tensors[0]
-    on_device = t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting())
+    on_device = t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
     return on_device and t.dtype in KERNEL_DTYPES
 
 

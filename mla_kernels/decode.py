@@ -17,27 +17,24 @@ second kernel merges the chunks by their logsumexps.
 Layouts follow flash-attention's `flash_attn_with_kvcache`: (batch, seqlen, heads, dim).
 """
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, interpreting, tile_dim
 from mla_kernels.reference import latent_decode_ref
 
-LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned logsumexp
 MAX_BLOCK_M = 64  # packed (head, query) rows per program; more rows go to more programs
 MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 MAX_LATENT_DIM = 576  # DeepSeek-V2's joint latent (512 + 64 rope dims), the widest supported
 MIN_LATENT_DIM = 1
-MIN_TILE_DIM = 16  # tl.dot needs >= 16 along K: narrower latents are padded and masked
 MIN_SPLIT_TOKENS = 256  # a KV split shorter than this costs more in merging than it saves
 MAX_SPLITS = 128  # about one program per multiprocessor from splits alone; bounds the merge's work
 MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
 WAVES = 2  # aim for this many programs per multiprocessor before adding splits
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -205,10 +202,6 @@ _decode_partial_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -255,8 +248,8 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
             raise ValueError(f"{name} is {d}; allowed {MIN_LATENT_DIM}..{MAX_LATENT_DIM}")
     if Tq < 1:
         raise ValueError(f"q_lat needs at least one query (Tq >= 1), got Tq={Tq}")
-    if q_lat.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"q_lat dtype {q_lat.dtype} not supported; allowed {_SUPPORTED_DTYPES}")
+    if q_lat.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q_lat dtype {q_lat.dtype} not supported; allowed {KERNEL_DTYPES}")
     for name in ("cache_k", "cache_v"):
         t = tensors.get(name)
         if t is not None and t.dtype != q_lat.dtype:
@@ -311,8 +304,8 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         o_strides = (*out.stride()[:3], 0)
         l_strides = (*lse.stride(), 0)
 
-    block_dk = max(triton.next_power_of_2(r), MIN_TILE_DIM)
-    block_dv = block_dk if joint else max(triton.next_power_of_2(rv), MIN_TILE_DIM)
+    block_dk = tile_dim(r)
+    block_dv = block_dk if joint else tile_dim(rv)
     grid = (num_splits, B * g * m_blocks)
     args = (
         q_lat, cache_k, v, seqlens, o_dst, l_dst,
@@ -325,7 +318,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     )
     meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
                 IEEE_DOT=q_lat.dtype == torch.float32)
-    if _interpreting():
+    if interpreting():
         _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
     else:
         _decode_partial_tuned[grid](*args, **meta)
@@ -343,7 +336,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
 
 
 def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
-    if q_lat.device.type == "cpu" and not _interpreting():
+    if q_lat.device.type == "cpu" and not interpreting():
         out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
         return out, lse.to(torch.float32)
     return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)

@@ -33,12 +33,12 @@ CPU tensors without TRITON_INTERPRET=1 fall back to `randomized_svd_ref` (Househ
 QR and torch.linalg.svd on B); the tests force the Triton path on CPU with the
 interpreter.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._tiles import interpreting, tile_dim
 from .reference import randomized_svd_ref
 
 _DOT_PRECISION = "tf32x3"  # three TF32 products per float32 product: ~float32 accuracy on tensor cores
@@ -230,11 +230,6 @@ def _bmm_kernel(a_ptr, x_ptr, out_ptr, R, K, N,
              mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
 
 
-def _sketch_pad(l):
-    """Padded tile width of a sketch of l columns: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(l))
-
-
 def _range_fused(A, omega, l, n_iter):
     """One launch: Q (b, m, LP), Z = A^T Q (b, n, LP), Gram Z^T Z (b, LP, LP) fp64, kept (b,)."""
     batch, m, n = A.shape
@@ -344,7 +339,7 @@ def _validate(A, rank, oversample, n_iter, name, check_finite):
 
 
 def _use_triton(A):
-    return A.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return A.is_cuda or interpreting()
 
 
 def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=True):
@@ -362,7 +357,7 @@ def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=T
                 A.new_empty(*batch_shape, rank, n, dtype=torch.float32))
     omega = torch.randn(n, l, generator=generator, device=A.device, dtype=torch.float32)  # as the reference draws it
     if l <= _MAX_KERNEL_SKETCH:
-        LP = _sketch_pad(l)
+        LP = tile_dim(l)
         omega = torch.nn.functional.pad(omega, (0, LP - l))  # (n, LP), zero columns beyond l
     if l <= _MAX_KERNEL_SKETCH and m * n <= _FUSED_MAX_ELEMENTS:
         Q, Z, gram, kept = _range_fused(A3, omega, l, n_iter)
