@@ -15,7 +15,9 @@ import runpy
 import types
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
+
+from mla_gpt.model.config import annotation_options, coerce, type_name
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -49,35 +51,17 @@ def config_schema(*dataclasses):
     return schema
 
 
-def type_name(annotation):
-    """'int', 'int or None', ... for messages."""
-    options = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
-    return " or ".join("None" if t is type(None) else t.__name__ for t in options)
-
-
-def _options(annotation):
-    return get_args(annotation) if get_origin(annotation) is Union else (annotation,)
-
-
 def check_value(key, value, annotation, where):
     """Return value if it fits annotation (int is accepted for float), else raise ConfigError."""
-    for typ in _options(annotation):
-        if typ is type(None) and value is None:
-            return value
-        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if typ is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if typ in (bool, str) and isinstance(value, typ):
-            return value
-    raise ConfigError(
-        f"{where}: {key} expects {type_name(annotation)}, got {value!r} ({type(value).__name__})"
-    )
+    try:
+        return coerce(value, annotation)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {key} {e}") from None
 
 
 def parse_value(key, text, annotation):
     """Parse the text of `--key=text` into annotation's type, or raise ConfigError."""
-    options = _options(annotation)
+    options = annotation_options(annotation)
     if type(None) in options and text == "None":
         return None
     for typ in options:

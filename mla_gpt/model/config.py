@@ -83,17 +83,34 @@ class GPTConfig:
         return self.mla_kv_groups if self.mla_kv_groups is not None else self.n_head
 
 
-def _check_type(name, value, annotation):
-    """TypeError unless value fits the field's annotation (int accepted where float is asked)."""
-    allowed = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
-    for typ in allowed:
+def annotation_options(annotation):
+    """The types an annotation admits: (int, NoneType) for Optional[int], (str,) for str."""
+    return get_args(annotation) if get_origin(annotation) is Union else (annotation,)
+
+
+def type_name(annotation):
+    """'int', 'int or None', ... for messages."""
+    return " or ".join("None" if t is type(None) else t.__name__ for t in annotation_options(annotation))
+
+
+def coerce(value, annotation):
+    """value if it fits annotation (an int where a float is asked becomes a float), else TypeError."""
+    for typ in annotation_options(annotation):
         if typ is type(None) and value is None:
-            return
+            return value
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
+            return float(value)
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
-            return
+            return value
         if typ in (bool, str) and isinstance(value, typ):
-            return
-    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-    raise TypeError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
+            return value
+    raise TypeError(f"expects {type_name(annotation)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_type(name, value, annotation):
+    try:
+        coerce(value, annotation)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be {type_name(annotation)}, got {value!r} ({type(value).__name__})"
+        ) from None
