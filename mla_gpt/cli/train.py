@@ -326,17 +326,14 @@ class Batches:
         """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
         data = np.memmap(self.path, dtype=np.uint16, mode="r")  # re-opened per batch: avoids a memmap leak
         ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
-        x = torch.stack(
-            [torch.from_numpy(data[i : i + self.block_size].astype(np.int64)) for i in ix.tolist()]
-        )  # (B, T)
-        y = torch.stack(
-            [torch.from_numpy(data[i + 1 : i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()]
-        )  # (B, T)
+        windows = torch.stack(
+            [torch.from_numpy(data[i : i + self.block_size + 1].astype(np.int64)) for i in ix.tolist()]
+        )  # (B, T + 1), read once for inputs and targets
         if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
-                self.device, non_blocking=True
-            )
-        return x.to(self.device), y.to(self.device)
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        else:
+            windows = windows.to(self.device)
+        return windows[:, :-1], windows[:, 1:]  # (B, T) each
 
 
 # ----------------------------------------------------------------------------- metrics
