@@ -101,11 +101,12 @@ def copy_bandwidth(device):
     return 2 * 2**29 * 4 / (ms * 1e-3) / 1e9
 
 
-def make_caches(B, L, g, r, joint, device, lens=None):
-    """Random bf16 caches (B, L, g, r) in LatentKVCache's group-major storage (views of
-    (B, g, L, r) tensors); slots beyond lens are NaN."""
+def make_caches(B, L, g, r, joint, device, lens=None, rv=None):
+    """Random bf16 caches (B, L, g, r) and (B, L, g, rv) (rv defaults to r) in LatentKVCache's
+    group-major storage (views of (B, g, L, .) tensors); slots beyond lens are NaN."""
+    rv = r if rv is None else rv
     ck = torch.randn(B, g, L, r, device=device, dtype=torch.bfloat16).transpose(1, 2)  # (B, L, g, r)
-    cv = None if joint else torch.randn(B, g, L, r, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    cv = None if joint else torch.randn(B, g, L, rv, device=device, dtype=torch.bfloat16).transpose(1, 2)
     if lens is not None:
         for b, n in enumerate(lens):
             ck[b, n:] = float("nan")
@@ -134,12 +135,7 @@ def correctness(device):
         (2, 1024, [1, 1000], 1, 16, 1, 576, 576, True, None),
     ]
     for B, L, lens, Tq, nh, g, r, rv, joint, S in cases:
-        ck = torch.randn(B, L, g, r, device=device, dtype=torch.bfloat16)
-        cv = None if joint else torch.randn(B, L, g, rv, device=device, dtype=torch.bfloat16)
-        for b, n in enumerate(lens):
-            ck[b, n:] = float("nan")
-            if cv is not None:
-                cv[b, n:] = float("nan")
+        ck, cv = make_caches(B, L, g, r, joint, device, lens, rv)
         q = torch.randn(B, Tq, nh, r, device=device, dtype=torch.bfloat16)
         seqlens = torch.tensor(lens, device=device, dtype=torch.int32)
         out, lse = dec.latent_decode(q, ck, cv, seqlens, SCALE, num_splits=S)
