@@ -172,7 +172,7 @@ def time_shape(B, L, mode, splits, device, graph):
     op = torch.ops.mla_kernels.latent_decode
     heur = dec.num_splits_heuristic(B, g, 1, L, dec._num_sms(device))
     if graph:
-        for s in sorted({*[s for s in splits if s <= max(1, L // dec.MIN_SPLIT_TOKENS)], heur}):
+        for s in sorted({*[s for s in splits if s <= max(1, L // dec.SPLIT_OVERHEAD_TOKENS)], heur}):
             op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph
             add(f"ours_S{s}", bench(lambda: op(q, ck, cv, seqlens, SCALE, s), graph), latent_bytes, num_splits=s)
         op(q, ck, cv, seqlens, SCALE, None)

@@ -6,12 +6,16 @@ A GPT-2-small-shaped model (12 layers, 12 heads, 768 wide, block 1024, random we
 greedily. Rows:
 - mla-latent-cache: MLA (default r = hs/2) with its latent cache, one token per step;
 - mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed
-  (standard-kv-cache-graph likewise);
+  (standard-kv-cache-graph likewise); mla-latent-cache-graph-unfused: the same with the
+  latent projection as a cuBLAS GEMM followed by a cache copy, instead of one kernel that
+  writes the latents into the cache (mla_kernels.append);
 - standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
   cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
 - mla-recompute: nanoGPT's generation, the whole context through the model every step.
-Also checks that greedy tokens from the kernels equal those of the reference path in the
-same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
+Eager rows run only up to --eager_max_batch: each step launches every kernel from Python
+(and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
+Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
+reference path in the same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
 bench/results/generate_<device>.json.
 """
 import argparse
@@ -35,6 +39,18 @@ def recompute_generate(model, idx, new_tokens):
     return idx
 
 
+def unfused_generate(model, idx, new_tokens):
+    """CUDA-graph generation with each layer's latents projected by cuBLAS, then copied into the cache."""
+    layers = [block.attn for block in model.transformer.h]
+    for layer in layers:
+        layer.fused_cache_append = False
+    try:
+        return model.generate(idx, new_tokens, top_k=1, cuda_graph=True)
+    finally:
+        for layer in layers:
+            layer.fused_cache_append = True
+
+
 def timed(fn, new_tokens, device):
     """fn(n) generates n tokens; returns (fn(new_tokens), seconds), after a short warm-up."""
     fn(WARMUP_TOKENS)  # kernel compilation and tuning, allocator
@@ -55,6 +71,8 @@ def main():
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_head", type=int, default=12)
     parser.add_argument("--n_embd", type=int, default=768)
+    parser.add_argument("--eager_max_batch", type=int, default=1, help="largest batch for the eager rows")
+    parser.add_argument("--check_tokens", type=int, default=32, help="tokens compared with the reference path")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/generate_<device>.json)")
     args = parser.parse_args()
 
@@ -72,13 +90,13 @@ def main():
     rows = []
     for batch in args.batch_sizes:
         prompt = torch.randint(0, 50257, (batch, args.prompt), device=device)
-        runs = {
-            "mla-latent-cache": lambda n: mla.generate(prompt, n, top_k=1),
-            "standard-kv-cache": lambda n: standard.generate(prompt, n, top_k=1),
-            "mla-recompute": lambda n: recompute_generate(mla, prompt, n),
-        }
+        runs = {"mla-recompute": lambda n: recompute_generate(mla, prompt, n)}
+        if batch <= args.eager_max_batch:
+            runs["mla-latent-cache"] = lambda n: mla.generate(prompt, n, top_k=1)
+            runs["standard-kv-cache"] = lambda n: standard.generate(prompt, n, top_k=1)
         if device == "cuda":
             runs["mla-latent-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True)
+            runs["mla-latent-cache-graph-unfused"] = lambda n: unfused_generate(mla, prompt, n)
             runs["standard-kv-cache-graph"] = lambda n: standard.generate(prompt, n, top_k=1, cuda_graph=True)
         outputs = {}
         for name, fn in runs.items():
@@ -88,14 +106,17 @@ def main():
             peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
             rows.append(dict(provider=name, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
                              seconds=seconds, tokens_per_s=batch * args.new_tokens / seconds, peak_mb=peak))
-            print(f"B {batch:>3}  {name:<24} {seconds * 1e3:>9.1f} ms  "
+            print(f"B {batch:>3}  {name:<30} {seconds * 1e3:>9.1f} ms  "
                   f"{batch * args.new_tokens / seconds:>10.1f} tok/s" + (f"  peak {peak:.0f} MB" if peak else ""))
-        reference_tokens = mla_reference.generate(prompt, args.new_tokens, top_k=1)
-        for name in ("mla-latent-cache", "mla-latent-cache-graph", "mla-recompute"):
-            if name in outputs:
-                same = (outputs[name] == reference_tokens).float().mean().item()
-                print(f"B {batch:>3}  {name:<24} tokens equal to the {dtype} reference path: {100 * same:.1f}%")
-                rows.append(dict(provider=name, batch=batch, check="tokens_equal_reference", fraction=same))
+        checked = min(args.check_tokens, args.new_tokens)
+        reference_tokens = mla_reference.generate(prompt, checked, top_k=1)[:, args.prompt:]
+        for name, tokens in outputs.items():
+            if name.startswith("mla"):
+                same = (tokens[:, args.prompt : args.prompt + checked] == reference_tokens).float().mean().item()
+                print(f"B {batch:>3}  {name:<30} first {checked} tokens equal to the {dtype} reference path: "
+                      f"{100 * same:.1f}%")
+                rows.append(dict(provider=name, batch=batch, check="tokens_equal_reference", tokens=checked,
+                                 fraction=same))
 
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, dtype=str(dtype), shape=shape)

@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# One device call: the GPU measurements that need the H200, each capped in time, results in $OUT.
-#   PYTHONPATH=. bash bench/run_h200.sh      (on the device; OUT is the folder that comes back)
+# The GPU measurements that need the H200, each capped in time, results in $OUT.
+#   PYTHONPATH=. bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
+# Sections (default: all, in this order): append decode generate convert attention svd.
+# All of them take about 14 minutes, more than one device call allows: split them over two calls.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
+sections=${*:-append decode generate convert attention svd}
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/env.txt"
 
-# 1. end-to-end generation: latent cache (eager and CUDA graph), standard K/V cache, recompute
-timeout 60 python bench/generate.py --new_tokens 128 --out "$out/generate_h200.json" \
-    > "$out/generate_h200.log" 2>&1; echo "generate rc $?"
+run() {  # run SECONDS LOG COMMAND...: one capped measurement, its exit status on stdout
+    local seconds=$1 log=$2
+    shift 2
+    timeout "$seconds" "$@" > "$out/$log" 2>&1
+    echo "$log rc $?"
+}
 
-# 2. checkpoint conversion time, 12 layers x 768 wide
-timeout 35 python bench/gpu_convert_timing.py --out "$out/convert_timing_h200.json" \
-    > "$out/convert_timing_h200.log" 2>&1; echo "convert rc $?"
-
-# 3. decode with the group-major cache (against the token-major layout), default mode
-timeout 45 python bench/decode.py --shapes 64x4096,16x32768 --modes default --splits 4 \
-    --out "$out" > "$out/decode_v3.log" 2>&1; echo "decode rc $?"
-
-# 4. why the MLA layer trails its plain-PyTorch twin: core on strided inputs, kernel profiles
-timeout 35 python bench/gpu_model_check.py --only_layer_diagnostics --out "$out/layer_diagnostics.json" \
-    > "$out/layer_diagnostics.log" 2>&1; echo "layer diagnostics rc $?"
-
-# 5. train briefly on the kernels, then sample through the CUDA-graph decode step
-timeout 40 python -m mla_gpt.cli.train config/train_mla_test.py --device=cuda --out_dir=/tmp/out-mla-test \
-    --max_iters=200 --eval_interval=200 --eval_iters=10 --log_interval=50 --compile=False --progress_bar=False \
-    > "$out/train_sample_h200.log" 2>&1; echo "train rc $?"
-timeout 20 python -m mla_gpt.cli.sample --out_dir=/tmp/out-mla-test --num_samples=2 --max_new_tokens=300 \
-    >> "$out/train_sample_h200.log" 2>&1; echo "sample rc $?"
+for section in $sections; do
+    case $section in
+    append)  # the decode step's latent projection written into the cache: bf16 check, fused vs cuBLAS + copy
+        run 90 append_h200.log python bench/append.py --out "$out/append_h200.json" ;;
+    decode)  # both modes, every split count the heuristic weighs, peers in the same run
+        run 200 decode_v4.log python bench/decode.py --shapes 64x4096,16x32768,1x131072 --modes default,joint \
+            --splits 1,2,3,4,5,8,16,17,22,32,64,128,256 --out "$out" ;;
+    generate)  # B 1 and B 32: CUDA-graph steps fused / unfused, standard cache, recompute
+        run 150 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 \
+            --out "$out/generate_h200.json" ;;
+    convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
+        run 90 convert_timing_h200.log python bench/gpu_convert_timing.py --out "$out/convert_timing_h200.json" ;;
+    attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
+        run 240 attention_run4.log python bench/attention.py --seqlens 4096 8192 --core-dims 32 64 --flex-dims \
+            --latent-fracs 0.5 --layer-seqlens 4096 --reference-max-t 0 --out "$out/attention_run4" ;;
+    svd)  # randomized SVD kernels against torch.svd_lowrank / torch.linalg.svd
+        run 120 svd_run3.log python bench/svd.py --out "$out" ;;
+    *) echo "unknown section $section (allowed: append decode generate convert attention svd)"; exit 2 ;;
+    esac
+done

@@ -45,6 +45,25 @@ class LatentKVCache(nn.Module):
         """Bytes one cached position of one sequence takes."""
         return self.nbytes // (self.max_batch * self.max_seq)
 
+    def project_update(self, input_pos, x, weight, bias, query_dim):
+        """Project the new tokens and write their latents in one kernel (`mla_kernels.append`).
+
+        x: (B, T, C); weight: (query_dim + g key_dim + g value_dim, C), bias: (same,) or None,
+        output columns [query | key latent | value latent] (no value columns when joint).
+        Returns (q, k, v): q (B, T, query_dim), and k, v as `update` returns them.
+        """
+        from mla_kernels.append import project_append
+
+        q = project_append(x, weight, bias, query_dim, self.k_cache, self.v_cache, input_pos)
+        return (q, *self._filled(x.shape[0], x.shape[1], input_pos))
+
+    def _filled(self, B, T, input_pos):
+        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor input_pos."""
+        end = self.max_seq if isinstance(input_pos, torch.Tensor) else input_pos + T
+        k = self.k_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, key_dim)
+        v = None if self.joint else self.v_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, value_dim)
+        return k, v
+
     def update(self, input_pos, k_new, v_new=None):
         """Write the latents of new tokens at positions input_pos.. and return the cache.
 
@@ -78,7 +97,4 @@ class LatentKVCache(nn.Module):
             if tuple(new.shape) != expected:
                 raise ValueError(f"{name} must be {expected}, got {tuple(new.shape)}")
             buf[:B, :, positions] = new.transpose(1, 2)
-        end = self.max_seq if static else input_pos + T
-        k = self.k_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, key_dim)
-        v = None if self.joint else self.v_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, value_dim)
-        return k, v
+        return self._filled(B, T, input_pos)

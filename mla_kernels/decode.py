@@ -16,6 +16,7 @@ second kernel merges the chunks by their logsumexps.
 
 Layouts follow flash-attention's `flash_attn_with_kvcache`: (batch, seqlen, heads, dim).
 """
+import functools
 import math
 from typing import Optional
 
@@ -31,10 +32,12 @@ MAX_BLOCK_M = 64  # packed (head, query) rows per program; more rows go to more 
 MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 MAX_LATENT_DIM = 576  # DeepSeek-V2's joint latent (512 + 64 rope dims), the widest supported
 MIN_LATENT_DIM = 1
-MIN_SPLIT_TOKENS = 256  # a KV split shorter than this costs more in merging than it saves
-MAX_SPLITS = 128  # about one program per multiprocessor from splits alone; bounds the merge's work
+# A program's fixed cost (start, partial store, its share of the merge), counted as this many
+# more cached positions to stream; also the shortest split worth making
+SPLIT_OVERHEAD_TOKENS = 256
+MAX_SPLITS = 256  # two programs per multiprocessor from splits alone (132 SMs); bounds the merge's work
 MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
-WAVES = 2  # aim for this many programs per multiprocessor before adding splits
+WAVES = 2  # programs a multiprocessor needs resident to stream at full speed (the v1 sweeps, bench/NOTES.md)
 
 
 @triton.jit
@@ -178,7 +181,7 @@ MAX_ACC_REGS = 128  # fp32 accumulator registers per thread before spills become
 _PARTIAL_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 2, 4),
-                     (32, 8, 2), (16, 8, 2)]
+                     (32, 8, 2), (16, 8, 2), (32, 4, 5), (32, 8, 4), (64, 8, 4)]
 ]
 _FALLBACK_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 
@@ -208,17 +211,27 @@ def _num_sms(device):
     return 132  # the H200's count, so interpreter runs pick the splits the GPU would
 
 
+@functools.lru_cache(maxsize=None)
 def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
-    """KV splits per row: enough programs for WAVES per multiprocessor, none shorter than
-    MIN_SPLIT_TOKENS, at most MAX_SPLITS.
+    """KV splits per row that finish soonest on the busiest multiprocessor.
 
-    batch x groups x m_blocks programs already run in parallel; split only when they
-    are fewer than WAVES x num_sms. Uses the cache capacity (no device sync), so the
-    choice is the same at every step of a generation (static shapes, CUDA graphs).
+    With S splits, batch x groups x m_blocks x S programs, each streaming max_len / S
+    cached positions plus SPLIT_OVERHEAD_TOKENS of fixed cost, are dealt round-robin to
+    num_sms multiprocessors; the busiest holds c = ceil(programs / num_sms) of them, and
+    streams at full speed only with at least WAVES resident (fewer leave memory latency
+    unhidden): time ~ max(c, WAVES) (max_len / S + SPLIT_OVERHEAD_TOKENS). Ties go to
+    fewer splits. Splits shorter than SPLIT_OVERHEAD_TOKENS, or more than MAX_SPLITS,
+    are not considered.
+    Uses the cache capacity (no device sync), so the choice is the same at every step of
+    a generation (static shapes, CUDA graphs).
     """
     programs = batch * groups * m_blocks
-    wanted = triton.cdiv(WAVES * num_sms, programs)
-    return max(1, min(wanted, max_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    most = max(1, min(max_len // SPLIT_OVERHEAD_TOKENS, MAX_SPLITS))
+
+    def busiest_time(splits):
+        return max(triton.cdiv(programs * splits, num_sms), WAVES) * (max_len / splits + SPLIT_OVERHEAD_TOKENS)
+
+    return min(range(1, most + 1), key=lambda splits: (busiest_time(splits), splits))
 
 
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):

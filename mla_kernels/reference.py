@@ -111,6 +111,29 @@ def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale):
     return torch.cat(outs), torch.cat(lses)
 
 
+def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
+    """y = x weight^T + bias split into [q' | c^k | c^v]; the latents are written into the cache.
+
+    x: (B, T, C); weight: (query_dim + g r + g rv, C); bias: (same,) or None;
+    k_cache: (max_batch, g, max_seq, r), v_cache: (max_batch, g, max_seq, rv), rv = 0 for a
+    joint latent (group-major storage, as `LatentKVCache` keeps it); input_pos: an int or
+    a 0-dim integer tensor, the position of token 0. Writes k_cache[:B, :, input_pos + t]
+    and v_cache likewise, in the caches' dtype. Returns q' (B, T, query_dim) in x's dtype.
+    """
+    B, T, _ = x.shape
+    g, r, rv = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+    cdt = _compute_dtype(x.dtype)
+    y = x.to(cdt) @ weight.to(cdt).T  # (B, T, N)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    q, c_k, c_v = y.split([query_dim, g * r, g * rv], dim=-1)
+    positions = int(input_pos) + torch.arange(T, device=x.device)
+    k_cache[:B, :, positions] = c_k.reshape(B, T, g, r).transpose(1, 2).to(k_cache.dtype)
+    if rv:
+        v_cache[:B, :, positions] = c_v.reshape(B, T, g, rv).transpose(1, 2).to(v_cache.dtype)
+    return q.to(x.dtype)
+
+
 def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None):
     """Batched randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
 

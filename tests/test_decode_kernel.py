@@ -126,7 +126,9 @@ def test_compiled_call_runs_the_custom_op_and_matches_eager():
 def test_heuristic():
     sms = 132
     assert num_splits_heuristic(64, 12, 1, 4096, sms) == 1  # 768 programs already fill the H200
-    assert num_splits_heuristic(16, 12, 1, 32768, sms) == 2
+    assert num_splits_heuristic(16, 12, 1, 32768, sms) == 2  # 3 programs on the busiest SM beat 2 x 1 full-length
+    assert num_splits_heuristic(64, 1, 1, 4096, sms) == 4  # 256 programs, 2 per SM; 5 would leave a tail
+    assert num_splits_heuristic(16, 1, 1, 32768, sms) == 16  # not 17: 272 programs put 3 on some SMs
     assert num_splits_heuristic(1, 1, 1, 131072, sms) == MAX_SPLITS
     assert num_splits_heuristic(1, 1, 1, 300, sms) == 1  # too short to split
     assert num_splits_heuristic(1, 12, 1, 131072, sms) == 22

@@ -201,6 +201,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self._absorbed_memo = None  # (parameter stamp, composed weights), see _absorbed_weights
+        # decode steps on the kernels project straight into the cache; bench/generate.py turns
+        # this off to time the unfused step (cuBLAS GEMM, then LatentKVCache.update)
+        self.fused_cache_append = True
 
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
@@ -354,34 +357,51 @@ class MultiHeadLatentAttention(nn.Module):
         head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
         return torch.einsum("hrk,hrd->hkd", head_basis, self.v_expand.weight)  # (nh, k, hs)
 
-    def _absorbed_weights(self, basis):
+    def _absorbed_weights(self, basis, dtype=None):
         """The composed weights of the absorbed form: (weight_in, bias_in, weight_out).
 
-        weight_in (nh r + (2|1) g r, C): q_proj composed with W_uk, beside kv_latent_proj;
-        bias_in its bias or None; weight_out (C, nh rv): W_uv composed with c_proj.
+        weight_in (nh r + g r + g rv, C): q_proj composed with W_uk, then the key latent's
+        rows of kv_latent_proj, then the value latent's (U_k composed in under svd 'weight';
+        none for a cached joint latent); bias_in its bias or None; weight_out (C, nh rv):
+        W_uv composed with c_proj. dtype: cast them to it (autocast's dtype for the fused
+        cache append), None keeps the parameters' dtype.
         Without autograd (generation) they are composed once and reused while no parameter has
         changed (storage and version counter), instead of at every step in every layer.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._compose_absorbed_weights(basis)
+            return self._compose_absorbed_weights(basis, dtype)
         tensors = [*self.parameters(), *([] if basis is None else [basis])]
-        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+        stamp = (dtype, *((t.data_ptr(), t._version) for t in tensors))
         if self._absorbed_memo is None or self._absorbed_memo[0] != stamp:
-            self._absorbed_memo = (stamp, self._compose_absorbed_weights(basis))
+            self._absorbed_memo = (stamp, self._compose_absorbed_weights(basis, dtype))
         return self._absorbed_memo[1]
 
-    def _compose_absorbed_weights(self, basis):
-        C, nh, hs, r = self.n_embd, self.n_head, self.head_size, self.latent_dim
+    def _compose_absorbed_weights(self, basis, dtype):
+        C, nh, hs, r, g = self.n_embd, self.n_head, self.head_size, self.latent_dim, self.n_groups
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
         w_q = self.q_proj.weight.view(nh, hs, C)
         w_q_absorbed = torch.einsum("hrd,hdc->hrc", w_uk, w_q).reshape(nh * r, C)
-        weight_in = torch.cat([w_q_absorbed, self.kv_latent_proj.weight])  # (nh r + (2|1) g r, C)
-        bias_in = None
-        if self.q_proj.bias is not None:
+        w_kv = self.kv_latent_proj.weight.view(-1, g, r, C)  # (2|1, g, r, C)
+        b_kv = None if self.kv_latent_proj.bias is None else self.kv_latent_proj.bias.view(-1, g, r)
+        rows, biases = [w_q_absorbed, w_kv[0].reshape(g * r, C)], None
+        if b_kv is not None:
             b_q_absorbed = torch.einsum("hrd,hd->hr", w_uk, self.q_proj.bias.view(nh, hs)).reshape(-1)
-            bias_in = torch.cat([b_q_absorbed, self.kv_latent_proj.bias])
+            biases = [b_q_absorbed, b_kv[0].reshape(-1)]
+        if basis is not None:  # value latent z = c^v U_k: its rows are U_k^T W_kv^v per group
+            rows.append(torch.einsum("grk,grc->gkc", basis, w_kv[-1]).reshape(-1, C))  # (g k, C)
+            if b_kv is not None:
+                biases.append(torch.einsum("grk,gr->gk", basis, b_kv[-1]).reshape(-1))
+        elif not self.joint_kv:
+            rows.append(w_kv[1].reshape(g * r, C))
+            if b_kv is not None:
+                biases.append(b_kv[1].reshape(-1))
+        weight_in = torch.cat(rows)  # (nh r + g r + g rv, C); no value rows for a joint latent
+        bias_in = None if biases is None else torch.cat(biases)
         w_o = self.c_proj.weight.view(C, nh, hs)
         weight_out = torch.einsum("chd,hkd->chk", w_o, w_uv).reshape(C, -1)  # (C, nh rv)
+        if dtype is not None:
+            weight_in, weight_out = weight_in.to(dtype), weight_out.to(dtype)
+            bias_in = None if bias_in is None else bias_in.to(dtype)
         return weight_in, bias_in, weight_out
 
     def _latents(self, latent, basis):
@@ -405,22 +425,34 @@ class MultiHeadLatentAttention(nn.Module):
         torch: these are plain dense GEMMs, which a Triton GEMM would not beat.
         """
         B, T, C = x.shape
-        nh, r = self.n_head, self.latent_dim
-        weight_in, bias_in, weight_out = self._absorbed_weights(basis)
-        projected = F.linear(x, weight_in, bias_in)
-        q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
-        c_k, c_v = self._latents(projected[..., nh * r :], basis)  # (B, T, g, r), (B, T, g, rv)
+        nh, r, g = self.n_head, self.latent_dim, self.n_groups
+        fused = (cache is not None and kernels and self.fused_cache_append and T <= DECODE_MAX_QUERIES
+                 and not torch.is_grad_enabled())
+        if fused:
+            # one kernel projects and writes the latents into the cache (mla_kernels.append)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)
+            q_lat, c_k, c_v = cache.project_update(input_pos, x if dtype is None else x.to(dtype),
+                                                   weight_in, bias_in, nh * r)
+            q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
+            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
+            return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
+        weight_in, bias_in, weight_out = self._absorbed_weights(basis)
+        projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
+        q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
+        c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
+        c_v = None if self.caches_joint_latent else projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
         if cache is None:
             # The slices of one projection are strided by its full width; the core ran fwd+bwd
             # 1.14 ms on them against 0.86 ms on contiguous copies (H200, B 4, T 4096, r 32), while
             # the copies move ~75 MB there (~20 us at copy bandwidth, estimated, not timed).
-            q_lat, c_k, c_v = (t.contiguous() for t in (q_lat, c_k, c_v))
+            q_lat, c_k = q_lat.contiguous(), c_k.contiguous()
+            c_v = c_k if c_v is None else c_v.contiguous()
             o_lat = _causal_attention(q_lat, c_k, c_v, self.softmax_scale, 0, kernels)  # (B, T, nh, rv)
         else:
-            c_k, c_v = cache.update(input_pos, c_k, None if self.caches_joint_latent else c_v)  # (B, Tk, g, .)
+            c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
             o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
-
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, kernels):

@@ -1,0 +1,107 @@
+"""Fused latent projection + cache append (mla_kernels.append) in the Triton CPU interpreter vs float64."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from mla_kernels.append import project_append
+from mla_kernels.cache import LatentKVCache
+from mla_kernels.reference import project_append_ref
+
+MAX_BATCH, MAX_SEQ = 4, 40  # the cache has room for more rows and positions than a step writes
+
+# (B, T, C, query_dim, g, r, rv, bias, input_pos): rv 0 is a joint latent; C and dims off the tile sizes
+CASES = [
+    (3, 1, 40, 12 * 8, 12, 8, 8, True, 7),  # decode step, g = nh (no grouping)
+    (2, 5, 72, 4 * 24, 2, 24, 24, False, 0),  # a chunk written from position 0
+    (3, 1, 48, 6 * 64, 1, 64, 0, True, 39),  # joint latent, into the last slot
+    (1, 3, 40, 4 * 20, 2, 20, 6, True, 11),  # svd 'weight': value latent narrower than the key's
+    (4, 2, 33, 2 * 16, 1, 16, 16, False, 30),
+]
+TOLS = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
+
+
+def _case_id(c):
+    B, T, C, qd, g, r, rv, bias, pos = c
+    return f"B{B}-T{T}-C{C}-Q{qd}-G{g}-D{r}" + ("-joint" if rv == 0 else f"-V{rv}") + \
+        ("-bias" if bias else "") + f"-P{pos}"
+
+
+def _inputs(B, T, C, qd, g, r, rv, bias, dtype):
+    n_out = qd + g * r + g * rv
+    x = torch.randn(B, T, C, dtype=dtype)  # (B, T, C)
+    weight = (torch.randn(n_out, C) / C ** 0.5).to(dtype)  # (N, C)
+    b = torch.randn(n_out, dtype=dtype) if bias else None
+    k_cache = torch.full((MAX_BATCH, g, MAX_SEQ, r), float("nan"), dtype=dtype)  # poisoned
+    v_cache = torch.full((MAX_BATCH, g, MAX_SEQ, rv), float("nan"), dtype=dtype)
+    return x, weight, b, k_cache, v_cache
+
+
+def _assert_close(out, ref, atol, rtol, what):
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", list(TOLS), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("tensor_pos", [False, True], ids=["int-pos", "tensor-pos"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference_and_writes_only_new_slots(case, tensor_pos, dtype):
+    B, T, C, qd, g, r, rv, bias, pos = case
+    x, weight, b, k_cache, v_cache = _inputs(B, T, C, qd, g, r, rv, bias, dtype)
+    k_ref, v_ref = k_cache.double(), v_cache.double()
+    q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref, pos)
+
+    input_pos = torch.tensor(pos) if tensor_pos else pos
+    q = project_append(x, weight, b, qd, k_cache, v_cache, input_pos)
+    atol, rtol = TOLS[dtype]
+    assert q.shape == (B, T, qd) and q.dtype == dtype
+    _assert_close(q, q_ref, atol, rtol, "query columns")
+    _assert_close(k_cache, k_ref, atol, rtol, "key latent cache")  # NaN everywhere it was not written
+    _assert_close(v_cache, v_ref, atol, rtol, "value latent cache")
+    written = k_cache[:B, :, pos : pos + T]
+    assert not written.isnan().any(), "a new slot was not written"
+    assert k_cache.isnan().sum() == k_cache.numel() - written.numel(), "a slot outside the new tokens was written"
+
+
+def test_cache_method_returns_prefix_views_like_update():
+    B, T, C, g, r, rv = 2, 3, 40, 2, 16, 8
+    qd = 4 * r
+    x = torch.randn(B, T, C)
+    weight = torch.randn(qd + g * r + g * rv, C)
+    fused = LatentKVCache(MAX_BATCH, MAX_SEQ, g, r, rv, dtype=torch.float32, device="cpu")
+    plain = LatentKVCache(MAX_BATCH, MAX_SEQ, g, r, rv, dtype=torch.float32, device="cpu")
+    q, k, v = fused.project_update(5, x, weight, None, qd)
+    y = x @ weight.T
+    k_plain, v_plain = plain.update(5, y[..., qd : qd + g * r].reshape(B, T, g, r),
+                                    y[..., qd + g * r :].reshape(B, T, g, rv))
+    assert k.shape == k_plain.shape == (B, 5 + T, g, r) and v.shape == v_plain.shape == (B, 5 + T, g, rv)
+    torch.testing.assert_close(q, y[..., :qd], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v_plain, atol=1e-5, rtol=1e-5)
+
+
+def _valid_args():
+    g, r, rv, qd, C = 2, 16, 16, 32, 24
+    return dict(x=torch.randn(2, 1, C), weight=torch.randn(qd + g * (r + rv), C), bias=None, query_dim=qd,
+                k_cache=torch.zeros(2, g, 8, r), v_cache=torch.zeros(2, g, 8, rv), input_pos=3)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(input_pos=8), ValueError, r"cache overflow: positions \[8, 9\) do not fit max_seq=8"),
+    (dict(input_pos=-1), ValueError, "cache overflow"),
+    (dict(input_pos=2.0), TypeError, "input_pos must be an int or a 0-dim integer tensor, got float"),
+    (dict(input_pos=torch.tensor([3])), ValueError, "0-dim"),
+    (dict(weight=torch.randn(90, 24)), ValueError, r"weight must be .* = \(96, 24\), got \(90, 24\)"),
+    (dict(bias=torch.randn(95)), ValueError, r"bias must be \(96,\)"),
+    (dict(x=torch.randn(3, 1, 24)), ValueError, "batch 3, the cache holds max_batch=2"),
+    (dict(x=torch.randn(2, 1, 24, dtype=torch.float64)), TypeError, "x dtype torch.float64 not supported"),
+    (dict(k_cache=torch.zeros(2, 2, 8, 16, dtype=torch.float16)), TypeError, "k_cache dtype torch.float16 differs"),
+    (dict(v_cache=torch.zeros(2, 2, 7, 16)), ValueError, r"v_cache must be \(2, 2, 8, rv\)"),
+    (dict(query_dim=-1), ValueError, "query_dim must be an int >= 0, got -1"),
+], ids=["pos-past-end", "pos-negative", "pos-float", "pos-1d", "weight-rows", "bias-shape", "batch",
+        "x-dtype", "cache-dtype", "cache-shapes", "query-dim"])
+def test_bad_input_is_a_clear_error(change, error, match):
+    args = {**_valid_args(), **change}
+    with pytest.raises(error, match=match):
+        project_append(**args)
