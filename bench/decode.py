@@ -170,7 +170,7 @@ def time_shape(B, L, mode, splits, device, graph):
     q = torch.randn(B, 1, NH, r, device=device, dtype=torch.bfloat16)  # (B, 1, nh, r)
     seqlens = torch.full((B,), L, device=device, dtype=torch.int32)
     op = torch.ops.mla_kernels.latent_decode
-    heur = dec.num_splits_heuristic(B, g, 1, L, dec._num_sms(device))
+    heur = dec.num_splits_heuristic(B * g, L, (r if joint else 2 * r) * ELT, B * NH, r, dec._num_sms(device))
     if graph:
         for s in sorted({*[s for s in splits if s <= max(1, L // dec.SPLIT_OVERHEAD_TOKENS)], heur}):
             op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph

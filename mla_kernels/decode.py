@@ -37,7 +37,10 @@ MIN_LATENT_DIM = 1
 SPLIT_OVERHEAD_TOKENS = 256
 MAX_SPLITS = 256  # two programs per multiprocessor from splits alone (132 SMs); bounds the merge's work
 MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
-WAVES = 2  # programs a multiprocessor needs resident to stream at full speed (the v1 sweeps, bench/NOTES.md)
+# A multiprocessor running a single program streams this much slower than with two sharing it
+# (H200 split sweep, joint latent B 64 L 4k: S 2, one program per SM, 46.8 us; S 4, two, 41.8 us)
+LONE_PROGRAM_SLOWDOWN = 1.15
+PARTIAL_BYTES = 4  # the splits' partial outputs are float32
 
 
 @triton.jit
@@ -212,26 +215,33 @@ def _num_sms(device):
 
 
 @functools.lru_cache(maxsize=None)
-def num_splits_heuristic(batch, groups, m_blocks, max_len, num_sms):
+def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, num_sms):
     """KV splits per row that finish soonest on the busiest multiprocessor.
 
-    With S splits, batch x groups x m_blocks x S programs, each streaming max_len / S
-    cached positions plus SPLIT_OVERHEAD_TOKENS of fixed cost, are dealt round-robin to
-    num_sms multiprocessors; the busiest holds c = ceil(programs / num_sms) of them, and
-    streams at full speed only with at least WAVES resident (fewer leave memory latency
-    unhidden): time ~ max(c, WAVES) (max_len / S + SPLIT_OVERHEAD_TOKENS). Ties go to
-    fewer splits. Splits shorter than SPLIT_OVERHEAD_TOKENS, or more than MAX_SPLITS,
-    are not considered.
+    programs: (row, group, query block) programs before splitting; max_len: cached positions
+    per row; row_bytes: latent bytes one program reads per position; merge_rows: outputs
+    (B x nh x Tq) the merge kernel combines; value_dim: their width.
+    With S splits, programs x S of them, each streaming max_len / S positions plus a fixed
+    cost of SPLIT_OVERHEAD_TOKENS, are dealt round-robin to num_sms multiprocessors; the
+    busiest holds c = ceil(programs S / num_sms) and reads c (max_len / S +
+    SPLIT_OVERHEAD_TOKENS) row_bytes, LONE_PROGRAM_SLOWDOWN slower when c = 1. The merge
+    then reads S float32 partial rows of value_dim per output, ceil(merge_rows / num_sms)
+    outputs on its busiest multiprocessor. Ties go to fewer splits; splits shorter than
+    SPLIT_OVERHEAD_TOKENS, or more than MAX_SPLITS, are not considered.
     Uses the cache capacity (no device sync), so the choice is the same at every step of
     a generation (static shapes, CUDA graphs).
     """
-    programs = batch * groups * m_blocks
     most = max(1, min(max_len // SPLIT_OVERHEAD_TOKENS, MAX_SPLITS))
 
-    def busiest_time(splits):
-        return max(triton.cdiv(programs * splits, num_sms), WAVES) * (max_len / splits + SPLIT_OVERHEAD_TOKENS)
+    def busiest_bytes(splits):
+        per_sm = triton.cdiv(programs * splits, num_sms)
+        partial = per_sm * (max_len / splits + SPLIT_OVERHEAD_TOKENS) * row_bytes
+        if per_sm == 1:
+            partial *= LONE_PROGRAM_SLOWDOWN
+        merge = 0 if splits == 1 else triton.cdiv(merge_rows, num_sms) * splits * value_dim * PARTIAL_BYTES
+        return partial + merge
 
-    return min(range(1, most + 1), key=lambda splits: (busiest_time(splits), splits))
+    return min(range(1, most + 1), key=lambda splits: (busiest_bytes(splits), splits))
 
 
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):
@@ -301,7 +311,8 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     block_m = min(max(triton.next_power_of_2(hpg * Tq), MIN_BLOCK_M), MAX_BLOCK_M)
     m_blocks = triton.cdiv(hpg * Tq, block_m)
     if num_splits is None:
-        num_splits = num_splits_heuristic(B, g, m_blocks, L, _num_sms(q_lat.device))
+        row_bytes = (r if joint else r + rv) * q_lat.element_size()
+        num_splits = num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, _num_sms(q_lat.device))
     num_splits = max(1, min(num_splits, L))
     split = num_splits > 1
 

@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
-from mla_kernels.decode import MAX_SPLITS, latent_decode, num_splits_heuristic
+from mla_kernels.decode import latent_decode, num_splits_heuristic
 from mla_kernels.reference import latent_decode_ref
 
 SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
@@ -123,15 +123,21 @@ def test_compiled_call_runs_the_custom_op_and_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
-def test_heuristic():
-    sms = 132
-    assert num_splits_heuristic(64, 12, 1, 4096, sms) == 1  # 768 programs already fill the H200
-    assert num_splits_heuristic(16, 12, 1, 32768, sms) == 2  # 3 programs on the busiest SM beat 2 x 1 full-length
-    assert num_splits_heuristic(64, 1, 1, 4096, sms) == 4  # 256 programs, 2 per SM; 5 would leave a tail
-    assert num_splits_heuristic(16, 1, 1, 32768, sms) == 16  # not 17: 272 programs put 3 on some SMs
-    assert num_splits_heuristic(1, 1, 1, 131072, sms) == MAX_SPLITS
-    assert num_splits_heuristic(1, 1, 1, 300, sms) == 1  # too short to split
-    assert num_splits_heuristic(1, 12, 1, 131072, sms) == 22
+@pytest.mark.parametrize("case", [
+    ("default", 64, 4096, 1),  # 768 programs already fill the H200
+    ("default", 16, 32768, 2),  # 3 programs on the busiest SM beat 2 of full length
+    ("default", 1, 131072, 22),
+    ("default", 1, 300, 1),  # too short to split
+    ("joint", 64, 4096, 4),  # 256 programs, 2 per SM; 5 splits would leave a tail of 56
+    ("joint", 16, 32768, 16),  # not 17: 272 programs would put 3 on some SMs
+    ("joint", 1, 131072, 132),  # one program per SM: 264 would double the merge's reads
+], ids=lambda c: f"{c[0]}-B{c[1]}-L{c[2]}-S{c[3]}")
+def test_heuristic_on_the_h200(case):
+    """GPT-2-small heads (nh 12) over bf16 latents: default g 12, r = rv = 32; joint g 1, r 256."""
+    mode, B, L, splits = case
+    nh, sms, elt = 12, 132, 2
+    g, row_bytes, rv = (12, 2 * 32 * elt, 32) if mode == "default" else (1, 256 * elt, 256)
+    assert num_splits_heuristic(B * g, L, row_bytes, B * nh, rv, sms) == splits
 
 
 def _valid():
