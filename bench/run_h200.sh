@@ -3,6 +3,8 @@
 #   PYTHONPATH=. bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
 # Sections (default: all, in this order): append decode generate convert attention svd.
 # All of them take about 14 minutes, more than one device call allows: split them over two calls.
+# DECODE_SPLITS=1 times only the heuristic's split count (and S 1) instead of the whole sweep.
+# At most 8 files come back from a device call: tar $out into one there.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
@@ -23,7 +25,7 @@ for section in $sections; do
         run 90 append_h200.log python bench/append.py --out "$out/append_h200.json" ;;
     decode)  # both modes, every split count the heuristic weighs, peers in the same run
         run 200 decode_v4.log python bench/decode.py --shapes 64x4096,16x32768,1x131072 --modes default,joint \
-            --splits 1,2,3,4,5,8,16,17,22,32,64,128,256 --out "$out" ;;
+            --splits "${DECODE_SPLITS:-1,2,3,4,5,8,16,17,22,32,64,128,256}" --out "$out" ;;
     generate)  # B 1 and B 32: CUDA-graph steps fused / unfused, standard cache, recompute
         run 150 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 \
             --out "$out/generate_h200.json" ;;

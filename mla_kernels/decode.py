@@ -226,8 +226,10 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
     busiest holds c = ceil(programs S / num_sms) and reads c (max_len / S +
     SPLIT_OVERHEAD_TOKENS) row_bytes, LONE_PROGRAM_SLOWDOWN slower when c = 1. The merge
     then reads S float32 partial rows of value_dim per output, ceil(merge_rows / num_sms)
-    outputs on its busiest multiprocessor. Ties go to fewer splits; splits shorter than
-    SPLIT_OVERHEAD_TOKENS, or more than MAX_SPLITS, are not considered.
+    outputs on its busiest multiprocessor. Ties go to fewer splits. Only powers of two are
+    considered (each split is rounded up to whole KV tiles, and on the H200 sweeps every
+    other count, 3, 5, 17, 22, 132, ran slower than a power-of-two neighbour), none shorter
+    than SPLIT_OVERHEAD_TOKENS and none above MAX_SPLITS.
     Uses the cache capacity (no device sync), so the choice is the same at every step of
     a generation (static shapes, CUDA graphs).
     """
@@ -241,7 +243,8 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
         merge = 0 if splits == 1 else triton.cdiv(merge_rows, num_sms) * splits * value_dim * PARTIAL_BYTES
         return partial + merge
 
-    return min(range(1, most + 1), key=lambda splits: (busiest_bytes(splits), splits))
+    candidates = [1 << i for i in range(most.bit_length())]  # 1, 2, 4, ... <= most
+    return min(candidates, key=lambda splits: (busiest_bytes(splits), splits))
 
 
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):
