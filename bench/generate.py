@@ -16,7 +16,8 @@ Eager rows run only up to --eager_max_batch: each step launches every kernel fro
 (and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
 reference path in the same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
-bench/results/generate_<device>.json.
+bench/results/generate_<device>.json and a bar chart beside it (.png);
+`python bench/generate.py --replot RESULTS.json` redraws the chart of an earlier run.
 """
 import argparse
 import json
@@ -63,6 +64,34 @@ def timed(fn, new_tokens, device):
     return out, time.perf_counter() - start
 
 
+def plot(result, path):
+    """Tokens/s per provider, one group of bars per batch size (log scale: they span 3 decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "tokens_per_s" in r]
+    batches = sorted({r["batch"] for r in rows})
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(providers)
+    for i, name in enumerate(providers):
+        speeds = {r["batch"]: r["tokens_per_s"] for r in rows if r["provider"] == name}
+        xs = [j + i * width for j, b in enumerate(batches) if b in speeds]
+        ax.bar(xs, [speeds[b] for b in batches if b in speeds], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"B {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("generated tokens / s (higher is better)")
+    info = result["info"]
+    ax.set_title(f"GPT.generate, {info['shape']['n_layer']} layers x {info['shape']['n_embd']}, "
+                 f"{info['device']}, {info['dtype'].removeprefix('torch.')}")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
@@ -74,7 +103,12 @@ def main():
     parser.add_argument("--eager_max_batch", type=int, default=1, help="largest batch for the eager rows")
     parser.add_argument("--check_tokens", type=int, default=32, help="tokens compared with the reference path")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/generate_<device>.json)")
+    parser.add_argument("--replot", default=None, metavar="RESULTS.json", help="only redraw the chart of a results file")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), os.path.splitext(args.replot)[0] + ".png")
+        return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -130,7 +164,8 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
-    print(f"wrote {out}")
+    plot(dict(info=info, rows=rows), os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out} and its .png")
 
 
 if __name__ == "__main__":

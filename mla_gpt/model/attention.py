@@ -444,11 +444,10 @@ class MultiHeadLatentAttention(nn.Module):
         c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
         c_v = None if self.caches_joint_latent else projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
         if cache is None:
-            # The slices of one projection are strided by its full width; the core ran fwd+bwd
-            # 1.14 ms on them against 0.86 ms on contiguous copies (H200, B 4, T 4096, r 32), while
-            # the copies move ~75 MB there (~20 us at copy bandwidth, estimated, not timed).
-            q_lat, c_k = q_lat.contiguous(), c_k.contiguous()
-            c_v = c_k if c_v is None else c_v.contiguous()
+            # The core takes the projection's strided slices as they are: contiguous copies ran its
+            # own forward faster but the layer's training step no faster, with more memory
+            # (bench/NOTES.md, attention variant 3)
+            c_v = c_k if c_v is None else c_v
             o_lat = _causal_attention(q_lat, c_k, c_v, self.softmax_scale, 0, kernels)  # (B, T, nh, rv)
         else:
             c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
