@@ -421,37 +421,35 @@ class MultiHeadLatentAttention(nn.Module):
         """Latent-space attention with the projections composed into one GEMM on each side.
 
         In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
-        Out: W_uv composed with c_proj (nh rv -> C), one matmul. Both run on cuBLAS through
-        torch: these are plain dense GEMMs, which a Triton GEMM would not beat.
+        Out: W_uv composed with c_proj (nh rv -> C), one matmul. Both run on cuBLAS, except the
+        input side of a decode step on the kernels: a Triton GEMM there stores the latents
+        straight into the cache (2-3x faster than cuBLAS + the cache copy, bench/NOTES.md).
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
         fused = (cache is not None and kernels and self.fused_cache_append and T <= DECODE_MAX_QUERIES
                  and not torch.is_grad_enabled())
-        if fused:
-            # one kernel projects and writes the latents into the cache (mla_kernels.append)
+        if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)
             q_lat, c_k, c_v = cache.project_update(input_pos, x if dtype is None else x.to(dtype),
-                                                   weight_in, bias_in, nh * r)
+                                                   weight_in, bias_in, nh * r)  # c_k, c_v: (B, Tk, g, .)
             q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
-            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
-            return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
-
-        weight_in, bias_in, weight_out = self._absorbed_weights(basis)
-        projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
-        q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
-        c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
-        c_v = None if self.caches_joint_latent else projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
+        else:
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis)
+            projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
+            q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
+            c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
+            c_v = None if self.caches_joint_latent else projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
+            if cache is not None:
+                c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
         if cache is None:
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory
             # (bench/NOTES.md, attention variant 3)
-            c_v = c_k if c_v is None else c_v
-            o_lat = _causal_attention(q_lat, c_k, c_v, self.softmax_scale, 0, kernels)  # (B, T, nh, rv)
+            o_lat = _causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, kernels)
         else:
-            c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
-            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)
+            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)  # (B, T, nh, rv)
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, kernels):
