@@ -59,3 +59,15 @@ def test_static_decode_step_on_kernels_matches_reference():
         model(prompt, caches=caches, input_pos=0)
         logits.append(model(token, caches=caches, input_pos=torch.tensor(7))[0])
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
+
+
+def test_generation_under_autocast_matches_reference():
+    """Float32 weights under float16 autocast (how `sample` runs on a GPU): the fused cache append
+    casts x and the composed weights to the cache's float16, as autocast does for cuBLAS."""
+    kernels, reference = twin_models(dict())
+    prompt = torch.randint(0, 37, (2, 5))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert kernels.setup_caches(2, 16)[0].k_cache.dtype == torch.float16
+        generated = kernels.generate(prompt, 8, top_k=1)
+        expected = reference.generate(prompt, 8, top_k=1)
+    torch.testing.assert_close(generated, expected, rtol=0, atol=0)
