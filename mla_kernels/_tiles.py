@@ -1,4 +1,4 @@
-"""What the Triton kernels of this package share: where they run and how they pad tiles."""
+"""What the Triton kernels of this package share: where they run, how they pad tiles, autocast."""
 import os
 
 import torch
@@ -16,3 +16,19 @@ def interpreting():
 def tile_dim(d):
     """d padded to the power of two a kernel tiles it with, at least MIN_TILE_DIM."""
     return max(MIN_TILE_DIM, 1 << (d - 1).bit_length())
+
+
+def autocast_inputs(*tensors):
+    """The tensors as a matmul-like op sees them under autocast on their device.
+
+    Inside `torch.autocast(device_type, dtype)`, PyTorch's own attention and matmul cast every
+    floating input except float64 to `dtype`; the kernels' entry points do the same, so a
+    float32 weight meets a bfloat16 activation as it would in `F.linear`. The casts are
+    differentiable: gradients reach float32 parameters in float32. Outside autocast the
+    tensors are returned unchanged.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)

@@ -32,7 +32,7 @@ import types
 import torch
 
 from mla_kernels import reference
-from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, interpreting, tile_dim
+from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, autocast_inputs, interpreting, tile_dim
 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
@@ -625,6 +625,7 @@ def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False
     q: (B, Tq, nh, Dqk); k: (B, Tk, g, Dqk); v: (B, Tk, g, Dv); nh % g == 0, head h reads KV
       head h // (nh // g). Head dims 1..256, any (padded inside to a power of two >= 16, masked).
       float16 / bfloat16 (float32 accumulation) or float32; other dtypes use the reference.
+      Under `torch.autocast` the inputs are first cast to its dtype, as PyTorch's SDPA does.
     softmax_scale: defaults to 1 / sqrt(Dqk).
     q_offset: position of query 0 among the keys, query i sees keys j <= q_offset + i;
       default Tk - Tq (bottom-right aligned, as in cached prefill); must be >= 0.
@@ -634,6 +635,7 @@ def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
+    q, k, v = autocast_inputs(q, k, v)
     _check_common((q, k, v), ("q", "k", "v"))
     B, Tq, nh, dqk = q.shape
     if k.shape[0] != B or v.shape[0] != B:
@@ -665,6 +667,8 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     q: (B, Tq, nh, hs); c_k: (B, Tk, g, r); c_v: (B, Tk, g, rv) (pass c_k again for a joint
     latent); w_uk: (nh, r, hs); w_uv: (nh, rv, hs); k_h = c_k[grp(h)] W_uk^h, v_h likewise.
     softmax_scale defaults to 1 / sqrt(hs); q_offset as in `flash_attention`.
+    Under `torch.autocast` all five are first cast to its dtype (float32 parameters meet
+    bfloat16 activations as in `F.linear`).
     Returns out (B, Tq, nh, hs) (and lse (B, nh, Tq) with return_lse=True). Differentiable in
     all five tensors; the backward (first version) expands K / V in device memory.
     """
@@ -672,6 +676,7 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     tensors = (q, c_k, c_v, w_uk, w_uv)
     for name, t, nd in zip(names, tensors, (4, 4, 4, 3, 3)):
         _check_tensor(name, t, nd)
+    q, c_k, c_v, w_uk, w_uv = tensors = autocast_inputs(*tensors)
     _check_common(tensors, names)
     B, Tq, nh, hs = q.shape
     Tk, g, r = c_k.shape[1:]
