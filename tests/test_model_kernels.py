@@ -14,18 +14,20 @@ CONFIGS = {
 }
 
 
-def twin_models(kwargs):
-    """The same weights on the kernels and on the reference, float32, eval mode."""
+def twin_models(kwargs, backend="triton"):
+    """The same weights on `backend` and on the reference, float32, eval mode."""
     torch.manual_seed(0)
     reference = GPT(GPTConfig(**{**TINY, **kwargs}, attn_backend="reference")).eval()
-    kernels = GPT(GPTConfig(**{**TINY, **kwargs}, attn_backend="triton")).eval()
+    kernels = GPT(GPTConfig(**{**TINY, **kwargs}, attn_backend=backend)).eval()
     kernels.load_state_dict(reference.state_dict())
     return kernels, reference
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=list(CONFIGS))
-def test_loss_and_gradients_match_reference(kwargs):
-    kernels, reference = twin_models(kwargs)
+def test_loss_and_gradients_match_reference(kwargs, backend):
+    """The kernels, and the same model with its core on PyTorch's SDPA, against the reference."""
+    kernels, reference = twin_models(kwargs, backend)
     idx = torch.randint(0, 37, (2, 30))
     grads = []
     for model in (kernels, reference):
@@ -37,9 +39,10 @@ def test_loss_and_gradients_match_reference(kwargs):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-5, rtol=2e-3, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=list(CONFIGS))
-def test_greedy_generation_through_kernels_equals_reference_recompute(kwargs):
-    kernels, reference = twin_models(kwargs)
+def test_greedy_generation_through_kernels_equals_reference_recompute(kwargs, backend):
+    kernels, reference = twin_models(kwargs, backend)
     prompt = torch.randint(0, 37, (2, 5))
     generated = kernels.generate(prompt, 12, top_k=1)
     idx = prompt

@@ -125,7 +125,7 @@ MODEL_KEY_HELP = {
     "use_svd": "SVD compression of the value latents (needs use_mla)",
     "svd_rank": "kept rank; None -> full",
     "svd_mode": "'weight' (causal, cached) or 'activation' (per sequence, not causal)",
-    "attn_backend": "'auto' (Triton on CUDA, reference on CPU), 'triton', 'reference'",
+    "attn_backend": "'auto' (Triton on CUDA, reference on CPU), 'triton', 'sdpa', 'reference'",
     "mla_path": "'auto' (cost model), 'absorbed', 'expanded'",
 }
 

@@ -3,8 +3,10 @@
 Both take x (B, T, C) and return (B, T, C). With `cache` (a LatentKVCache) and `input_pos`
 they attend over the cached prefix too, for generation. Backends (`attn_backend`):
 'triton' runs the kernels of `mla_kernels` (through the Triton interpreter on CPU when
-TRITON_INTERPRET=1), 'reference' runs `mla_kernels.reference`, 'auto' picks the kernels on
-CUDA and the reference on CPU (CausalSelfAttention: PyTorch's SDPA, nanoGPT's fast path).
+TRITON_INTERPRET=1), 'sdpa' runs the attention core on PyTorch's
+`F.scaled_dot_product_attention` (MLA on SDPA: the peer a user can write without a custom
+kernel), 'reference' runs `mla_kernels.reference`, 'auto' picks the kernels on CUDA and the
+reference on CPU (CausalSelfAttention: PyTorch's SDPA, nanoGPT's fast path).
 """
 import math
 
@@ -26,20 +28,42 @@ ACTIVATION_BYTES = 2  # bf16 activations
 DECODE_MAX_QUERIES = 16
 
 
-def _use_kernels(backend, x):
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
+def resolve_backend(backend, x):
+    """The backend that runs on x: 'auto' -> 'triton' on CUDA, 'reference' elsewhere."""
+    if backend == "auto":
+        return "triton" if x.is_cuda else "reference"
+    return backend
 
 
-def _causal_attention(q, k, v, softmax_scale, q_offset, kernels):
+def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
+    """PyTorch's fused attention on flash-attention's layout, causal mask aligned at q_offset.
+
+    q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv); g < nh through enable_gqa.
+    """
+    Tq, Tk = q.size(1), k.size(1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    options = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=k.size(1) != q.size(1))
+    if isinstance(q_offset, int) and q_offset == 0 and Tq == Tk:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
+    else:
+        q_pos = torch.arange(Tq, device=q.device)[:, None] + q_offset
+        mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (Tq, Tk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
+    return y.transpose(1, 2)  # (B, Tq, nh, Dv)
+
+
+def _causal_attention(q, k, v, softmax_scale, q_offset, backend):
     """GQA causal attention: q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv)."""
-    if kernels:
+    if backend == "triton":
         from mla_kernels.attention import flash_attention
 
         return flash_attention(q, k, v, softmax_scale=softmax_scale, q_offset=q_offset)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, softmax_scale, q_offset)
     return ref.attention_ref(q, k, v, softmax_scale, q_offset)[0]
 
 
-def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
+def _cached_attention(q, k, v, input_pos, softmax_scale, backend):
     """New queries over a cache: q (B, T, nh, D); k (B, Tk, g, D); v (B, Tk, g, Dv), or None when
     the latent is joint (v = k). Returns (B, T, nh, Dv).
 
@@ -47,6 +71,7 @@ def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
     cache_seqlens; so do short chunks on the kernels, which the decode kernel serves best.
     """
     B, T = q.shape[:2]
+    kernels = backend == "triton"
     if isinstance(input_pos, torch.Tensor) or (
         kernels and T <= DECODE_MAX_QUERIES and not torch.is_grad_enabled()
     ):
@@ -56,7 +81,7 @@ def _cached_attention(q, k, v, input_pos, softmax_scale, kernels):
 
             return latent_decode(q, k, v, seqlens, softmax_scale, check_seqlens=False)[0]
         return ref.latent_decode_ref(q, k, v, seqlens, softmax_scale)[0]
-    return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, kernels)
+    return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, backend)
 
 
 @torch.compiler.disable  # the randomized SVD syncs with the host: it runs outside compiled graphs
@@ -121,27 +146,15 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, hs): the filled prefix, or all of it
-        if self.backend == "auto":
-            y = self._sdpa(q, k, v, input_pos)
+        if self.backend in ("auto", "sdpa"):
+            dropout_p = self.dropout if self.training else 0.0
+            y = sdpa_attention(q, k, v, self.softmax_scale, input_pos, dropout_p)
         elif cache is not None:
-            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, self.backend == "triton")
+            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, self.backend)
         else:
-            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, self.backend == "triton")
+            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, self.backend)
         y = y.reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def _sdpa(self, q, k, v, q_offset):
-        """PyTorch's fused attention with the causal mask aligned at q_offset."""
-        T, Tk = q.size(1), k.size(1)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if isinstance(q_offset, int) and q_offset == 0 and T == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            q_pos = torch.arange(T, device=q.device)[:, None] + q_offset
-            mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (T, Tk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        return y.transpose(1, 2)  # (B, T, nh, hs)
 
     def make_cache(self, max_batch, max_seq, dtype, device):
         return LatentKVCache(max_batch, max_seq, self.n_head, self.head_size, self.head_size,
@@ -315,7 +328,8 @@ class MultiHeadLatentAttention(nn.Module):
         g, r = self.n_groups, self.latent_dim
         stacked = w_uv.view(g, self.n_head // g, r, self.head_size).transpose(1, 2)
         stacked = stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)
-        basis = _top_left_singular_vectors(stacked, self.svd_rank, _use_kernels(self.backend, stacked))
+        kernels = resolve_backend(self.backend, stacked) == "triton"
+        basis = _top_left_singular_vectors(stacked, self.svd_rank, kernels)
         return basis.to(self.v_expand.weight.dtype)
 
     def _value_basis(self):
@@ -328,24 +342,27 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x, cache=None, input_pos=0):
         B, T, C = x.size()
-        kernels = _use_kernels(self.backend, x)
+        backend = resolve_backend(self.backend, x)
         if self.svd_mode == "activation":
             if cache is not None:
                 raise ValueError("svd_mode='activation' is not causal and cannot use a KV cache")
-            y = self._forward_activation_svd(x, kernels)
+            y = self._forward_activation_svd(x, backend)
             return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
         basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
         path = "absorbed" if cache is not None else self.choose_path(T)
         if path == "absorbed":
-            return self.resid_dropout(self._forward_absorbed(x, basis, cache, input_pos, kernels))
+            return self.resid_dropout(self._forward_absorbed(x, basis, cache, input_pos, backend))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
-        if kernels:
+        if backend == "triton":
             from mla_kernels.attention import mla_attention_expanded
 
             y = mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=self.softmax_scale)
+        elif backend == "sdpa":
+            k, v = ref.expand_latent(c_k, w_uk), ref.expand_latent(c_v, w_uv)  # (B, T, nh, hs) each
+            y = sdpa_attention(q, k, v, self.softmax_scale, 0)
         else:
             y = ref.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, self.softmax_scale)[0]
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
@@ -417,7 +434,7 @@ class MultiHeadLatentAttention(nn.Module):
             c_v = torch.einsum("btgr,grk->btgk", c_v, basis)
         return c_k, c_v
 
-    def _forward_absorbed(self, x, basis, cache, input_pos, kernels):
+    def _forward_absorbed(self, x, basis, cache, input_pos, backend):
         """Latent-space attention with the projections composed into one GEMM on each side.
 
         In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
@@ -427,7 +444,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = (cache is not None and kernels and self.fused_cache_append and T <= DECODE_MAX_QUERIES
+        fused = (cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
                  and not torch.is_grad_enabled())
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
@@ -447,12 +464,12 @@ class MultiHeadLatentAttention(nn.Module):
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory
             # (bench/NOTES.md, attention variant 3)
-            o_lat = _causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, kernels)
+            o_lat = _causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, backend)
         else:
-            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, kernels)  # (B, T, nh, rv)
+            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, backend)  # (B, T, nh, rv)
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
-    def _forward_activation_svd(self, x, kernels):
+    def _forward_activation_svd(self, x, backend):
         """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.
 
         Not causal: the projector comes from all T positions. V_low = V V_k V_k^T with the top
@@ -465,8 +482,8 @@ class MultiHeadLatentAttention(nn.Module):
         v = self.v_expand(c_v)  # (B, T, nh, hs)
         if self.svd_rank < min(T, self.head_size):
             per_head = v.transpose(1, 2)  # (B, nh, T, hs)
-            right = _top_left_singular_vectors(per_head.transpose(-1, -2), self.svd_rank, kernels)
+            right = _top_left_singular_vectors(per_head.transpose(-1, -2), self.svd_rank, backend == "triton")
             right = right.to(v.dtype)  # (B, nh, hs, k)
             per_head = (per_head @ right) @ right.transpose(-1, -2)  # (B, nh, T, hs)
             v = per_head.transpose(1, 2)
-        return _causal_attention(q, k, v, self.softmax_scale, 0, kernels)
+        return _causal_attention(q, k, v, self.softmax_scale, 0, backend)

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, fields
 from typing import Optional, Union, get_args, get_origin
 
-ATTN_BACKENDS = ("auto", "triton", "reference")
+ATTN_BACKENDS = ("auto", "triton", "sdpa", "reference")
 MLA_PATHS = ("auto", "absorbed", "expanded")
 SVD_MODES = ("weight", "activation")
 
@@ -28,7 +28,7 @@ class GPTConfig:
     svd_rank: Optional[int] = None  # None -> full rank (latent dim in 'weight' mode, head size in 'activation')
     svd_mode: str = "weight"  # 'weight': causal and cached; 'activation': per-sequence, not causal
 
-    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, reference on CPU
+    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, reference on CPU; 'sdpa': core on PyTorch's SDPA
     mla_path: str = "auto"  # 'auto': cheaper of absorbed / expanded by the cost model
 
     def __post_init__(self):
