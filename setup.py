@@ -12,7 +12,7 @@ setup(
     # Ranges that both the CPU machines (torch 2.13 CPU build, triton 3.6.0) and the GPU
     # machine (torch 2.11, triton 3.6, nothing installable) satisfy.
     install_requires=[
-        "torch>=2.5,<3",
+        "torch>=2.6,<3",  # torch.library.triton_op
         "triton>=3.2,<4",
         "numpy>=1.24,<2.4",  # triton 3.6's interpreter fails under numpy >= 2.4 (DESIGN 5)
         "tiktoken>=0.6",

@@ -1,8 +1,10 @@
 """Causal flash attention for MLA training: latent-space core and fused-expansion path.
 
-Two entry points, both differentiable and registered as `torch.library` custom ops
-(namespace `mla_kernels`) with fake implementations and autograd, so `torch.compile`
-traces through them without a graph break:
+Two entry points, both differentiable and registered as `torch.library.triton_op`s
+(namespace `mla_kernels`) with autograd, so `torch.compile` traces through them without a
+graph break and Inductor launches the Triton kernels from its own generated code, as it
+launches its own (no per-call Python launcher, dispatcher or autotuner lookup inside a
+compiled step). Eager calls go straight to the launchers through `autograd.Function`s.
 
 - `flash_attention(q, k, v)`: causal grouped-query attention with separate qk / v head
   dims (the absorbed MLA core runs it with head dim r over the latents themselves).
@@ -30,6 +32,8 @@ import os
 import types
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
+from torch.library import triton_op, wrap_triton
 
 from mla_kernels import reference
 from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, autocast_inputs, interpreting, tile_dim
@@ -327,7 +331,8 @@ INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32,
 
 def _autotuning():
     """MLA_ATTENTION_AUTOTUNE=0 skips the search: the first candidate that fits is used
-    (saves compile time where many shapes run once, as in the GPU correctness check)."""
+    (saves compile time where many shapes run once, as in the GPU correctness check).
+    A shape first seen inside a CUDA-graph capture also takes the first candidate."""
     return os.environ.get("MLA_ATTENTION_AUTOTUNE", "1") != "0"
 
 
@@ -344,7 +349,9 @@ def _prune(configs, named_args, **kwargs):
     if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
         limit = 64 * 32
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
-    return kept if _autotuning() else kept[:1]
+    # a search inside a CUDA-graph capture would launch its timing runs into the graph
+    searching = _autotuning() and not torch.cuda.is_current_stream_capturing()
+    return kept if searching else kept[:1]
 
 def _length_buckets(Tq, Tk):
     """Autotune keys: lengths rounded up to a power of two (the kernels never read them).
@@ -390,7 +397,7 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
     out = torch.empty(B, Tq, nh, d_out, device=q.device, dtype=q.dtype)  # (B, Tq, nh, Dv)
     lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)  # (B, nh, Tq)
     grid = lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)  # noqa: E731
-    kern._fwd_kernel[grid](
+    wrap_triton(kern._fwd_kernel)[grid](
         q, k, v, wk_args[0], wk_args[1], out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *wk_args[2:],
@@ -419,7 +426,7 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     pre_block = 64
     has_dlse = dlse is not None
     dlse_arg = dlse.float().contiguous() if has_dlse else delta
-    kern._bwd_preprocess[(kern.cdiv(Tq, pre_block), B * nh)](
+    wrap_triton(kern._bwd_preprocess)[(kern.cdiv(Tq, pre_block), B * nh)](
         out, do, dlse_arg, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), Tq, nh,
         DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
@@ -431,12 +438,12 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=tile_dim(dq_dim), DV_P=tile_dim(dv_dim), PREC=_prec(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    kern._bwd_dkdv_kernel[lambda meta: (kern.cdiv(Tk, meta["BLOCK_N"]), B * g)](
+    wrap_triton(kern._bwd_dkdv_kernel)[lambda meta: (kern.cdiv(Tk, meta["BLOCK_N"]), B * g)](
         q, k, v, do, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Tq, Tk, nh, g, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
-    kern._bwd_dq_kernel[lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
+    wrap_triton(kern._bwd_dq_kernel)[lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
@@ -446,28 +453,42 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("mla_kernels::flash_attention_fwd", mutates_args=())
+def _op(name, fake):
+    """Register a launcher as the op `mla_kernels::<name>`.
+
+    On GPUs a `triton_op`: Inductor traces into it and launches the kernels itself (its fake
+    implementation is the launcher run on fake tensors). The interpreter's kernels cannot run
+    on fake tensors, so under TRITON_INTERPRET=1 it is an opaque `custom_op` with `fake`.
+    """
+    def register(fn):
+        if not interpreting():
+            return triton_op(f"mla_kernels::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"mla_kernels::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def _flash_fwd_fake(q, k, v, softmax_scale, q_offset):
+    B, Tq, nh, _ = q.shape
+    return q.new_empty(B, Tq, nh, v.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
+
+
+@_op("flash_attention_fwd", _flash_fwd_fake)
 def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                   q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, softmax_scale, q_offset)
 
 
-@_flash_fwd_op.register_fake
-def _(q, k, v, softmax_scale, q_offset):
-    B, Tq, nh, _ = q.shape
-    return q.new_empty(B, Tq, nh, v.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
+def _flash_bwd_fake(do, dlse, q, k, v, out, lse, softmax_scale, q_offset):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-@torch.library.custom_op("mla_kernels::flash_attention_bwd", mutates_args=())
+@_op("flash_attention_bwd", _flash_bwd_fake)
 def _flash_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                   q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse)
-
-
-@_flash_bwd_op.register_fake
-def _(do, dlse, q, k, v, out, lse, softmax_scale, q_offset):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _flash_setup_context(ctx, inputs, output, eager=False):
@@ -485,7 +506,8 @@ def _core_backward(ctx, dout, dlse, q, k, v, out, lse):
     if dout is None:
         dout = torch.zeros_like(out)
     if ctx.eager:
-        return attention_backward(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.q_offset, dlse)
+        with set_wrap_triton_enabled(False):  # launch directly, not through the tracing wrapper
+            return attention_backward(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.q_offset, dlse)
     return _flash_bwd_op(dout, dlse, q, k, v, out, lse, ctx.softmax_scale, ctx.q_offset)
 
 
@@ -498,17 +520,16 @@ def _flash_backward(ctx, dout, dlse):
 _flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
-@torch.library.custom_op("mla_kernels::mla_attention_expanded_fwd", mutates_args=())
+def _mla_expanded_fwd_fake(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset):
+    B, Tq, nh, _ = q.shape
+    return q.new_empty(B, Tq, nh, w_uv.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
+
+
+@_op("mla_attention_expanded_fwd", _mla_expanded_fwd_fake)
 def _mla_expanded_fwd_op(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_uk: torch.Tensor,
                          w_uv: torch.Tensor, softmax_scale: float,
                          q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, c_k, c_v, softmax_scale, q_offset, w_uk, w_uv)
-
-
-@_mla_expanded_fwd_op.register_fake
-def _(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset):
-    B, Tq, nh, _ = q.shape
-    return q.new_empty(B, Tq, nh, w_uv.shape[-1]), q.new_empty(B, nh, Tq, dtype=torch.float32)
 
 
 def _mla_expanded_setup_context(ctx, inputs, output, eager=False):
@@ -551,7 +572,8 @@ class _EagerFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, q_offset):
-        out, lse = attention_forward(q, k, v, softmax_scale, q_offset)
+        with set_wrap_triton_enabled(False):  # launch directly, not through the tracing wrapper
+            out, lse = attention_forward(q, k, v, softmax_scale, q_offset)
         _flash_setup_context(ctx, (q, k, v, softmax_scale, q_offset), (out, lse), eager=True)
         return out, lse
 
@@ -565,7 +587,8 @@ class _EagerMLAExpanded(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset):
-        out, lse = attention_forward(q, c_k, c_v, softmax_scale, q_offset, w_uk, w_uv)
+        with set_wrap_triton_enabled(False):
+            out, lse = attention_forward(q, c_k, c_v, softmax_scale, q_offset, w_uk, w_uv)
         inputs = (q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
         _mla_expanded_setup_context(ctx, inputs, (out, lse), eager=True)
         return out, lse

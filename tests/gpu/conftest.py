@@ -1,0 +1,22 @@
+"""Every test under tests/gpu is marked `cuda` and skipped where no CUDA device is visible.
+
+    PYTHONPATH=. python -m pytest tests/gpu        # on a machine with an NVIDIA GPU
+    python -m pytest tests -m "not cuda"           # everything else
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+GPU_TESTS_DIR = Path(__file__).resolve().parent
+SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of this folder `cuda`; skip every `cuda` test when there is no GPU."""
+    no_gpu = not torch.cuda.is_available()
+    for item in items:
+        if GPU_TESTS_DIR in item.path.resolve().parents:
+            item.add_marker(pytest.mark.cuda)
+        if no_gpu and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason=SKIP_REASON))

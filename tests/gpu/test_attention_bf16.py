@@ -1,0 +1,149 @@
+"""bf16 accuracy of the attention kernels on the GPU (the pytest form of bench/gpu_check_attention.py).
+
+    PYTHONPATH=. python -m pytest tests/gpu/test_attention_bf16.py
+
+For each case, `flash_attention` and `mla_attention_expanded` run on random bf16 CUDA inputs, forward
+and backward. Their output and every gradient are compared with the float64 reference on the same
+inputs, and so is PyTorch's own bf16 path (SDPA; for the expanded form, `reference.expand_latent`
+then SDPA). Error = ||x - ref|| / ||ref||. A tensor passes when ours <= 2 x torch's + 1e-4
+(flash-attention's criterion; the additive term covers tensors where torch's error is near zero).
+
+The kernels run without autotuning (the first fitting tile of each kernel), as in the bench script,
+so that each shape compiles once; set MLA_ATTENTION_AUTOTUNE=1 to check the autotuned tiles instead.
+"""
+import gc
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mla_kernels import reference
+from mla_kernels.attention import flash_attention, mla_attention_expanded
+
+ERR_FACTOR, ERR_FLOOR = 2.0, 1e-4
+BF16 = torch.bfloat16
+DEVICE = "cuda"
+
+# (B, T, nh, g, Dqk, Dv): the bench script's shapes, then head dims below 16 with grouped heads, odd T
+CORE_SHAPES = [
+    (2, 1000, 12, 12, 64, 64), (1, 4096, 12, 12, 32, 32), (1, 8192, 12, 12, 64, 64),
+    (1, 8192, 16, 2, 32, 32), (2, 2047, 12, 4, 48, 48), (1, 4096, 12, 1, 128, 128),
+    (1, 1500, 8, 8, 96, 96), (1, 2048, 8, 8, 192, 192), (4, 513, 12, 12, 16, 16),
+    (2, 333, 8, 2, 8, 8), (3, 333, 6, 3, 4, 4), (1, 1001, 4, 1, 8, 4), (2, 333, 4, 4, 4, 8),
+]
+# (B, T, nh, g, hs, r): the bench script's shapes, then small head sizes and latent widths
+EXPANDED_SHAPES = [
+    (1, 4096, 12, 12, 64, 96), (2, 1023, 12, 3, 32, 96), (1, 8192, 12, 12, 64, 192),
+    (2, 333, 8, 2, 8, 4), (1, 333, 6, 3, 4, 8),
+]
+# shapes also run with softmax_scale = scale_mult / sqrt(head dim)
+CORE_SCALE_SHAPES = [(2, 1000, 12, 4, 64, 64), (2, 333, 8, 2, 8, 8), (1, 2048, 8, 8, 128, 128)]
+EXPANDED_SCALE_SHAPES = [(2, 1023, 12, 3, 32, 96), (2, 333, 8, 2, 8, 4)]
+SCALE_MULTS = [1, 3, 8]
+
+
+def core_id(shape):
+    B, T, nh, g, dqk, dv = shape
+    return f"B{B}-T{T}-H{nh}-G{g}-D{dqk}" + (f"-Dv{dv}" if dv != dqk else "")
+
+
+def expanded_id(shape):
+    B, T, nh, g, hs, r = shape
+    return f"B{B}-T{T}-H{nh}-G{g}-hs{hs}-r{r}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_gpu(monkeypatch):
+    """Seed 0, no autotuning unless asked for; free the GPU memory of the test afterwards."""
+    monkeypatch.setenv("MLA_ATTENTION_AUTOTUNE", os.environ.get("MLA_ATTENTION_AUTOTUNE", "0"))
+    torch.manual_seed(0)
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def out_and_grads(fn, inputs, dout):
+    """[out, grad of each input] of fn on fresh leaf copies of inputs."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def sdpa(q, k, v, scale):
+    """PyTorch's causal attention in the (B, T, heads, dim) layout, grouped KV heads broadcast."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+    return o.transpose(1, 2)
+
+
+def assert_close_to_torch(ours, torch_bf16, ref64, inputs, names, out_shape):
+    """Ours vs the float64 reference is within ERR_FACTOR x torch's bf16 error + ERR_FLOOR, per tensor."""
+    dout = torch.randn(out_shape, device=DEVICE, dtype=BF16)
+    results = zip(("out",) + names, out_and_grads(ours, inputs, dout), out_and_grads(torch_bf16, inputs, dout),
+                  out_and_grads(ref64, [x.double() for x in inputs], dout.double()))
+    rows, passed = [], True
+    for name, a, b, ref in results:
+        e_ours, e_torch = rel_err(a, ref), rel_err(b, ref)
+        ok = math.isfinite(e_ours) and e_ours <= ERR_FACTOR * e_torch + ERR_FLOOR
+        passed &= ok
+        rows.append(f"{name:>6}: ours {e_ours:.3e}, torch {e_torch:.3e}{'' if ok else '  FAIL'}")
+    assert passed, f"relative error vs float64 (need ours <= {ERR_FACTOR} x torch + {ERR_FLOOR}):\n" + "\n".join(rows)
+
+
+def check_core(shape, softmax_scale=None):
+    B, T, nh, g, dqk, dv = shape
+    q = torch.randn(B, T, nh, dqk, device=DEVICE, dtype=BF16)
+    k = torch.randn(B, T, g, dqk, device=DEVICE, dtype=BF16)
+    v = torch.randn(B, T, g, dv, device=DEVICE, dtype=BF16)
+    assert_close_to_torch(
+        lambda q, k, v: flash_attention(q, k, v, softmax_scale),
+        lambda q, k, v: sdpa(q, k, v, softmax_scale),
+        lambda q, k, v: reference.attention_ref(q, k, v, softmax_scale)[0],
+        [q, k, v], ("dq", "dk", "dv"), (B, T, nh, dv))
+
+
+def check_expanded(shape, softmax_scale=None):
+    B, T, nh, g, hs, r = shape
+    q = torch.randn(B, T, nh, hs, device=DEVICE, dtype=BF16)
+    c_k = torch.randn(B, T, g, r, device=DEVICE, dtype=BF16)
+    c_v = torch.randn(B, T, g, r, device=DEVICE, dtype=BF16)
+    w_uk = (torch.randn(nh, r, hs, device=DEVICE) / math.sqrt(r)).to(BF16)
+    w_uv = (torch.randn(nh, r, hs, device=DEVICE) / math.sqrt(r)).to(BF16)
+
+    def torch_path(q, c_k, c_v, w_uk, w_uv):
+        return sdpa(q, reference.expand_latent(c_k, w_uk), reference.expand_latent(c_v, w_uv), softmax_scale)
+
+    assert_close_to_torch(
+        lambda *t: mla_attention_expanded(*t, softmax_scale),
+        torch_path,
+        lambda *t: reference.mla_attention_expanded_ref(*t, softmax_scale)[0],
+        [q, c_k, c_v, w_uk, w_uv], ("dq", "dc_k", "dc_v", "dw_uk", "dw_uv"), (B, T, nh, hs))
+
+
+@pytest.mark.parametrize("shape", CORE_SHAPES, ids=core_id)
+def test_flash_attention_bf16(shape):
+    check_core(shape)
+
+
+@pytest.mark.parametrize("scale_mult", SCALE_MULTS, ids=lambda m: f"scale{m}")
+@pytest.mark.parametrize("shape", CORE_SCALE_SHAPES, ids=core_id)
+def test_flash_attention_bf16_softmax_scale(shape, scale_mult):
+    check_core(shape, scale_mult / math.sqrt(shape[4]))
+
+
+@pytest.mark.parametrize("shape", EXPANDED_SHAPES, ids=expanded_id)
+def test_mla_attention_expanded_bf16(shape):
+    check_expanded(shape)
+
+
+@pytest.mark.parametrize("scale_mult", SCALE_MULTS, ids=lambda m: f"scale{m}")
+@pytest.mark.parametrize("shape", EXPANDED_SCALE_SHAPES, ids=expanded_id)
+def test_mla_attention_expanded_bf16_softmax_scale(shape, scale_mult):
+    check_expanded(shape, scale_mult / math.sqrt(shape[4]))
