@@ -350,7 +350,8 @@ def _prune(configs, named_args, **kwargs):
         limit = 64 * 32
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
     # a search inside a CUDA-graph capture would launch its timing runs into the graph
-    searching = _autotuning() and not torch.cuda.is_current_stream_capturing()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    searching = _autotuning() and not capturing
     return kept if searching else kept[:1]
 
 def _length_buckets(Tq, Tk):
