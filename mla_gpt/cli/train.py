@@ -33,6 +33,9 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
 MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
+# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), by device-name fragment:
+# the MFU of a run is reported against the GPU it runs on, or not at all.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 # Keys of GPTConfig that may differ between a checkpoint and the run resuming it (runtime choices).
 RUNTIME_MODEL_KEYS = ("dropout", "attn_backend", "mla_path")
 
@@ -95,6 +98,13 @@ class TrainConfig:
     )
     compile: Optional[bool] = field(
         default=None, metadata={"help": "torch.compile the model; None -> on for CUDA, off on CPU"}
+    )
+    cuda_graphs: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "replay the compiled step as CUDA graphs (torch.compile mode 'reduce-overhead': "
+            "no per-kernel launch cost); None -> on when compiling on CUDA in one process"
+        },
     )
     seed: int = field(default=1337, metadata={"help": "seed of weights, dropout and batch sampling"})
     progress_bar: Optional[bool] = field(default=None, metadata={"help": "tqdm bar; None -> on for CPU runs"})
@@ -313,7 +323,11 @@ def learning_rate(it, cfg):
 
 
 class Batches:
-    """Random windows of a uint16 token file, drawn with a torch.Generator whose state is checkpointed."""
+    """Random windows of a uint16 token file, drawn with a torch.Generator whose state is checkpointed.
+
+    `prefetch()` draws the next batch ahead (host work the trainer does while the device runs the
+    current step); `next()` then returns it, and `get_state()` is the state before it was drawn.
+    """
 
     def __init__(self, path, batch_size, block_size, device, seed):
         self.path, self.batch_size, self.block_size, self.device = path, batch_size, block_size, device
@@ -321,9 +335,26 @@ class Batches:
         if self.n_tokens <= block_size:
             raise ConfigError(f"{path} holds {self.n_tokens} tokens; block_size={block_size} needs more")
         self.generator = torch.Generator().manual_seed(seed)
+        self.pending = None  # (generator state before drawing it, batch)
 
     def next(self):
         """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
+        if self.pending is not None:
+            batch, self.pending = self.pending[1], None
+            return batch
+        return self._draw()
+
+    def prefetch(self):
+        self.pending = (self.generator.get_state(), self._draw())
+
+    def get_state(self):
+        return self.generator.get_state() if self.pending is None else self.pending[0]
+
+    def set_state(self, state):
+        self.pending = None
+        self.generator.set_state(state)
+
+    def _draw(self):
         data = np.memmap(self.path, dtype=np.uint16, mode="r")  # re-opened per batch: avoids a memmap leak
         ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
         windows = torch.stack(
@@ -385,6 +416,76 @@ class Metrics:
         fig.tight_layout()
         fig.savefig(self.plot_path)
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def use_cuda_graphs(cfg, rt, compile_model):
+    """cuda_graphs None -> on when compiling on CUDA without DDP (its hooks run between graphs)."""
+    if cfg["cuda_graphs"] is None:
+        return compile_model and rt.device_type == "cuda" and not rt.ddp
+    if cfg["cuda_graphs"] and not (compile_model and rt.device_type == "cuda"):
+        raise ConfigError(
+            f"cuda_graphs=True needs compile=True on a CUDA device; got compile={compile_model}, device {rt.device}"
+        )
+    return cfg["cuda_graphs"]
+
+
+def compile_for_training(model, cuda_graphs):
+    """torch.compile; with cuda_graphs the forward and backward graphs replay as CUDA graphs."""
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+
+
+class TrainStep:
+    """One optimizer step, as `train` runs it and bench/train.py times it.
+
+    grad_accum micro-steps of forward and backward under autocast, then the gradient clip and the
+    optimizer step. The next batch is drawn while the device runs the current micro-step, so the
+    host's data work hides behind device work. Calling it returns the iteration's mean loss as a
+    0-dim device tensor: reading it is the caller's only host-device synchronization.
+    """
+
+    def __init__(self, model, optimizer, scaler, batches, autocast, grad_accum, grad_clip, rt, cuda_graphs):
+        self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
+        self.autocast, self.grad_accum, self.grad_clip = autocast, grad_accum, grad_clip
+        self.rt, self.cuda_graphs = rt, cuda_graphs
+
+    def __call__(self):
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro_step in range(self.grad_accum):
+            x, y = self.batches.next()
+            if self.cuda_graphs:  # a new iteration: the graphs may reuse the last one's outputs
+                torch.compiler.cudagraph_mark_step_begin()
+            if self.rt.ddp:  # all-reduce the gradients once per iteration, on the last micro-step
+                self.model.require_backward_grad_sync = micro_step == self.grad_accum - 1
+            with self.autocast:
+                _, loss = self.model(x, y)
+                loss = loss / self.grad_accum
+            self.batches.prefetch()
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        if self.rt.ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.rt.world_size
+        if self.grad_clip != 0.0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+
+def bf16_peak(device):
+    """(name, FLOP/s) of the device's datasheet bf16 peak, or None where none is known (CPU too)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, flops in BF16_PEAK_FLOPS.items():
+        if fragment in name:
+            return name, flops
+    return None
 
 
 # ----------------------------------------------------------------------------- training
@@ -497,9 +598,10 @@ def _train(cfg, rt):
     start_iter = iter_num
 
     compile_model = cfg["compile"] if cfg["compile"] is not None else rt.device_type == "cuda"
+    cuda_graphs = use_cuda_graphs(cfg, rt, compile_model)
     if compile_model:
-        log("compiling the model with torch.compile ...")
-        model = torch.compile(model)
+        log(f"compiling the model with torch.compile{' (CUDA graphs)' if cuda_graphs else ''} ...")
+        model = compile_for_training(model, cuda_graphs)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     raw_model = model.module if rt.ddp else model
@@ -526,6 +628,8 @@ def _train(cfg, rt):
             losses = torch.zeros(cfg["eval_iters"])
             for k in range(cfg["eval_iters"]):
                 x, y = batches.next()
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     _, loss = model(x, y)
                 losses[k] = loss.item()
@@ -555,8 +659,13 @@ def _train(cfg, rt):
         from tqdm import tqdm
 
         bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
+    peak = bf16_peak(rt.device)
+    if peak is not None:
+        log(f"mfu against the {peak[0]}'s dense bf16 peak, {peak[1] / 1e12:.0f} TFLOP/s (datasheet)")
+    step = TrainStep(model, optimizer, scaler, train_batches, autocast, grad_accum, cfg["grad_clip"], rt, cuda_graphs)
     last_losses = {}
-    running_mfu, local_iter, t0 = -1.0, 0, time.time()
+    running_mfu, local_iter = -1.0, 0
+    timed_tokens, timed_seconds = 0, 0.0  # steps after the warm-up ones, eval and checkpoints excluded
     try:
         while True:
             lr = learning_rate(iter_num, cfg)
@@ -590,43 +699,24 @@ def _train(cfg, rt):
             if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
                 break
 
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro_step in range(grad_accum):
-                x, y = train_batches.next()
-                if rt.ddp:  # all-reduce the gradients once per iteration, on the last micro-step
-                    model.require_backward_grad_sync = micro_step == grad_accum - 1
-                with autocast:
-                    _, loss = model(x, y)
-                    loss = loss / grad_accum
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-            if rt.ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= rt.world_size
-            lossf = loss_sum.item()
+            t0 = time.perf_counter()  # the step's own time: eval and checkpoint happen before this
+            lossf = step().item()
+            dt = time.perf_counter() - t0
             if not math.isfinite(lossf):
                 raise TrainingDiverged(
                     f"loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint "
                     f"({out_dir / CHECKPOINT_NAME}) is left untouched; try a lower learning_rate or a grad_clip."
                 )
-            if cfg["grad_clip"] != 0.0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
+            if local_iter >= MFU_WARMUP_ITERS:
+                timed_tokens, timed_seconds = timed_tokens + tokens_per_iter, timed_seconds + dt
             if iter_num % cfg["log_interval"] == 0 and rt.master:
-                if local_iter >= MFU_WARMUP_ITERS:
-                    mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt)
+                if local_iter >= MFU_WARMUP_ITERS and peak is not None:
+                    mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt, peak[1])  # per GPU
                     running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-                mfu_text = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 else "-"
-                tok_s = tokens_per_iter / dt
-                log(
-                    f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}, mfu {mfu_text}"
-                )
+                # tokens/s over every timed step so far; the first steps (compile, warm-up) only until then
+                tok_s = timed_tokens / timed_seconds if timed_seconds else tokens_per_iter / dt
+                mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
+                log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}{mfu_text}")
                 metrics.add(
                     {
                         "kind": "train",
@@ -667,7 +757,7 @@ def gather_rng(rt, train_batches):
         "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None,
         "numpy": _numpy_state(),
         "python": random.getstate(),
-        "sampler": train_batches.generator.get_state(),
+        "sampler": train_batches.get_state(),
     }
     if not rt.ddp:
         return [state]
@@ -691,7 +781,7 @@ def restore_rng(states, rt, train_batches, log):
     _set_numpy_state(state["numpy"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    train_batches.generator.set_state(state["sampler"].cpu())
+    train_batches.set_state(state["sampler"].cpu())
 
 
 USAGE = "CONFIG.py [CONFIG.py ...] [--key=value ...]"
