@@ -95,6 +95,7 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
                 EXPAND: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // NH
@@ -187,6 +188,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
 
     Grid (cdiv(Tk, BLOCK_N), B * G).
     """
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     start_n = tl.program_id(0) * BLOCK_N
     bg = tl.program_id(1)
     b = bg // G
@@ -253,6 +255,7 @@ def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
                    DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // NH

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# End-to-end training measurements on the H200, each capped in time, results in $OUT.
+#   PYTHONPATH=. bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
+# Sections: launch (host time per attention call), gputests (tests/gpu kernels, compiled launch),
+# compiled (tests/gpu/test_compiled_launch.py alone),
+# configs (tests/gpu: every config trained through the CLI), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
+# (bench/train.py rows, merged into $OUT/train_h200.json). One device call holds about 9 minutes
+# of them: char + launch + gputests, then the gpt2s lengths, then configs.
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+out=${OUT:?OUT must name the results folder}
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/env.txt"
+
+run() {  # run SECONDS LOG COMMAND...: one capped measurement, appended to its log
+    local seconds=$1 log=$2
+    shift 2
+    timeout "$seconds" "$@" >> "$out/$log" 2>&1
+    echo "$log rc $? after ${SECONDS}s"
+}
+
+train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one results file
+    local seconds=$1
+    shift
+    run "$seconds" train.log python bench/train.py --out "$out/train_h200.json" "$@"
+}
+
+for section in "$@"; do
+    case $section in
+        launch) run 90 launch_overhead.log python bench/launch_overhead.py ;;
+        gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
+        compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
+        configs) run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA ;;
+        char) train_rows 330 --shapes char ;;
+        gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile cudagraphs ;;
+        gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile cudagraphs ;;
+        gpt2s-8k) train_rows 300 --shapes gpt2s --T 8192 --modes compile cudagraphs ;;
+        *) echo "unknown section $section" ;;
+    esac
+done
+tail -n 30 "$out/train.log" 2>/dev/null

@@ -1,0 +1,250 @@
+"""End-to-end training throughput of the GPT, through the trainer's own step.
+
+    PYTHONPATH=. python bench/train.py                                  # every shape, variant, mode
+    PYTHONPATH=. python bench/train.py --shapes char --modes cudagraphs --out /tmp/train.json
+
+Each row builds the project's GPT, its optimizer (`configure_optimizers`: fused AdamW on CUDA)
+and the step `python -m mla_gpt.cli.train` runs (`mla_gpt.cli.train.TrainStep`: forward and
+backward under bf16 autocast, gradient clip 1.0, optimizer step, the next batch drawn by the
+trainer's `Batches` while the device works, one loss read per step), then times that step.
+
+Variants, measured in one process:
+- mha: standard attention on PyTorch's SDPA (nanoGPT);
+- mla_kernels: MLA (r = head size / 2) on this project's Triton kernels;
+- mla_sdpa: the same MLA with its latent-space core on F.scaled_dot_product_attention
+  (enable_gqa): the peer a user can write without a custom kernel.
+Modes, the trainer's step modes: eager (compile=False), compile (torch.compile's default mode,
+cuda_graphs=False) and cudagraphs (compile + CUDA graphs: train.py's default on one CUDA GPU).
+Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 64) and gpt2s
+(GPT-2 small, vocab 50304) at T 1024 B 16, T 4096 B 4, T 8192 B 2. Dropout 0 everywhere (MLA's
+fused kernels have no attention dropout; MHA's SDPA would pay for it).
+
+Per row: ms/step (median wall time of the timed steps), tokens/s, device ms/step (profiler: the
+summed durations of the device-side events, kernels and copies, over profiled steps), host-bound share
+(1 - device / wall), peak memory, MFU (the model's FLOP count, `GPT.estimate_mfu`, against the
+bf16 matmul rate measured in the same run), seconds to the first step and to the first three
+(compile and autotuning included). Writes a JSON list of rows and a PNG beside it. On a CPU it
+runs tiny shapes that only show the script works: the numbers need a GPU.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mla_gpt.cli.train import Batches, Runtime, TrainStep, compile_for_training
+from mla_gpt.model import GPT, GPTConfig
+
+VARIANTS = {
+    "mha": dict(use_mla=False),
+    "mla_kernels": dict(use_mla=True, attn_backend="triton"),
+    "mla_sdpa": dict(use_mla=True, attn_backend="sdpa"),
+}
+MODES = ("eager", "compile", "cudagraphs")
+CHAR = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65)
+GPT2S = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+# name -> (model settings, [(T, B), ...])
+GPU_SHAPES = {"char": (CHAR, [(256, 64)]), "gpt2s": (GPT2S, [(1024, 16), (4096, 4), (8192, 2)])}
+CPU_SHAPES = {"char": (dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65), [(64, 4)]),
+              "gpt2s": (dict(n_layer=2, n_head=4, n_embd=128, vocab_size=512), [(128, 2)])}
+STARTUP_STEPS = 3  # compile, autotune and CUDA-graph recording happen in these
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_rate(device):
+    """Measured bf16 matmul FLOP/s (8192^3 on random data, median of CUDA-event timings)."""
+    import triton
+
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def token_file(directory, vocab_size, n_tokens):
+    """A uint16 token file of random ids, read through the trainer's Batches."""
+    path = Path(directory) / f"tokens_{vocab_size}.bin"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        rng.integers(0, vocab_size, n_tokens, dtype=np.uint16).tofile(path)
+    return path
+
+
+def device_ms_per_step(step, n_steps):
+    """Device time per step from torch.profiler: kernels, copies and sets, summed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_steps):
+            step().item()
+    # device-side events only: a CPU op's own device-time figure repeats its kernels' time
+    device_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return device_us / 1000 / n_steps
+
+
+def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
+    torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape recompiles across rows
+    torch.manual_seed(0)
+    config = GPTConfig(**model_args, **VARIANTS[variant], block_size=T, dropout=0.0)
+    model = GPT(config).to(rt.device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), rt.device_type)
+    cuda_graphs = mode == "cudagraphs"
+    stepped = model if mode == "eager" else compile_for_training(model, cuda_graphs)
+    batches = Batches(token_file(data_dir, config.vocab_size, 2_000_000), B, T, rt.device, seed=0)
+    autocast = torch.autocast(rt.device_type, dtype=rt.ptdtype) if rt.ptdtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=False)
+    step = TrainStep(stepped, optimizer, scaler, batches, autocast, 1, 1.0, rt, cuda_graphs)
+    if rt.device_type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step().item()
+    first_step_s = time.perf_counter() - start
+    for _ in range(STARTUP_STEPS - 1):
+        step().item()
+    startup_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        step().item()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step().item()
+        times.append(time.perf_counter() - t0)
+    wall_ms = statistics.median(times) * 1000
+    device_ms = device_ms_per_step(step, args.profile_steps) if rt.device_type == "cuda" else None
+    row = dict(
+        variant=variant, shape=shape, T=T, B=B, mode=mode,
+        ms_per_step=wall_ms, tokens_per_s=B * T / wall_ms * 1000,
+        device_ms_per_step=device_ms,
+        host_bound_share=None if device_ms is None else max(0.0, 1 - device_ms / wall_ms),
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if rt.device_type == "cuda" else None,
+        mfu=None if peak_flops is None else model.estimate_mfu(B, wall_ms / 1000, peak_flops),
+        first_step_s=first_step_s, startup_s=startup_s,
+        params=model.get_num_params(), n_layer=config.n_layer, n_embd=config.n_embd,
+        latent_dim=config.latent_dim if config.use_mla else None,
+    )
+    del step, stepped, model, optimizer
+    return row
+
+
+def environment(rt, peak_flops):
+    import triton
+
+    env = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+               device=torch.cuda.get_device_name() if rt.device_type == "cuda" else platform.processor() or "cpu",
+               dtype=str(rt.ptdtype).removeprefix("torch."), bf16_matmul_tflops=None)
+    if peak_flops is not None:
+        env["bf16_matmul_tflops"] = peak_flops / 1e12
+    return env
+
+
+def print_table(rows):
+    print(f"{'shape':6} {'T':>5} {'B':>3} {'mode':10} {'variant':12} {'ms/step':>8} {'tok/s':>10} "
+          f"{'dev ms':>7} {'host%':>6} {'MB':>7} {'mfu':>6} {'1st s':>6} {'vs mha':>7} {'vs sdpa':>7}")
+    by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
+    for r in rows:
+        mha = by_key.get((r["shape"], r["T"], r["mode"], "mha"))
+        sdpa = by_key.get((r["shape"], r["T"], r["mode"], "mla_sdpa"))
+        ratio = lambda peer: f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"  # noqa: E731
+        fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)  # noqa: E731
+        print(f"{r['shape']:6} {r['T']:5d} {r['B']:3d} {r['mode']:10} {r['variant']:12} {r['ms_per_step']:8.2f} "
+              f"{r['tokens_per_s']:10,.0f} {fmt(r['device_ms_per_step'], '7.2f')} "
+              f"{fmt(None if r['host_bound_share'] is None else 100 * r['host_bound_share'], '6.1f')} "
+              f"{fmt(r['peak_memory_mb'], '7.0f')} {fmt(None if r['mfu'] is None else 100 * r['mfu'], '6.1f')} "
+              f"{r['first_step_s']:6.1f} {ratio(mha):>7} {ratio(sdpa):>7}")
+
+
+def plot(rows, path):
+    """tokens/s of each variant, relative to MHA in the same mode and shape, one group per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1], MODES.index(k[2])))
+    by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4), dpi=110)
+    width = 0.8 / len(VARIANTS)
+    for i, variant in enumerate(VARIANTS):
+        xs, ys = [], []
+        for g, key in enumerate(groups):
+            row, mha = by_key.get((*key, variant)), by_key.get((*key, "mha"))
+            if row and mha:
+                xs.append(g + (i - 1) * width)
+                ys.append(row["tokens_per_s"] / mha["tokens_per_s"])
+        ax.bar(xs, ys, width, label=variant)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(groups)), [f"{s} T{t}\n{m}" for s, t, m in groups], fontsize=7)
+    ax.set_ylabel("training tokens/s relative to MHA")
+    ax.set_title(f"GPT training step, {rows[0]['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES), choices=list(GPU_SHAPES))
+    p.add_argument("--T", nargs="+", type=int, default=None, help="only these sequence lengths")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first three")
+    p.add_argument("--profile_steps", type=int, default=5, help="profiled steps for the device time")
+    p.add_argument("--out", default=None,
+                   help="results JSON; rows already there for other keys are kept (default: a file "
+                        "in the system temp folder, so a run never writes over committed results)")
+    args = p.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    rt = Runtime(device, device, torch.bfloat16 if on_gpu else torch.float32, False, 0, 0, 1)
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        print("no GPU: tiny shapes on the CPU, eager only; these numbers say nothing about speed")
+        args.modes = ["eager"]
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    peak_flops = matmul_rate(device) if on_gpu else None
+    env = environment(rt, peak_flops)
+    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / f"train_{device}.json"
+    rows = json.loads(out.read_text()) if out.exists() else []
+    failed = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        for shape in args.shapes:
+            model_args, lengths = shapes[shape]
+            for T, B in lengths:
+                if args.T and T not in args.T:
+                    continue
+                for mode in args.modes:
+                    for variant in args.variants:
+                        try:
+                            row = run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops)
+                        except Exception as e:  # a failed row is reported as one, and the others still run
+                            print(f"FAILED {shape} T {T} {mode} {variant}: {type(e).__name__}: {e}", flush=True)
+                            failed.append((shape, T, mode, variant))
+                            continue
+                        row.update(env)
+                        key = lambda r: (r["shape"], r["T"], r["mode"], r["variant"])  # noqa: E731
+                        rows = [r for r in rows if key(r) != key(row)] + [row]
+                        print(json.dumps(row), flush=True)
+                        out.write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if failed:
+        raise SystemExit(f"{len(failed)} row(s) failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
