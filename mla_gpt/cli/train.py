@@ -441,8 +441,9 @@ class TrainStep:
     """One optimizer step, as `train` runs it and bench/train.py times it.
 
     grad_accum micro-steps of forward and backward under autocast, then the gradient clip and the
-    optimizer step. The next batch is drawn while the device runs the current micro-step, so the
-    host's data work hides behind device work. Calling it returns the iteration's mean loss as a
+    optimizer step. Each next batch is drawn once the device has the work before it queued (after
+    a micro-step's backward, and after the optimizer step for the next iteration), so the host's
+    data work runs while the device computes. Calling it returns the iteration's mean loss as a
     0-dim device tensor: reading it is the caller's only host-device synchronization.
     """
 
@@ -462,9 +463,10 @@ class TrainStep:
             with self.autocast:
                 _, loss = self.model(x, y)
                 loss = loss / self.grad_accum
-            self.batches.prefetch()
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
+            if micro_step < self.grad_accum - 1:
+                self.batches.prefetch()
         if self.rt.ddp:
             dist.all_reduce(loss_sum)
             loss_sum /= self.rt.world_size
@@ -474,6 +476,7 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.batches.prefetch()
         return loss_sum
 
 
