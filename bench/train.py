@@ -6,7 +6,8 @@
 Each row builds the project's GPT, its optimizer (`configure_optimizers`: fused AdamW on CUDA)
 and the step `python -m mla_gpt.cli.train` runs (`mla_gpt.cli.train.TrainStep`: forward and
 backward under bf16 autocast, gradient clip 1.0, optimizer step, the next batch drawn by the
-trainer's `Batches` while the device works, one loss read per step), then times that step.
+trainer's `Batches` while the device works), then times it as the trainer runs it: the loss is
+read once per `--steps` steps, as train.py reads it once per log line (`log_interval`).
 
 Variants, measured in one process:
 - mha: standard attention on PyTorch's SDPA (nanoGPT);
@@ -19,7 +20,7 @@ Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 
 (GPT-2 small, vocab 50304) at T 1024 B 16, T 4096 B 4, T 8192 B 2. Dropout 0 everywhere (MLA's
 fused kernels have no attention dropout; MHA's SDPA would pay for it).
 
-Per row: ms/step (median wall time of the timed steps), tokens/s, device ms/step (profiler: the
+Per row: ms/step (wall time per step, median over `--rounds` rounds of `--steps` steps), tokens/s, device ms/step (profiler: the
 summed durations of the device-side events, kernels and copies, over profiled steps), host-bound share
 (1 - device / wall), peak memory, MFU (the model's FLOP count, `GPT.estimate_mfu`, against the
 bf16 matmul rate measured in the same run), seconds to the first step and to the first three
@@ -82,11 +83,19 @@ def device_ms_per_step(step, n_steps):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n_steps):
-            step().item()
+        run_steps(step, n_steps)
     # device-side events only: a CPU op's own device-time figure repeats its kernels' time
     device_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
     return device_us / 1000 / n_steps
+
+
+def run_steps(step, n_steps):
+    """n_steps trainer steps and one loss read at the end: seconds per step."""
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        loss = step()
+    loss.item()
+    return (time.perf_counter() - start) / n_steps
 
 
 def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
@@ -104,20 +113,10 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step().item()
-    first_step_s = time.perf_counter() - start
-    for _ in range(STARTUP_STEPS - 1):
-        step().item()
-    startup_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step().item()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step().item()
-        times.append(time.perf_counter() - t0)
-    wall_ms = statistics.median(times) * 1000
+    first_step_s = run_steps(step, 1)
+    startup_s = first_step_s + run_steps(step, STARTUP_STEPS - 1) * (STARTUP_STEPS - 1)
+    run_steps(step, args.warmup)
+    wall_ms = statistics.median(run_steps(step, args.steps) for _ in range(args.rounds)) * 1000
     device_ms = device_ms_per_step(step, args.profile_steps) if rt.device_type == "cuda" else None
     row = dict(
         variant=variant, shape=shape, T=T, B=B, mode=mode,
@@ -197,7 +196,8 @@ def main():
     p.add_argument("--T", nargs="+", type=int, default=None, help="only these sequence lengths")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round, one loss read per round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first three")
     p.add_argument("--profile_steps", type=int, default=5, help="profiled steps for the device time")
     p.add_argument("--out", default=None,

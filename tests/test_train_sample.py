@@ -437,3 +437,30 @@ def test_prefetched_batch_is_the_next_one_and_its_state_is_checkpointed(data_dir
         assert torch.equal(ahead.get_state(), state)  # the pending batch is not yet consumed
         for got, want in zip(ahead.next(), plain.next()):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_loss_read_only_at_log_lines_logs_the_same_and_stops_on_nan(data_dir, tmp_path, monkeypatch):
+    """As on a GPU: the host reads the loss only at log lines, evals and the end. The logged
+    losses equal those of a run that reads every step, and a NaN still stops the run before the
+    next checkpoint, at the first read after it."""
+    every_step = tmp_path / "every"
+    run_train(tiny_args(data_dir, str(every_step), log_interval=3, dropout=0.0))
+    monkeypatch.setattr(train_cli, "reads_loss_every_step", lambda rt: False)
+    deferred = tmp_path / "deferred"
+    run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0))
+    assert train_losses(deferred) == train_losses(every_step)
+    assert sorted(train_losses(deferred)) == [0, 3, 6, 9, 12, 15, 18]
+
+    ckpt = deferred / CHECKPOINT_NAME
+    run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0, max_iters=10))
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        return logits, (loss * float("nan") if self.training and loss is not None else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at iter 12; stopping"):
+        run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0, init_from="resume"))
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before

@@ -480,6 +480,11 @@ class TrainStep:
         return loss_sum
 
 
+def reads_loss_every_step(rt):
+    """On a CPU there is no device work to overlap: read (and show) every step's loss."""
+    return rt.device_type == "cpu"
+
+
 def bf16_peak(device):
     """(name, FLOP/s) of the device's datasheet bf16 peak, or None where none is known (CPU too)."""
     if not str(device).startswith("cuda"):
@@ -669,6 +674,33 @@ def _train(cfg, rt):
     last_losses = {}
     running_mfu, local_iter = -1.0, 0
     timed_tokens, timed_seconds = 0, 0.0  # steps after the warm-up ones, eval and checkpoints excluded
+    # The loss is read (a host-device sync) only where it is logged, before an eval and at the end,
+    # so the host queues the next steps while the device runs; the sum of the unread losses tells
+    # whether any was NaN or inf.
+    unread_steps, unread_loss_sum = 0, torch.zeros((), device=rt.device)
+    sync_every_step = reads_loss_every_step(rt)
+
+    def log_step(lossf, lr, dt):
+        nonlocal running_mfu
+        if local_iter >= MFU_WARMUP_ITERS and peak is not None:
+            mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt, peak[1])  # per GPU
+            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+        # tokens/s over every timed step so far; the first steps (compile, warm-up) only until then
+        tok_s = timed_tokens / timed_seconds if timed_seconds else tokens_per_iter / dt
+        mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
+        log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}{mfu_text}")
+        metrics.add(
+            {
+                "kind": "train",
+                "iter": iter_num,
+                "loss": lossf,
+                "lr": lr,
+                "time_ms": dt * 1000,
+                "tok_s": tok_s,
+                "mfu": running_mfu if running_mfu >= 0 else None,
+            }
+        )
+
     try:
         while True:
             lr = learning_rate(iter_num, cfg)
@@ -702,40 +734,35 @@ def _train(cfg, rt):
             if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
                 break
 
-            t0 = time.perf_counter()  # the step's own time: eval and checkpoint happen before this
-            lossf = step().item()
-            dt = time.perf_counter() - t0
-            if not math.isfinite(lossf):
-                raise TrainingDiverged(
-                    f"loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint "
-                    f"({out_dir / CHECKPOINT_NAME}) is left untouched; try a lower learning_rate or a grad_clip."
-                )
-            if local_iter >= MFU_WARMUP_ITERS:
-                timed_tokens, timed_seconds = timed_tokens + tokens_per_iter, timed_seconds + dt
-            if iter_num % cfg["log_interval"] == 0 and rt.master:
-                if local_iter >= MFU_WARMUP_ITERS and peak is not None:
-                    mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt, peak[1])  # per GPU
-                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-                # tokens/s over every timed step so far; the first steps (compile, warm-up) only until then
-                tok_s = timed_tokens / timed_seconds if timed_seconds else tokens_per_iter / dt
-                mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
-                log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f}ms, tok/s {tok_s:,.0f}{mfu_text}")
-                metrics.add(
-                    {
-                        "kind": "train",
-                        "iter": iter_num,
-                        "loss": lossf,
-                        "lr": lr,
-                        "time_ms": dt * 1000,
-                        "tok_s": tok_s,
-                        "mfu": running_mfu if running_mfu >= 0 else None,
-                    }
-                )
-            iter_num += 1
-            local_iter += 1
+            if unread_steps == 0:  # the steps' own time: eval and checkpoint happen before this
+                interval_start, interval_first_iter = time.perf_counter(), local_iter
+            loss = step()
+            unread_loss_sum += loss
+            unread_steps += 1
+            logged = iter_num % cfg["log_interval"] == 0
+            next_iter = iter_num + 1
+            if sync_every_step or logged or next_iter % cfg["eval_interval"] == 0 or next_iter >= cfg["max_iters"]:
+                lossf = loss.item()
+                dt = (time.perf_counter() - interval_start) / unread_steps  # per step, over the unread ones
+                if not math.isfinite(lossf) or not math.isfinite(unread_loss_sum.item()):
+                    what = f"is {lossf} at iter {iter_num}" if not math.isfinite(lossf) else (
+                        f"was NaN or inf in one of iters {iter_num - unread_steps + 1}..{iter_num}")
+                    raise TrainingDiverged(
+                        f"loss {what}; stopping. The last good checkpoint ({out_dir / CHECKPOINT_NAME}) "
+                        f"is left untouched; try a lower learning_rate or a grad_clip."
+                    )
+                if interval_first_iter >= MFU_WARMUP_ITERS:
+                    timed_tokens += tokens_per_iter * unread_steps
+                    timed_seconds += dt * unread_steps
+                unread_steps = 0
+                unread_loss_sum.zero_()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+                if logged and rt.master:
+                    log_step(lossf, lr, dt)
+            iter_num, local_iter = next_iter, local_iter + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
     finally:
         if bar is not None:
             bar.close()
