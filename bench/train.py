@@ -115,7 +115,8 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
         torch.cuda.reset_peak_memory_stats()
     first_step_s = run_steps(step, 1)
     startup_s = first_step_s + run_steps(step, STARTUP_STEPS - 1) * (STARTUP_STEPS - 1)
-    run_steps(step, args.warmup)
+    if args.warmup:
+        run_steps(step, args.warmup)
     wall_ms = statistics.median(run_steps(step, args.steps) for _ in range(args.rounds)) * 1000
     device_ms = device_ms_per_step(step, args.profile_steps) if rt.device_type == "cuda" else None
     row = dict(
@@ -239,9 +240,10 @@ def main():
                         rows = [r for r in rows if key(r) != key(row)] + [row]
                         print(json.dumps(row), flush=True)
                         out.write_text(json.dumps(rows, indent=1))
-    print_table(rows)
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if rows:
+        print_table(rows)
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
     if failed:
         raise SystemExit(f"{len(failed)} row(s) failed: {failed}")
 
