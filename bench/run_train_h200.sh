@@ -3,9 +3,10 @@
 #   PYTHONPATH=. bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
 # Sections: launch (host time per attention call), gputests (tests/gpu kernels, compiled launch),
 # compiled (tests/gpu/test_compiled_launch.py alone),
-# configs (tests/gpu: every config trained through the CLI), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
+# configs-eager / configs-compile / configs-cudagraphs (tests/gpu: every config trained through the
+# CLI in one step mode), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
 # (bench/train.py rows, merged into $OUT/train_h200.json). One device call holds about 9 minutes
-# of them: char + launch + gputests, then the gpt2s lengths, then configs.
+# of them: char + launch + gputests, then the gpt2s lengths, then the configs in two calls.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
@@ -30,7 +31,8 @@ for section in "$@"; do
         launch) run 90 launch_overhead.log python bench/launch_overhead.py ;;
         gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
-        configs) run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA ;;
+        configs-eager|configs-compile|configs-cudagraphs)  # ~4-5 minutes each
+            run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
         char) train_rows 330 --shapes char ;;
         gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile cudagraphs ;;
         gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile cudagraphs ;;
