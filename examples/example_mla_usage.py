@@ -3,7 +3,8 @@
     cd examples && python example_mla_usage.py [--n_embd 768 --n_head 12 --seq_len 256 --batch 4]
 
 For each layer: parameters, KV cache bytes per token (bf16), parameter compression and KV
-cache savings against standard attention, and forward time (median of a few runs).
+cache savings against standard attention, and forward time (median of a few runs). The last
+row is SVD of the values on standard attention (use_mla=False, use_svd=True).
 """
 import argparse
 import time
@@ -49,6 +50,8 @@ def main():
     variants.append((f"MLA r={hs // 2} + SVD k={hs // 4} (activation)",
                      dict(use_mla=True, mla_latent_dim=hs // 2, use_svd=True, svd_rank=hs // 4,
                           svd_mode="activation")))
+    # SVD on standard attention, as the original design's example: GPTConfig(use_mla=False, use_svd=True, svd_rank=8)
+    variants.append((f"standard + SVD k={hs // 8} (weight)", dict(use_svd=True, svd_rank=hs // 8)))
 
     x = torch.randn(args.batch, args.seq_len, args.n_embd, device=device)
     header = f"{'layer':<34} {'params':>10} {'KV B/token':>11} {'param ratio':>12} {'KV savings':>11} {'fwd ms':>8}"
@@ -60,11 +63,8 @@ def main():
         module = (MultiHeadLatentAttention if config.use_mla else CausalSelfAttention)(config).to(device).eval()
         params = sum(p.numel() for p in module.parameters())
         kv_bytes = 2 * module.kv_cache_elements_per_token()  # bf16
-        if config.use_mla:
-            ratio = f"{module.get_compression_ratio():.2f}x"
-            savings = f"{module.get_memory_savings(sequence_length=args.seq_len):.2f}x"
-        else:
-            ratio = savings = "1.00x"
+        ratio = f"{module.get_compression_ratio():.2f}x"
+        savings = f"{module.get_memory_savings(sequence_length=args.seq_len):.2f}x"
         ms = forward_ms(module, x, args.repeats)
         print(f"{name:<34} {params:>10,} {kv_bytes:>11,} {ratio:>12} {savings:>11} {ms:>8.2f}")
 

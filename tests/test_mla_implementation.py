@@ -81,12 +81,12 @@ def test_gpt_trains_with_mla_and_svd():
     (dict(use_mla=True, svd_mode="fast"), ValueError, "svd_mode"),
     (dict(attn_backend="cuda"), ValueError, "attn_backend"),
     (dict(use_mla=True, mla_path="latent"), ValueError, "mla_path"),
-    (dict(use_svd=True), ValueError, "use_svd"),
+    (dict(use_svd=True, svd_rank=25), ValueError, r"svd_rank must be in \[1, 24\] \(the head size"),
     (dict(use_mla="yes"), TypeError, "use_mla"),
     (dict(mla_latent_dim=3.5), TypeError, "mla_latent_dim"),
     (dict(dropout=1.5), ValueError, "dropout"),
 ], ids=["n_embd", "latent0", "groups", "svd0", "svd>latent", "svd>hs", "svd_mode", "backend", "path",
-        "svd-no-mla", "bool-type", "int-type", "dropout"])
+        "standard-svd>hs", "bool-type", "int-type", "dropout"])
 def test_config_errors_name_the_argument(kwargs, error, words):
     with pytest.raises(error, match=words) as info:
         GPTConfig(**{**SMALL, **kwargs})

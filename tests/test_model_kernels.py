@@ -11,6 +11,7 @@ CONFIGS = {
     "g1-joint-r32": dict(mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=32),
     "svd-weight-k4": dict(use_svd=True, svd_rank=4),
     "standard": dict(use_mla=False),
+    "standard-svd-weight-k4": dict(use_mla=False, use_svd=True, svd_rank=4),
 }
 
 

@@ -132,7 +132,7 @@ MODEL_KEY_HELP = {
     "mla_latent_dim": "latent width r; None -> head size // 2",
     "mla_kv_groups": "latent groups g; None -> n_head",
     "mla_joint_kv": "one latent for K and V (DeepSeek-V2 style)",
-    "use_svd": "SVD compression of the value latents (needs use_mla)",
+    "use_svd": "SVD compression of the values (MLA's value latents, or standard attention's values)",
     "svd_rank": "kept rank; None -> full",
     "svd_mode": "'weight' (causal, cached) or 'activation' (per sequence, not causal)",
     "attn_backend": "'auto' (Triton on CUDA, reference on CPU), 'triton', 'sdpa', 'reference'",

@@ -99,6 +99,112 @@ def _top_left_singular_vectors(matrices, rank, kernels):
     return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
 
 
+def low_rank_per_sequence(v, rank, kernels):
+    """The original design's SVD of the values: each sequence's V (T, hs) per head cut to rank `rank`.
+
+    v: (B, T, nh, hs) -> (B, T, nh, hs). Not causal: the projector comes from all T positions.
+    V_low = V V_k V_k^T with the top right singular vectors V_k (hs, k) detached, so gradients
+    flow through V only.
+    """
+    T, hs = v.shape[1], v.shape[3]
+    if rank >= min(T, hs):
+        return v
+    per_head = v.transpose(1, 2)  # (B, nh, T, hs)
+    right = _top_left_singular_vectors(per_head.transpose(-1, -2), rank, kernels).to(v.dtype)  # (B, nh, hs, k)
+    per_head = (per_head @ right) @ right.transpose(-1, -2)  # (B, nh, T, hs)
+    return per_head.transpose(1, 2)
+
+
+class KVCacheReport:
+    """KV cache bytes of an attention layer against standard attention's 2 C per token.
+
+    The layer provides n_embd and kv_cache_elements_per_token().
+    """
+
+    def get_memory_savings(self, sequence_length=1024, batch_size=1):
+        """KV cache bytes of the standard layer over this layer's, for one layer and dtype."""
+        report = self.memory_report(sequence_length=sequence_length, batch_size=batch_size)
+        return report["standard_bytes_per_layer"] / report["mla_bytes_per_layer"]
+
+    def memory_report(self, sequence_length=1024, batch_size=1, n_layer=1, dtype=torch.bfloat16):
+        """KV cache bytes, standard attention vs this layer, per token, per layer and per sequence.
+
+        Per layer: batch_size sequences of sequence_length tokens in one layer.
+        Per sequence: one sequence of sequence_length tokens through n_layer layers.
+        Under svd 'activation' generation keeps no cache; the figures are what a cache of this
+        layer would hold. The `mla_` keys are this layer's, MLA or not.
+        """
+        for name, value in (("sequence_length", sequence_length), ("batch_size", batch_size),
+                            ("n_layer", n_layer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        elem = torch.empty((), dtype=dtype).element_size()
+        standard_token = 2 * self.n_embd * elem
+        mla_token = self.kv_cache_elements_per_token() * elem
+        return {
+            "dtype": str(dtype).replace("torch.", ""),
+            "sequence_length": sequence_length,
+            "batch_size": batch_size,
+            "n_layer": n_layer,
+            "standard_bytes_per_token": standard_token,
+            "mla_bytes_per_token": mla_token,
+            "standard_bytes_per_layer": standard_token * sequence_length * batch_size,
+            "mla_bytes_per_layer": mla_token * sequence_length * batch_size,
+            "standard_bytes_per_sequence": standard_token * sequence_length * n_layer,
+            "mla_bytes_per_sequence": mla_token * sequence_length * n_layer,
+            "savings": standard_token / mla_token,
+        }
+
+
+class WeightSVDValues:
+    """svd_mode='weight' for an attention layer: a rank-k basis of its value maps.
+
+    U_k (groups, dim, k) holds the top-k left singular vectors of each group's value map
+    (dim, n) from `_value_maps()`; values are stored and attended as z = v U_k (k numbers instead
+    of dim), which is causal and cacheable, and mapped back by U_k^T after attention. The basis
+    follows the weights while training (recomputed when `_value_source()` changed, no gradient
+    through it) and is frozen in eval; it lives in the buffer `value_basis`, so checkpoints
+    carry it.
+    """
+
+    def _init_value_basis(self, groups, dim, rank):
+        self.register_buffer("value_basis", torch.zeros(groups, dim, rank))  # (groups, dim, k)
+        self._basis_stamp = None  # (storage, version) of the source parameter the basis came from
+
+    def train(self, mode=True):
+        """Entering eval freezes the value basis from the current weights (svd 'weight')."""
+        super().train(mode)
+        if not mode and self.svd_mode == "weight":
+            self._refresh_value_basis()
+        return self
+
+    @torch.compiler.disable  # reads parameter versions; the randomized SVD runs outside graphs
+    def _refresh_value_basis(self):
+        """Recompute the basis into its buffer if the source weights changed since the last time.
+
+        A parameter's version counter moves with every in-place update (optimizer steps,
+        load_state_dict), so micro-steps of one accumulated step and repeated evals share one SVD.
+        """
+        weight = self._value_source()
+        stamp = (weight.data_ptr(), weight._version)
+        if stamp != self._basis_stamp:
+            with torch.no_grad():
+                self.value_basis.copy_(self._compute_value_basis())
+            self._basis_stamp = stamp
+
+    def _compute_value_basis(self):
+        """Top-k left singular vectors of each value map: (groups, dim, k), no gradient."""
+        maps = self._value_maps()
+        kernels = resolve_backend(self.backend, maps) == "triton"
+        return _top_left_singular_vectors(maps, self.svd_rank, kernels).to(self._value_source().dtype)
+
+    def _value_basis(self):
+        """The projector basis U_k (groups, dim, k): follows the weights while training, frozen in eval."""
+        if self.training:
+            self._refresh_value_basis()
+        return self.value_basis
+
+
 def mla_path_costs(seq_len, n_embd, n_head, latent_dim, value_dim):
     """Cost per token of one MLA forward in each form, in FLOP-equivalents (DESIGN 2).
 
@@ -124,8 +230,14 @@ def mla_path_costs(seq_len, n_embd, n_head, latent_dim, value_dim):
     }
 
 
-class CausalSelfAttention(nn.Module):
-    """nanoGPT's multi-head causal self-attention; caches full K and V when generating."""
+class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
+    """nanoGPT's multi-head causal self-attention; caches K and V when generating.
+
+    With use_svd, the values are cut to svd_rank per head, in the same two modes as MLA's:
+    'weight' stores z = v U_k with U_k the top-k left singular vectors of the head's value
+    projection (hs, C), so the cache holds hs + k numbers per head instead of 2 hs; 'activation'
+    is the per-sequence SVD of V, not causal, without a cache.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -137,33 +249,68 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.svd_mode = config.svd_mode if config.use_svd else None
+        if self.svd_mode is not None:
+            self.svd_rank = config.svd_rank or self.head_size
+        if self.svd_mode == "weight":
+            self._init_value_basis(self.n_head, self.head_size, self.svd_rank)
 
     def forward(self, x, cache=None, input_pos=0):
         B, T, C = x.size()
+        backend = resolve_backend(self.backend, x)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         k = k.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         v = v.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
+        basis = None
+        if self.svd_mode == "activation":
+            if cache is not None:
+                raise ValueError("svd_mode='activation' is not causal and cannot use a KV cache")
+            v = low_rank_per_sequence(v, self.svd_rank, backend == "triton")
+        elif self.svd_mode == "weight":
+            basis = self._value_basis()  # (nh, hs, k)
+            v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, hs): the filled prefix, or all of it
+            k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, .): the filled prefix, or all of it
         if self.backend in ("auto", "sdpa"):
             dropout_p = self.dropout if self.training else 0.0
             y = sdpa_attention(q, k, v, self.softmax_scale, input_pos, dropout_p)
         elif cache is not None:
-            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, self.backend)
+            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, backend)
         else:
-            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, self.backend)
-        y = y.reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, backend)
+        if basis is not None:
+            y = torch.einsum("bthk,hdk->bthd", y, basis)  # (B, T, nh, hs): back through U_k^T
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+    def _value_source(self):
+        return self.c_attn.weight
+
+    def _value_maps(self):
+        """Each head's value projection (nh, hs, C), the rows of c_attn that make v."""
+        C = self.n_embd
+        return self.c_attn.weight.detach()[2 * C :].view(self.n_head, self.head_size, C)
+
+    @property
+    def value_dim(self):
+        """Width of the values the attention reads: svd_rank under svd 'weight', else hs."""
+        return self.svd_rank if self.svd_mode == "weight" else self.head_size
 
     def make_cache(self, max_batch, max_seq, dtype, device):
-        return LatentKVCache(max_batch, max_seq, self.n_head, self.head_size, self.head_size,
+        return LatentKVCache(max_batch, max_seq, self.n_head, self.head_size, self.value_dim,
                              dtype=dtype, device=device)
 
     def kv_cache_elements_per_token(self):
-        return 2 * self.n_embd
+        return self.n_head * (self.head_size + self.value_dim)
 
-    supports_cache = True
+    def get_compression_ratio(self):
+        """Attention parameters of the standard layer over this layer's: 1 (SVD adds none)."""
+        return 1.0
+
+    @property
+    def supports_cache(self):
+        """svd 'activation' is not causal, so its outputs cannot be cached."""
+        return self.svd_mode != "activation"
 
 
 class LatentExpansion(nn.Module):
@@ -185,7 +332,7 @@ class LatentExpansion(nn.Module):
         return ref.expand_latent(c, self.weight)
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
     """Multi-Head Latent Attention, a drop-in for CausalSelfAttention (DESIGN 2 and 4).
 
     q_proj: C -> C; kv_latent_proj: C -> (2 or 1) g r (separate or joint K/V latents);
@@ -221,9 +368,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
             # top-svd_rank left singular vectors of each group's stacked value expansion
-            basis = torch.zeros(self.n_groups, self.latent_dim, self.svd_rank)  # (g, r, k)
-            self.register_buffer("value_basis", basis)
-            self._basis_stamp = None  # (storage, version) of v_expand.weight the basis was computed from
+            self._init_value_basis(self.n_groups, self.latent_dim, self.svd_rank)  # (g, r, k)
         elif self.svd_mode == "activation":
             self.svd_rank = config.svd_rank or self.head_size
 
@@ -249,40 +394,6 @@ class MultiHeadLatentAttention(nn.Module):
         standard = 4 * C * C + (4 * C if with_bias else 0)
         return standard / sum(p.numel() for p in self.parameters())
 
-    def get_memory_savings(self, sequence_length=1024, batch_size=1):
-        """KV cache bytes of the standard layer over this layer's, for one layer and dtype."""
-        report = self.memory_report(sequence_length=sequence_length, batch_size=batch_size)
-        return report["standard_bytes_per_layer"] / report["mla_bytes_per_layer"]
-
-    def memory_report(self, sequence_length=1024, batch_size=1, n_layer=1, dtype=torch.bfloat16):
-        """KV cache bytes, standard attention vs this layer, per token, per layer and per sequence.
-
-        Per layer: batch_size sequences of sequence_length tokens in one layer.
-        Per sequence: one sequence of sequence_length tokens through n_layer layers.
-        Under svd 'activation' generation keeps no cache; the latent figures are what a
-        cache of this layer would hold.
-        """
-        for name, value in (("sequence_length", sequence_length), ("batch_size", batch_size),
-                            ("n_layer", n_layer)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        elem = torch.empty((), dtype=dtype).element_size()
-        standard_token = 2 * self.n_embd * elem
-        mla_token = self.kv_cache_elements_per_token() * elem
-        return {
-            "dtype": str(dtype).replace("torch.", ""),
-            "sequence_length": sequence_length,
-            "batch_size": batch_size,
-            "n_layer": n_layer,
-            "standard_bytes_per_token": standard_token,
-            "mla_bytes_per_token": mla_token,
-            "standard_bytes_per_layer": standard_token * sequence_length * batch_size,
-            "mla_bytes_per_layer": mla_token * sequence_length * batch_size,
-            "standard_bytes_per_sequence": standard_token * sequence_length * n_layer,
-            "mla_bytes_per_sequence": mla_token * sequence_length * n_layer,
-            "savings": standard_token / mla_token,
-        }
-
     def make_cache(self, max_batch, max_seq, dtype, device):
         value_dim = None if self.caches_joint_latent else self.value_dim
         return LatentKVCache(max_batch, max_seq, self.n_groups, self.latent_dim, value_dim,
@@ -299,44 +410,17 @@ class MultiHeadLatentAttention(nn.Module):
         costs = mla_path_costs(seq_len, self.n_embd, self.n_head, self.latent_dim, self.value_dim)
         return min(costs, key=costs.get)
 
-    # ---- svd 'weight': the value basis ---------------------------------------------------
+    # ---- svd 'weight': the value maps ------------------------------------------------------
 
-    def train(self, mode=True):
-        """Entering eval freezes the value basis from the current weights (svd 'weight')."""
-        super().train(mode)
-        if not mode and self.svd_mode == "weight":
-            self._refresh_value_basis()
-        return self
+    def _value_source(self):
+        return self.v_expand.weight
 
-    @torch.compiler.disable  # reads parameter versions; the randomized SVD runs outside graphs
-    def _refresh_value_basis(self):
-        """Recompute the basis into its buffer if v_expand's weights changed since the last time.
-
-        A parameter's version counter moves with every in-place update (optimizer steps,
-        load_state_dict), so micro-steps of one accumulated step and repeated evals share one SVD.
-        """
-        weight = self.v_expand.weight
-        stamp = (weight.data_ptr(), weight._version)
-        if stamp != self._basis_stamp:
-            with torch.no_grad():
-                self.value_basis.copy_(self._compute_value_basis())
-            self._basis_stamp = stamp
-
-    def _compute_value_basis(self):
-        """Top-k left singular vectors of [W_uv^h for h in group]: (g, r, k), no gradient."""
+    def _value_maps(self):
+        """Each group's stacked value expansions [W_uv^h for h in group]: (g, r, nh/g * hs)."""
         w_uv = self.v_expand.weight.detach()  # (nh, r, hs)
         g, r = self.n_groups, self.latent_dim
         stacked = w_uv.view(g, self.n_head // g, r, self.head_size).transpose(1, 2)
-        stacked = stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)
-        kernels = resolve_backend(self.backend, stacked) == "triton"
-        basis = _top_left_singular_vectors(stacked, self.svd_rank, kernels)
-        return basis.to(self.v_expand.weight.dtype)
-
-    def _value_basis(self):
-        """The projector basis U_k (g, r, k): follows the weights while training, frozen in eval."""
-        if self.training:
-            self._refresh_value_basis()
-        return self.value_basis
+        return stacked.reshape(g, r, -1)  # (g, r, nh/g * hs)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -470,20 +554,10 @@ class MultiHeadLatentAttention(nn.Module):
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, backend):
-        """The original design's SVD: each sequence's V (T, hs) per head, cut to rank svd_rank.
-
-        Not causal: the projector comes from all T positions. V_low = V V_k V_k^T with the top
-        right singular vectors V_k (hs, k) detached, so gradients flow through V only.
-        """
+        """The original design's SVD on the expanded values (`low_rank_per_sequence`): not causal."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), None)
         k = self.k_expand(c_k)  # (B, T, nh, hs)
-        v = self.v_expand(c_v)  # (B, T, nh, hs)
-        if self.svd_rank < min(T, self.head_size):
-            per_head = v.transpose(1, 2)  # (B, nh, T, hs)
-            right = _top_left_singular_vectors(per_head.transpose(-1, -2), self.svd_rank, backend == "triton")
-            right = right.to(v.dtype)  # (B, nh, hs, k)
-            per_head = (per_head @ right) @ right.transpose(-1, -2)  # (B, nh, T, hs)
-            v = per_head.transpose(1, 2)
+        v = low_rank_per_sequence(self.v_expand(c_v), self.svd_rank, backend == "triton")  # (B, T, nh, hs)
         return _causal_attention(q, k, v, self.softmax_scale, 0, backend)

@@ -23,9 +23,9 @@ class GPTConfig:
     mla_kv_groups: Optional[int] = None  # latent groups g; None -> n_head (one latent per head)
     mla_joint_kv: bool = False  # one latent serves K and V (DeepSeek-V2 style)
 
-    # SVD compression of the values (DESIGN 4)
+    # SVD compression of the values (MLA's value latents, or standard attention's values)
     use_svd: bool = False
-    svd_rank: Optional[int] = None  # None -> full rank (latent dim in 'weight' mode, head size in 'activation')
+    svd_rank: Optional[int] = None  # None -> full rank (MLA's latent dim in 'weight' mode, else the head size)
     svd_mode: str = "weight"  # 'weight': causal and cached; 'activation': per-sequence, not causal
 
     attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, reference on CPU; 'sdpa': core on PyTorch's SDPA
@@ -58,12 +58,11 @@ class GPTConfig:
             raise ValueError(
                 f"mla_kv_groups must divide n_head={self.n_head}, got {self.mla_kv_groups}"
             )
-        if self.use_svd and not self.use_mla:
-            raise ValueError("use_svd=True needs use_mla=True (SVD compresses the MLA value latents), "
-                             "got use_mla=False")
         if self.use_svd and self.svd_rank is not None:
-            limit = self.latent_dim if self.svd_mode == "weight" else self.head_size
-            what = "latent dim" if self.svd_mode == "weight" else "head size"
+            # the values SVD cuts: MLA's value latents (weight) or expanded values; standard attention's values
+            latent = self.use_mla and self.svd_mode == "weight"
+            limit = self.latent_dim if latent else self.head_size
+            what = "latent dim" if latent else "head size"
             if not 1 <= self.svd_rank <= limit:
                 raise ValueError(
                     f"svd_rank must be in [1, {limit}] (the {what} in svd_mode={self.svd_mode!r}), "
