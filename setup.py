@@ -18,6 +18,7 @@ setup(
         "tiktoken>=0.6",
         "tqdm>=4.60",  # progress bar of CPU training runs
         "matplotlib>=3.6",  # loss-curve and benchmark plots
+        "pytest>=7",  # runs tests/test_mla_implementation.py as a plain script, as the original design does
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -407,5 +407,17 @@ def test_nanogpt_interface():
         model.crop_block_size(17)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-v"]))
+if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
+    sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
+
+
+def test_runs_as_a_plain_script():
+    """`python test_mla_implementation.py` from tests/ (pytest is a dependency of the package)."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, Path(__file__).name, "-k", "nanogpt_interface"], cwd=here,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout

@@ -378,6 +378,11 @@ def test_sample_errors(trained, tmp_path, capsys):
     assert "not in the model's vocabulary" in capsys.readouterr().err
     assert sample_cli.main([*sample_args(out_dir), "--cuda_graph=True", "--device=cpu"]) == 2
     assert "cuda_graph=True needs a CUDA device, got device='cpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert sample_cli.main([*sample_args(out_dir), "--device=cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: device 'cuda' is not available on this machine; available: cpu")
+        assert len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -464,3 +469,35 @@ def test_loss_read_only_at_log_lines_logs_the_same_and_stops_on_nan(data_dir, tm
     with pytest.raises(TrainingDiverged, match=r"loss is nan at iter 12; stopping"):
         run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0, init_from="resume"))
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+
+
+def test_cuda_device_on_a_machine_without_one_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_cli.main(tiny_args(data_dir, str(tmp_path), device="cuda")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: device 'cuda' is not available on this machine; available: cpu"
+        + (", mps" if torch.backends.mps.is_available() else "")
+    ]
+
+
+def test_block_size_longer_than_the_data_is_refused_with_the_limit(data_dir, tmp_path, capsys):
+    assert train_cli.main(tiny_args(data_dir, str(tmp_path), block_size=100_000_000)) == 2
+    err = capsys.readouterr().err
+    assert "block_size=100000000 does not fit the data" in err and "block_size must be at most" in err
+
+
+def test_keys_without_their_switch_are_reported(data_dir, tmp_path, capsys):
+    run_train(tiny_args(data_dir, str(tmp_path), use_mla=False, svd_rank=8, max_iters=1))
+    assert "warning: svd_rank=8 has no effect without use_svd=True" in capsys.readouterr().out
+
+
+def test_resume_reports_only_keys_the_config_sets(data_dir, tmp_path, capsys):
+    run_train(tiny_args(data_dir, str(tmp_path), mla_kv_groups=1, max_iters=10))
+    resume = [a for a in tiny_args(data_dir, str(tmp_path), init_from="resume", max_iters=11)
+              if not a.startswith("--mla_kv_groups")]
+    capsys.readouterr()
+    run_train(resume)  # the config leaves mla_kv_groups at its default: no conflict to report
+    assert "resume: keeping" not in capsys.readouterr().out
+    run_train([*resume, "--max_iters=12", "--n_layer=3"])
+    assert "resume: keeping the checkpoint's n_layer=2 over the config" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -252,9 +253,24 @@ class Runtime:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def available_devices():
+    """The device names this machine can run on: 'cpu', then 'cuda', 'cuda:1', ... and 'mps'."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(device):
-    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; anything else as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; a device this machine lacks is a ConfigError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    available = available_devices()
+    if device not in available:
+        raise ConfigError(f"device {device!r} is not available on this machine; available: {', '.join(available)}")
+    return device
 
 
 def resolve_dtype(dtype, device_type):
@@ -331,11 +347,20 @@ class Batches:
 
     def __init__(self, path, batch_size, block_size, device, seed):
         self.path, self.batch_size, self.block_size, self.device = path, batch_size, block_size, device
-        self.n_tokens = os.path.getsize(path) // np.dtype(np.uint16).itemsize
-        if self.n_tokens <= block_size:
-            raise ConfigError(f"{path} holds {self.n_tokens} tokens; block_size={block_size} needs more")
+        self.n_tokens = self.check_fits(path, block_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.pending = None  # (generator state before drawing it, batch)
+
+    @staticmethod
+    def check_fits(path, block_size):
+        """The number of tokens in the file; ConfigError when a window of block_size + 1 does not fit."""
+        n_tokens = os.path.getsize(path) // np.dtype(np.uint16).itemsize
+        if n_tokens <= block_size:
+            raise ConfigError(
+                f"block_size={block_size} does not fit the data: {path} holds {n_tokens:,} tokens, so "
+                f"block_size must be at most {n_tokens - 1:,}"
+            )
+        return n_tokens
 
     def next(self):
         """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
@@ -505,13 +530,19 @@ def build_model(cfg, model_keys, vocab_size, checkpoint, log):
         model_args = {k: cfg[k] for k in model_keys}
         model_args["vocab_size"] = cfg["vocab_size"] or vocab_size
         try:
-            config = GPTConfig(**model_args)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # logged as one line each below
+                config = GPTConfig(**model_args)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model keys: {e}") from e
+        for message in config.inactive_settings():
+            log(f"warning: {message}")
         return GPT(config), model_args
     model_args = dict(checkpoint["model_args"])
-    changed = [
-        k for k in model_keys if k not in RUNTIME_MODEL_KEYS and k != "vocab_size" and cfg[k] != model_args[k]
+    defaults = {f.name: f.default for f in fields(ModelKeys)}
+    changed = [  # keys the config sets (to a value other than the default) that the checkpoint has otherwise
+        k for k in model_keys
+        if k not in RUNTIME_MODEL_KEYS and k != "vocab_size" and cfg[k] != defaults[k] and cfg[k] != model_args[k]
     ]
     if changed:
         log(
@@ -572,9 +603,11 @@ def _train(cfg, rt):
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    block_size = checkpoint["model_args"]["block_size"] if checkpoint is not None else cfg["block_size"]
+    for split in ("train", "val"):  # before the model: a context longer than the data is refused first
+        Batches.check_fits(data_dir / f"{split}.bin", block_size)
     model, model_args = build_model(cfg, model_keys, vocab_size, checkpoint, log)
     model.to(rt.device)
-    block_size = model_args["block_size"]
     grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
     tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * block_size
     log(

@@ -1,4 +1,5 @@
 """GPTConfig: nanoGPT's model settings plus the MLA and SVD settings, checked at construction."""
+import warnings
 from dataclasses import dataclass, fields
 from typing import Optional, Union, get_args, get_origin
 
@@ -68,6 +69,18 @@ class GPTConfig:
                     f"svd_rank must be in [1, {limit}] (the {what} in svd_mode={self.svd_mode!r}), "
                     f"got {self.svd_rank}"
                 )
+
+        for message in self.inactive_settings():
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def inactive_settings(self):
+        """Messages for keys set to a non-default value that mean nothing without another key."""
+        defaults = {f.name: f.default for f in fields(self)}
+        needs = {"svd_rank": "use_svd", "svd_mode": "use_svd", "mla_latent_dim": "use_mla",
+                 "mla_kv_groups": "use_mla", "mla_joint_kv": "use_mla", "mla_path": "use_mla"}
+        return [f"{key}={getattr(self, key)!r} has no effect without {switch}=True"
+                for key, switch in needs.items()
+                if getattr(self, key) != defaults[key] and not getattr(self, switch)]
 
     @property
     def head_size(self):
