@@ -501,3 +501,14 @@ def test_resume_reports_only_keys_the_config_sets(data_dir, tmp_path, capsys):
     assert "resume: keeping" not in capsys.readouterr().out
     run_train([*resume, "--max_iters=12", "--n_layer=3"])
     assert "resume: keeping the checkpoint's n_layer=2 over the config" in capsys.readouterr().out
+
+
+def test_a_long_eval_is_announced_with_how_to_shorten_it(data_dir, tmp_path, capsys, monkeypatch):
+    run_train(tiny_args(data_dir, str(tmp_path / "quick"), max_iters=1))
+    assert "--eval_iters=N shortens it" not in capsys.readouterr().out  # a quick eval says nothing
+    monkeypatch.setattr(train_cli, "EVAL_NOTICE_S", 0.0)
+    run_train(tiny_args(data_dir, str(tmp_path / "long"), max_iters=1, eval_iters=3))
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval: ")]
+    assert len(notices) == 1  # once per run, not at every eval
+    assert notices[0].startswith("eval: 2 splits x 3 batches of 8 x 16 will take about ")
+    assert notices[0].endswith("on cpu, at every eval; --eval_iters=N shortens it")

@@ -33,6 +33,7 @@ CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
+EVAL_NOTICE_S = 30  # an eval projected to take longer than this is announced, with how to shorten it
 MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), by device-name fragment:
 # the MFU of a run is reported against the GPU it runs on, or not at all.
@@ -660,20 +661,38 @@ def _train(cfg, rt):
         f"{model_args['n_layer']}L {model_args['n_head']}H {model_args['n_embd']}C, {cfg['dataset']}"
     )
 
+    eval_announced = False
+
     @torch.no_grad()
     def estimate_loss():
+        """Mean loss over eval_iters batches of each split; long evals say so before they run."""
+        nonlocal eval_announced
         model.eval()
         out = {}
         for split, batches in eval_batches.items():
             batches.generator.manual_seed(cfg["seed"] + rt.rank)
             losses = torch.zeros(cfg["eval_iters"])
-            for k in range(cfg["eval_iters"]):
+            batch_indices = range(cfg["eval_iters"])
+            if bar is not None:
+                from tqdm import tqdm
+
+                batch_indices = tqdm(batch_indices, desc=f"eval {split}", unit="batch", leave=False,
+                                     dynamic_ncols=True, file=sys.stderr)
+            for k in batch_indices:
+                started = time.perf_counter()
                 x, y = batches.next()
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     _, loss = model(x, y)
                 losses[k] = loss.item()
+                if k == 1 and not eval_announced:  # the second batch: the first one compiles
+                    eval_announced = True
+                    projected = (time.perf_counter() - started) * cfg["eval_iters"] * len(eval_batches)
+                    if projected > EVAL_NOTICE_S:
+                        log(f"eval: {len(eval_batches)} splits x {cfg['eval_iters']} batches of "
+                            f"{cfg['batch_size']} x {block_size} will take about {projected / 60:.1f} min "
+                            f"on {rt.device}, at every eval; --eval_iters=N shortens it")
             mean = losses.mean().to(rt.device)
             if rt.ddp:
                 dist.all_reduce(mean)
