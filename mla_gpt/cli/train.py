@@ -137,7 +137,7 @@ MODEL_KEY_HELP = {
     "use_svd": "SVD compression of the values (MLA's value latents, or standard attention's values)",
     "svd_rank": "kept rank; None -> full",
     "svd_mode": "'weight' (causal, cached) or 'activation' (per sequence, not causal)",
-    "attn_backend": "'auto' (Triton on CUDA, reference on CPU), 'triton', 'sdpa', 'reference'",
+    "attn_backend": "'auto' (Triton on CUDA, SDPA elsewhere), 'triton', 'sdpa', 'reference'",
     "mla_path": "'auto' (cost model), 'absorbed', 'expanded'",
 }
 

@@ -29,7 +29,7 @@ class GPTConfig:
     svd_rank: Optional[int] = None  # None -> full rank (MLA's latent dim in 'weight' mode, else the head size)
     svd_mode: str = "weight"  # 'weight': causal and cached; 'activation': per-sequence, not causal
 
-    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, reference on CPU; 'sdpa': core on PyTorch's SDPA
+    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, PyTorch's SDPA elsewhere; 'reference' for the tests
     mla_path: str = "auto"  # 'auto': cheaper of absorbed / expanded by the cost model
 
     def __post_init__(self):
