@@ -3,6 +3,7 @@
 Run with pytest, or as the original design says: `cd tests && python test_mla_implementation.py`.
 """
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,22 @@ def test_runs_as_a_plain_script():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout
+
+
+def test_readme_usage_example_costs_what_the_readme_says():
+    """The original design's example (r 128 at head size 64, SVD rank 64) is not a memory saver;
+    the README says so with these numbers."""
+    config = GPTConfig(n_embd=768, n_head=12, n_layer=12, use_mla=True, mla_latent_dim=128, use_svd=True,
+                       svd_rank=64)
+    mla = MultiHeadLatentAttention(config)
+    ratio, savings = mla.get_compression_ratio(), mla.get_memory_savings(sequence_length=1024)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"`get_compression_ratio()` gives\n{ratio:.2f}x" in readme and ratio < 1
+    assert f"`get_memory_savings()` {savings:.2f}x" in readme and savings < 1
+
+
+def test_readme_test_command_pins_what_ci_runs():
+    root = Path(__file__).resolve().parents[1]
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    for pin in ("torch==2.13.0", "triton==3.6.0", '"numpy<2.4"', '-e ".[test]"'):
+        assert pin in readme and pin in ci, pin
