@@ -1,7 +1,7 @@
 """Triton attention kernels against the float64 reference, run by the Triton interpreter on CPU.
 
 The interpreter's tl.dot is wrong on bfloat16, so these tests use float32 and float16;
-bfloat16 is checked on the GPU by bench/gpu_check_attention.py. The shape cases are a
+bfloat16 is checked on the GPU by tests/gpu/test_attention_bf16.py. The shape cases are a
 pairwise cover of B {1, 2} x T {1, 17, 64, 77, 130} x (nh, g) {(4, 4), (6, 2), (4, 1)} x
 head dims {16, 24, 32, 48, 64} x cached keys before the queries {0, > 0} x dtype, not the
 full product, so the file stays within a few minutes on 2 cores.

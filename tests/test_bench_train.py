@@ -13,7 +13,7 @@ ROW_KEYS = {"variant", "shape", "T", "B", "mode", "ms_per_step", "tokens_per_s",
 def test_bench_train_runs_on_cpu_and_writes_rows(tmp_path):
     out = tmp_path / "train_cpu.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)  # the CPU rows time the reference path, as 'auto' would
+    env.pop("TRITON_INTERPRET", None)  # 'triton' without the interpreter falls back to the reference
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train.py"), "--steps", "2", "--rounds", "1", "--warmup", "0",
          "--out", str(out)],

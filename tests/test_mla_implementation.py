@@ -408,14 +408,11 @@ def test_nanogpt_interface():
         model.crop_block_size(17)
 
 
-if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
-    sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
 
 
 def test_runs_as_a_plain_script():
     """`python test_mla_implementation.py` from tests/ (pytest is a dependency of the package)."""
     import subprocess
-    from pathlib import Path
 
     here = Path(__file__).resolve().parent
     result = subprocess.run([sys.executable, Path(__file__).name, "-k", "nanogpt_interface"], cwd=here,
@@ -441,3 +438,7 @@ def test_readme_test_command_pins_what_ci_runs():
     readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
     for pin in ("torch==2.13.0", "triton==3.6.0", '"numpy<2.4"', '-e ".[test]"'):
         assert pin in readme and pin in ci, pin
+
+
+if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
+    sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))

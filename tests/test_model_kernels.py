@@ -53,9 +53,11 @@ def test_greedy_generation_through_kernels_equals_reference_recompute(kwargs, ba
     torch.testing.assert_close(generated, idx, rtol=0, atol=0)
 
 
-def test_static_decode_step_on_kernels_matches_reference():
-    """The CUDA-graph step (tensor position, whole cache, decode kernel) against the reference."""
-    kernels, reference = twin_models(dict())
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_static_decode_step_on_kernels_matches_reference(backend):
+    """The CUDA-graph step (tensor position, whole cache: the decode kernel, or SDPA with the mask
+    hiding the unfilled tail) against the reference."""
+    kernels, reference = twin_models(dict(), backend)
     prompt, token = torch.randint(0, 37, (2, 7)), torch.randint(0, 37, (2, 1))
     logits = []
     for model in (kernels, reference):

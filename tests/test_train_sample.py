@@ -308,11 +308,8 @@ def test_resume_equals_uninterrupted(data_dir, trained, tmp_path, variant):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, trained, tmp_path, monkeypatch):
-    _, _ = trained
-    run_train(tiny_args(data_dir, str(tmp_path), max_iters=10))
-    ckpt = tmp_path / CHECKPOINT_NAME
-    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+def poison_training_loss(monkeypatch):
+    """From now on every training forward returns a NaN loss (eval forwards are left alone)."""
     forward = GPT.forward
 
     def poisoned(self, idx, targets=None, **kwargs):
@@ -320,6 +317,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, trained, tmp_path, m
         return logits, (loss * float("nan") if self.training and loss is not None else loss)
 
     monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, trained, tmp_path, monkeypatch):
+    _, _ = trained
+    run_train(tiny_args(data_dir, str(tmp_path), max_iters=10))
+    ckpt = tmp_path / CHECKPOINT_NAME
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    poison_training_loss(monkeypatch)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at iter 10; stopping.*last good checkpoint"):
         run_train(tiny_args(data_dir, str(tmp_path), init_from="resume"))
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
@@ -459,13 +464,7 @@ def test_loss_read_only_at_log_lines_logs_the_same_and_stops_on_nan(data_dir, tm
     ckpt = deferred / CHECKPOINT_NAME
     run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0, max_iters=10))
     before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    forward = GPT.forward
-
-    def poisoned(self, idx, targets=None, **kwargs):
-        logits, loss = forward(self, idx, targets, **kwargs)
-        return logits, (loss * float("nan") if self.training and loss is not None else loss)
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    poison_training_loss(monkeypatch)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at iter 12; stopping"):
         run_train(tiny_args(data_dir, str(deferred), log_interval=3, dropout=0.0, init_from="resume"))
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
@@ -512,3 +511,29 @@ def test_a_long_eval_is_announced_with_how_to_shorten_it(data_dir, tmp_path, cap
     assert len(notices) == 1  # once per run, not at every eval
     assert notices[0].startswith("eval: 2 splits x 3 batches of 8 x 16 will take about ")
     assert notices[0].endswith("on cpu, at every eval; --eval_iters=N shortens it")
+
+
+def test_a_nan_between_loss_reads_is_still_caught(data_dir, tmp_path, monkeypatch):
+    """One unread step with a NaN loss (the steps after it finite): the read at the next log line
+    finds it through the sum of the unread losses and names the iterations it may have been."""
+    monkeypatch.setattr(train_cli, "reads_loss_every_step", lambda rt: False)
+    step = train_cli.TrainStep.__call__
+    calls = []
+
+    def one_nan(self):
+        loss = step(self)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 5 else loss  # iter 4: not a logged iteration
+
+    monkeypatch.setattr(train_cli.TrainStep, "__call__", one_nan)
+    with pytest.raises(TrainingDiverged, match=r"loss was NaN or inf in one of iters 4\.\.6; stopping"):
+        run_train(tiny_args(data_dir, str(tmp_path), log_interval=3))
+
+
+def test_mfu_peak_is_matched_by_whole_model_names(monkeypatch):
+    for name, expected in (("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA L4", 121e12),
+                           ("NVIDIA L40", None), ("NVIDIA A100-SXM4-80GB", 312e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak = train_cli.bf16_peak("cuda")
+        assert (None if peak is None else peak[1]) == expected, name
+    assert train_cli.bf16_peak("cpu") is None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
 from mla_gpt.data.prepare import ensure_prepared, load_meta
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model.gpt import A100_BF16_PEAK_FLOPS
 
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -37,7 +39,8 @@ EVAL_NOTICE_S = 30  # an eval projected to take longer than this is announced, w
 MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), by device-name fragment:
 # the MFU of a run is reported against the GPU it runs on, or not at all.
-BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": A100_BF16_PEAK_FLOPS, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12}
 # Keys of GPTConfig that may differ between a checkpoint and the run resuming it (runtime choices).
 RUNTIME_MODEL_KEYS = ("dropout", "attn_backend", "mla_path")
 
@@ -455,6 +458,8 @@ def use_cuda_graphs(cfg, rt, compile_model):
         raise ConfigError(
             f"cuda_graphs=True needs compile=True on a CUDA device; got compile={compile_model}, device {rt.device}"
         )
+    if cfg["cuda_graphs"] and rt.ddp:
+        raise ConfigError(f"cuda_graphs=True runs in one process; this run has {rt.world_size} (DDP)")
     return cfg["cuda_graphs"]
 
 
@@ -470,7 +475,8 @@ class TrainStep:
     optimizer step. Each next batch is drawn once the device has the work before it queued (after
     a micro-step's backward, and after the optimizer step for the next iteration), so the host's
     data work runs while the device computes. Calling it returns the iteration's mean loss as a
-    0-dim device tensor: reading it is the caller's only host-device synchronization.
+    0-dim device tensor, unread: in bf16 or float32 nothing in the step waits for the device (a
+    float16 run's GradScaler reads its inf check each step, and svd 'weight' its new basis).
     """
 
     def __init__(self, model, optimizer, scaler, batches, autocast, grad_accum, grad_clip, rt, cuda_graphs):
@@ -482,7 +488,7 @@ class TrainStep:
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro_step in range(self.grad_accum):
             x, y = self.batches.next()
-            if self.cuda_graphs:  # a new iteration: the graphs may reuse the last one's outputs
+            if self.cuda_graphs:  # a new micro-step: the graphs may reuse the last one's outputs
                 torch.compiler.cudagraph_mark_step_begin()
             if self.rt.ddp:  # all-reduce the gradients once per iteration, on the last micro-step
                 self.model.require_backward_grad_sync = micro_step == self.grad_accum - 1
@@ -516,8 +522,8 @@ def bf16_peak(device):
     if not str(device).startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    for fragment, flops in BF16_PEAK_FLOPS.items():
-        if fragment in name:
+    for model, flops in BF16_PEAK_FLOPS.items():
+        if re.search(rf"\b{model}\b", name):  # whole words: "L4" is not "L40"
             return name, flops
     return None
 
@@ -732,9 +738,10 @@ def _train(cfg, rt):
     unread_steps, unread_loss_sum = 0, torch.zeros((), device=rt.device)
     sync_every_step = reads_loss_every_step(rt)
 
-    def log_step(lossf, lr, dt):
+    def log_step(lossf, lr, dt, warmed_up):
+        """One log line and metrics record; dt: seconds per step; warmed_up: no compile step in dt."""
         nonlocal running_mfu
-        if local_iter >= MFU_WARMUP_ITERS and peak is not None:
+        if warmed_up and peak is not None:
             mfu = raw_model.estimate_mfu(cfg["batch_size"] * grad_accum, dt, peak[1])  # per GPU
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         # tokens/s over every timed step so far; the first steps (compile, warm-up) only until then
@@ -803,7 +810,8 @@ def _train(cfg, rt):
                         f"loss {what}; stopping. The last good checkpoint ({out_dir / CHECKPOINT_NAME}) "
                         f"is left untouched; try a lower learning_rate or a grad_clip."
                     )
-                if interval_first_iter >= MFU_WARMUP_ITERS:
+                warmed_up = interval_first_iter >= MFU_WARMUP_ITERS
+                if warmed_up:
                     timed_tokens += tokens_per_iter * unread_steps
                     timed_seconds += dt * unread_steps
                 unread_steps = 0
@@ -811,7 +819,7 @@ def _train(cfg, rt):
                 if bar is not None:
                     bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
                 if logged and rt.master:
-                    log_step(lossf, lr, dt)
+                    log_step(lossf, lr, dt, warmed_up)
             iter_num, local_iter = next_iter, local_iter + 1
             if bar is not None:
                 bar.update(1)

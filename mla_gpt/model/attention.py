@@ -72,6 +72,8 @@ def _cached_attention(q, k, v, input_pos, softmax_scale, backend):
     cache_seqlens; so do short chunks on the kernels, which the decode kernel serves best.
     """
     B, T = q.shape[:2]
+    if backend == "sdpa":  # with a tensor input_pos its causal mask also hides the unfilled cache tail
+        return sdpa_attention(q, k, k if v is None else v, softmax_scale, input_pos)
     kernels = backend == "triton"
     if isinstance(input_pos, torch.Tensor) or (
         kernels and T <= DECODE_MAX_QUERIES and not torch.is_grad_enabled()
@@ -273,7 +275,7 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, .): the filled prefix, or all of it
-        if self.backend in ("auto", "sdpa"):
+        if self.backend == "auto" or backend == "sdpa":  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
             y = sdpa_attention(q, k, v, self.softmax_scale, input_pos, dropout_p)
         elif cache is not None:

@@ -1,4 +1,4 @@
-"""bf16 accuracy of the attention kernels on the GPU (the pytest form of bench/gpu_check_attention.py).
+"""bf16 accuracy of the attention kernels on the GPU: the project's GPU correctness check for them.
 
     PYTHONPATH=. python -m pytest tests/gpu/test_attention_bf16.py
 
@@ -8,8 +8,8 @@ inputs, and so is PyTorch's own bf16 path (SDPA; for the expanded form, `referen
 then SDPA). Error = ||x - ref|| / ||ref||. A tensor passes when ours <= 2 x torch's + 1e-4
 (flash-attention's criterion; the additive term covers tensors where torch's error is near zero).
 
-The kernels run without autotuning (the first fitting tile of each kernel), as in the bench script,
-so that each shape compiles once; set MLA_ATTENTION_AUTOTUNE=1 to check the autotuned tiles instead.
+The kernels run without autotuning (the first fitting tile of each kernel), so that each shape
+compiles once; set MLA_ATTENTION_AUTOTUNE=1 to check the autotuned tiles instead.
 """
 import gc
 import math
