@@ -115,3 +115,20 @@ def test_training_step_under_autocast_matches_reference(kwargs):
         got = grads[0][name]
         assert got.dtype == torch.float32, name
         assert _relative_error(got, want) < 2e-2, name
+
+
+@pytest.mark.parametrize("d_qk, d_v", [(32, 16), (16, 24), (20, 20)], ids=["Dv<Dqk", "Dv>Dqk", "equal"])
+@pytest.mark.parametrize("q_offset", [0, 5])
+def test_sdpa_attention_matches_reference_for_unequal_head_dims(d_qk, d_v, q_offset):
+    """SVD's narrower values (and wider ones) reach SDPA's fused kernels zero-padded: same result."""
+    from mla_gpt.model.attention import sdpa_attention
+    from mla_kernels.reference import attention_ref
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 6, d_qk)
+    k = torch.randn(2, 9 + q_offset, 3, d_qk)
+    v = torch.randn(2, 9 + q_offset, 3, d_v)
+    got = sdpa_attention(q, k, v, 0.3, q_offset)
+    want = attention_ref(q.double(), k.double(), v.double(), 0.3, q_offset)[0]
+    assert got.shape == (2, 9, 6, d_v)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

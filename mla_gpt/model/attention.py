@@ -42,6 +42,11 @@ def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
     q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv); g < nh through enable_gqa.
     """
     Tq, Tk = q.size(1), k.size(1)
+    d_qk, d_v = q.size(-1), v.size(-1)
+    if d_qk < d_v:  # PyTorch's fused kernels need one head dim: zero columns change no score or output
+        q, k = F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk))
+    elif d_v < d_qk:
+        v = F.pad(v, (0, d_qk - d_v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     options = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=k.size(1) != q.size(1))
     if isinstance(q_offset, int) and q_offset == 0 and Tq == Tk:
@@ -50,7 +55,7 @@ def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
         q_pos = torch.arange(Tq, device=q.device)[:, None] + q_offset
         mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (Tq, Tk)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
-    return y.transpose(1, 2)  # (B, Tq, nh, Dv)
+    return y[..., :d_v].transpose(1, 2)  # (B, Tq, nh, Dv)
 
 
 def _causal_attention(q, k, v, softmax_scale, q_offset, backend):
