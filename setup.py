@@ -20,5 +20,8 @@ setup(
         "matplotlib>=3.6",  # loss-curve and benchmark plots
         "pytest>=7",  # runs tests/test_mla_implementation.py as a plain script, as the original design does
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        "hf": ["transformers>=4.40", "safetensors>=0.4"],  # Hugging Face GPT-2 weights: init_from=gpt2, convert
+    },
 )

@@ -436,7 +436,7 @@ def test_readme_usage_example_costs_what_the_readme_says():
 def test_readme_test_command_pins_what_ci_runs():
     root = Path(__file__).resolve().parents[1]
     readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
-    for pin in ("torch==2.13.0", "triton==3.6.0", '"numpy<2.4"', '-e ".[test]"'):
+    for pin in ("torch==2.13.0", "triton==3.6.0", '"numpy<2.4"', '-e ".[test,hf]"'):
         assert pin in readme and pin in ci, pin
 
 

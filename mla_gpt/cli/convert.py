@@ -55,10 +55,10 @@ from mla_gpt.cli.train import (
     Batches,
     CheckpointError,
     TrainConfig,
-    load_checkpoint,
     resolve_device,
     save_checkpoint,
 )
+from mla_gpt.cli.sources import read_source
 from mla_gpt.data.prepare import ensure_prepared
 from mla_gpt.model import GPT, GPTConfig
 from mla_kernels.reference import randomized_svd_ref
@@ -71,7 +71,10 @@ ERROR_LABELS = {"k": "K", "v": "V", "kv": "KV", "weighted_k": "weighted K", "wei
 
 @dataclass
 class ConvertConfig:
-    in_dir: str = field(default="out", metadata={"help": "folder holding the standard-attention ckpt.pt"})
+    in_dir: str = field(
+        default="out",
+        metadata={"help": "standard-attention model: this project's or nanoGPT's out_dir, or a saved GPT-2 folder"},
+    )
     out_dir: str = field(
         default="out-converted", metadata={"help": "folder the MLA ckpt.pt is written to"}
     )
@@ -313,32 +316,33 @@ def convert(cfg, log=print):
     for key in ("calibration_batches", "svd_oversample", "svd_n_iter"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
-    in_path, out_dir = Path(cfg["in_dir"]) / CHECKPOINT_NAME, Path(cfg["out_dir"])
+    out_dir = Path(cfg["out_dir"])
     if out_dir.resolve() == Path(cfg["in_dir"]).resolve():
         raise ConfigError(f"out_dir must differ from in_dir (both {cfg['in_dir']!r}): the source would be overwritten")
     device = resolve_device(cfg["device"])
-    checkpoint = load_checkpoint(in_path, map_location="cpu")
-    args = checkpoint["model_args"]
+    source = read_source(cfg["in_dir"])
+    log(source.describe(cfg["in_dir"]))
+    checkpoint, args = source.checkpoint, source.model_args
     if args.get("use_mla"):
         raise CheckpointError(
-            f"{str(in_path)!r} holds an MLA model already (use_mla=True, mla_latent_dim={args.get('mla_latent_dim')}, "
+            f"{cfg['in_dir']!r} holds an MLA model already (use_mla=True, mla_latent_dim={args.get('mla_latent_dim')}, "
             f"mla_kv_groups={args.get('mla_kv_groups')}); convert takes a standard-attention checkpoint"
         )
     train_cfg = {f: getattr(TrainConfig, f, None) for f in TrainConfig.__dataclass_fields__}
     train_cfg.update(checkpoint.get("config") or {})
-    state = {k: v.to(device) for k, v in checkpoint["model"].items()}
+    state = {k: v.to(device) for k, v in source.state_dict.items()}
     generator = torch.Generator(device=device).manual_seed(cfg["seed"])
 
     moments = None
     t0 = time.perf_counter()
     if cfg["calibration_batches"]:
-        source = GPT(GPTConfig(**{**args, "dropout": 0.0})).to(device)
-        source.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+        source_model = GPT(GPTConfig(**{**args, "dropout": 0.0})).to(device)
+        source_model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
         dataset = cfg["dataset"] or train_cfg["dataset"]
         data_dir = ensure_prepared(dataset, cfg["data_dir"] or train_cfg["data_dir"] or None,
                                    train_cfg["encoding"], log=log)
         batches = Batches(data_dir / "train.bin", train_cfg["batch_size"], args["block_size"], device, cfg["seed"])
-        moments = attention_input_moments(source, batches, cfg["calibration_batches"])
+        moments = attention_input_moments(source_model, batches, cfg["calibration_batches"])
         log(f"calibration: {cfg['calibration_batches']} batches of {train_cfg['batch_size']} x "
             f"{args['block_size']} tokens from {data_dir}")
     try:
@@ -366,7 +370,7 @@ def convert(cfg, log=print):
         "config": checkpoint.get("config"),
         "meta": checkpoint.get("meta"),
         "rng": [],  # no RNG states: a resumed run draws dropout and batches afresh from its seed
-        "converted_from": {"in_dir": str(cfg["in_dir"]), "iter_num": checkpoint["iter_num"],
+        "converted_from": {"in_dir": str(cfg["in_dir"]), "format": source.format, "iter_num": checkpoint.get("iter_num"),
                            "best_val_loss": checkpoint.get("best_val_loss"), "report": report},
     })
     log(f"converted in {report['seconds']:.2f} s on {device}; wrote {out_dir / CHECKPOINT_NAME} "

@@ -43,6 +43,7 @@ BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": A100_BF16_PEAK_FLOPS,
                    "A10G": 70e12}
 # Keys of GPTConfig that may differ between a checkpoint and the run resuming it (runtime choices).
 RUNTIME_MODEL_KEYS = ("dropout", "attn_backend", "mla_path")
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # init_from through transformers
 
 
 @dataclass
@@ -57,7 +58,11 @@ class TrainConfig:
         default=True, metadata={"help": "save at every eval, not only on a new best val loss"}
     )
     init_from: str = field(
-        default="scratch", metadata={"help": "'scratch' or 'resume' (from out_dir/ckpt.pt)"}
+        default="scratch",
+        metadata={
+            "help": "'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2' ... 'gpt2-xl' (through transformers) "
+            "or 'hf:PATH' (a saved GPT-2 or nanoGPT folder)"
+        },
     )
     # data
     dataset: str = field(
@@ -133,6 +138,7 @@ MODEL_KEY_HELP = {
     "n_embd": "model width",
     "dropout": "dropout probability",
     "bias": "biases in Linear and LayerNorm layers",
+    "gelu_approximate": "the MLP's GELU: 'none' (erf) or 'tanh' (GPT-2's)",
     "use_mla": "Multi-Head Latent Attention instead of standard attention",
     "mla_latent_dim": "latent width r; None -> head size // 2",
     "mla_kv_groups": "latent groups g; None -> n_head",
@@ -320,8 +326,9 @@ def check_train_config(cfg, rt):
     ):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise ConfigError(f"init_from expects 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if cfg["init_from"] not in ("scratch", "resume", *PRETRAINED_NAMES) and not cfg["init_from"].startswith("hf:"):
+        raise ConfigError(f"init_from expects 'scratch', 'resume', one of {', '.join(PRETRAINED_NAMES)} "
+                          f"or 'hf:PATH'; got {cfg['init_from']!r}")
     if cfg["gradient_accumulation_steps"] % rt.world_size:
         raise ConfigError(
             f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple of the "
@@ -613,7 +620,12 @@ def _train(cfg, rt):
     block_size = checkpoint["model_args"]["block_size"] if checkpoint is not None else cfg["block_size"]
     for split in ("train", "val"):  # before the model: a context longer than the data is refused first
         Batches.check_fits(data_dir / f"{split}.bin", block_size)
-    model, model_args = build_model(cfg, model_keys, vocab_size, checkpoint, log)
+    if cfg["init_from"] in PRETRAINED_NAMES or cfg["init_from"].startswith("hf:"):
+        from mla_gpt.cli.sources import pretrained_model
+
+        model, model_args = pretrained_model(cfg, meta, log)
+    else:
+        model, model_args = build_model(cfg, model_keys, vocab_size, checkpoint, log)
     model.to(rt.device)
     grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
     tokens_per_iter = grad_accum * rt.world_size * cfg["batch_size"] * block_size

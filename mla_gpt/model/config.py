@@ -5,6 +5,7 @@ from typing import Optional, Union, get_args, get_origin
 
 ATTN_BACKENDS = ("auto", "triton", "sdpa", "reference")
 MLA_PATHS = ("auto", "absorbed", "expanded")
+GELU_APPROXIMATIONS = ("none", "tanh")
 SVD_MODES = ("weight", "activation")
 
 
@@ -17,6 +18,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    gelu_approximate: str = "none"  # the MLP's GELU: 'none' (erf, nanoGPT) or 'tanh' (GPT-2's own weights)
 
     # Multi-Head Latent Attention (DESIGN 2)
     use_mla: bool = False
@@ -48,6 +50,7 @@ class GPTConfig:
             ("attn_backend", self.attn_backend, ATTN_BACKENDS),
             ("mla_path", self.mla_path, MLA_PATHS),
             ("svd_mode", self.svd_mode, SVD_MODES),
+            ("gelu_approximate", self.gelu_approximate, GELU_APPROXIMATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
