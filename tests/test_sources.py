@@ -16,6 +16,7 @@ from mla_gpt.cli import convert as convert_cli
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
 from mla_gpt.cli.configurator import load_config
+from mla_gpt.cli.convert import convert_model
 from mla_gpt.cli.sources import read_source
 from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError
 from mla_gpt.data import prepare
@@ -67,6 +68,20 @@ def test_hf_gpt2_converted_at_full_rank_keeps_its_logits(tmp_path):
     idx = torch.randint(0, HF["vocab_size"], (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(converted(idx, idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_gpt2_at_half_the_head_size_has_the_best_rank_r_error(tmp_path):
+    """r = hs / 2: each layer's key and value error is that of the truncated SVD of its heads' maps."""
+    hf, folder = hf_model(tmp_path)
+    source = read_source(folder)
+    _, report = convert_model(ours(source).float(), 8, generator=torch.Generator().manual_seed(0))
+    C, nh, hs = HF["n_embd"], HF["n_head"], HF["n_embd"] // HF["n_head"]
+    for i, layer in enumerate(report["layers"]):
+        c_attn = source.state_dict[f"transformer.h.{i}.attn.c_attn.weight"].double()  # (3C, C), nn.Linear layout
+        for name, rows in (("k", c_attn[C : 2 * C]), ("v", c_attn[2 * C :])):
+            s = torch.linalg.svdvals(rows.mT.reshape(C, nh, hs).permute(1, 0, 2))  # (nh, hs)
+            optimal = ((s[:, 8:] ** 2).sum() / (s**2).sum()).sqrt().item()
+            assert optimal * 0.999 <= layer[name] <= optimal * 1.01 + 1e-6, (i, name, layer[name], optimal)
 
 
 def test_hf_folder_whose_config_disagrees_with_its_weights_is_refused(tmp_path):
