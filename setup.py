@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "torch>=2.6,<3",  # torch.library.triton_op
         "triton>=3.2,<4",
-        "numpy>=1.24,<2.4",  # triton 3.6's interpreter fails under numpy >= 2.4 (DESIGN 5)
+        "numpy>=1.24,<2.4",  # triton 3.6's interpreter fails under numpy >= 2.4 (docs/design.md, section 6)
         "tiktoken>=0.6",
         "tqdm>=4.60",  # progress bar of CPU training runs
         "matplotlib>=3.6",  # loss-curve and benchmark plots

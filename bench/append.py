@@ -1,4 +1,4 @@
-"""The decode step's latent projection written straight into the cache: bf16 check and speed (issue #5).
+"""The decode step's latent projection written straight into the cache: bf16 check and speed.
 
     python bench/append.py [--out bench/results/append_<gpu>.json]
 

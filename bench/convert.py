@@ -1,4 +1,4 @@
-"""Quality report of checkpoint conversion (issue 7): what MHA -> MLA by randomized SVD costs in val loss.
+"""Quality report of checkpoint conversion: what MHA -> MLA by randomized SVD costs in val loss.
 
     python bench/convert.py [--iters=1000] [--work_dir=/tmp/mla_convert_bench]
 

@@ -1,4 +1,4 @@
-"""Decode over the latent KV cache: speed against its peers, bf16 correctness, and a memory report (issue #5).
+"""Decode over the latent KV cache: speed against its peers, bf16 correctness, and a memory report.
 
 One decode step = one new token per row attending over L cached positions, per layer.
 Providers:
@@ -40,7 +40,7 @@ from mla_kernels.reference import latent_decode_ref  # noqa: E402
 
 NH, HS = 12, 64  # GPT-2 small's attention: C = 768
 MODES = {  # name -> (g, r, joint)
-    "default": (12, 32, False),  # DESIGN defaults: g = nh, r = hs / 2, separate K and V latents
+    "default": (12, 32, False),  # the defaults: g = nh, r = hs / 2, separate K and V latents
     "joint": (1, 256, True),  # DeepSeek-V2 regime: one group, one joint latent of width 256
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,

@@ -1,4 +1,4 @@
-"""Time MHA -> MLA conversion of a random 12-layer, 768-wide, 12-head GPT (issue 7 target: < 2 s on the GPU).
+"""Time MHA -> MLA conversion of a random 12-layer, 768-wide, 12-head GPT (target: < 2 s on the GPU).
 
     PYTHONPATH=. python bench/gpu_convert_timing.py --out=$OUT/convert_timing.json
     python bench/gpu_convert_timing.py --small --out=/tmp/convert_timing.json   # CPU smoke run

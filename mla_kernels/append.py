@@ -1,4 +1,4 @@
-"""The latent projection of a generation step, written straight into the latent KV cache (issue #5).
+"""The latent projection of a generation step, written straight into the latent KV cache.
 
 MLA's absorbed form projects x once into [q' (nh r) | c^k (g r) | c^v (g rv)]. Done as a
 GEMM followed by `LatentKVCache.update`, the latents make a round trip: stored by the

@@ -1,4 +1,4 @@
-"""Split-KV flash decoding over a latent KV cache (DESIGN 2, issue #5).
+"""Split-KV flash decoding over a latent KV cache (docs/design.md, sections 2 and 3).
 
 The cache holds only latents: c^k (B, L, g, r) and c^v (B, L, g, rv), or one joint
 latent whose first rv = r columns also serve as V. Each new token's absorbed query

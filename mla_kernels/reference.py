@@ -2,7 +2,7 @@
 
 Every function works in any floating dtype, float64 included, and computes in
 float32 or wider (float64 stays float64). Layouts follow flash-attention: tensors are
-(batch, seqlen, heads, dim). Notation (DESIGN.md section 2): nh query heads, g latent
+(batch, seqlen, heads, dim). Notation (docs/design.md, section 2): nh query heads, g latent
 (KV) groups, nh % g == 0, head h reads group h // (nh // g); hs the head size, r the
 latent width.
 """
@@ -59,7 +59,7 @@ def expand_latent(c, w_u):
 
 
 def mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset=None):
-    """MLA attention with K and V expanded from the latents (DESIGN 2).
+    """MLA attention with K and V expanded from the latents (docs/design.md, section 2).
 
     q: (B, Tq, nh, hs); c_k: (B, Tk, g, r); c_v: (B, Tk, g, rv) (pass c_k again for
     a joint latent); w_uk: (nh, r, hs); w_uv: (nh, rv, hs). softmax_scale defaults

@@ -7,7 +7,7 @@
 The result is a normal checkpoint: `sample` reads it, and `train --init_from=resume --out_dir=<out_dir>`
 fine-tunes it (iteration 0, a fresh AdamW state, RNG drawn afresh from the seed).
 
-The math (DESIGN 2). Per layer, c_attn holds W_q | W_k | W_v; nn.Linear stores (out, in), so the
+The math (docs/design.md, section 2). Per layer, c_attn holds W_q | W_k | W_v; nn.Linear stores (out, in), so the
 (C, C) maps x -> k are W_k = c_attn.weight[C:2C]^T, and head h owns columns h hs .. (h + 1) hs - 1.
 Group j of the g latent groups holds heads j nh/g .. (j + 1) nh/g - 1 (their columns are adjacent):
 

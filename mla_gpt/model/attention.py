@@ -214,7 +214,7 @@ class WeightSVDValues:
 
 
 def mla_path_costs(seq_len, n_embd, n_head, latent_dim, value_dim):
-    """Cost per token of one MLA forward in each form, in FLOP-equivalents (DESIGN 2).
+    """Cost per token of one MLA forward in each form, in FLOP-equivalents (docs/design.md, section 2).
 
     absorbed: composed query (C -> nh r) and output (nh rv -> C) projections, attention
       over the latents at head dims r and rv.
@@ -341,7 +341,7 @@ class LatentExpansion(nn.Module):
 
 
 class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
-    """Multi-Head Latent Attention, a drop-in for CausalSelfAttention (DESIGN 2 and 4).
+    """Multi-Head Latent Attention, a drop-in for CausalSelfAttention (docs/design.md, sections 2 and 4).
 
     q_proj: C -> C; kv_latent_proj: C -> (2 or 1) g r (separate or joint K/V latents);
     k_expand, v_expand: per-head (r, hs) expansions; c_proj: C -> C.

@@ -20,7 +20,7 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit better and faster
     gelu_approximate: str = "none"  # the MLP's GELU: 'none' (erf, nanoGPT) or 'tanh' (GPT-2's own weights)
 
-    # Multi-Head Latent Attention (DESIGN 2)
+    # Multi-Head Latent Attention (docs/design.md, section 2)
     use_mla: bool = False
     mla_latent_dim: Optional[int] = None  # latent width r; None -> head_size // 2
     mla_kv_groups: Optional[int] = None  # latent groups g; None -> n_head (one latent per head)
