@@ -29,7 +29,6 @@ runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
