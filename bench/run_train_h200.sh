@@ -2,7 +2,7 @@
 # End-to-end training measurements on the H200, each capped in time, results in $OUT.
 #   PYTHONPATH=. bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
 # Sections: launch (host time per attention call), gputests (tests/gpu kernels, compiled launch),
-# compiled (tests/gpu/test_compiled_launch.py alone),
+# compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compile / configs-cudagraphs (tests/gpu: every config trained through the
 # CLI in one step mode), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
 # (bench/train.py rows, merged into $OUT/train_h200.json). One device call holds about 9 minutes
@@ -31,6 +31,9 @@ for section in "$@"; do
         launch) run 90 launch_overhead.log python bench/launch_overhead.py ;;
         gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
+        profile)  # where the graphed char step of MLA on the kernels spends host time, against MLA on SDPA
+            run 240 train_profile.log python bench/train.py --shapes char --modes cudagraphs \
+                --variants mla_kernels mla_sdpa --host_table --out "$out/train_profile.json" ;;
         configs-eager|configs-compile|configs-cudagraphs)  # ~4-5 minutes each
             run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
         char) train_rows 330 --shapes char ;;

@@ -76,8 +76,11 @@ def token_file(directory, vocab_size, n_tokens):
     return path
 
 
-def device_ms_per_step(step, n_steps):
-    """Device time per step from torch.profiler: kernels, copies and sets, summed."""
+def device_ms_per_step(step, n_steps, host_table=False):
+    """Device time per step from torch.profiler: kernels, copies and sets, summed.
+
+    host_table: also print the ops that took the most host time (where an idle GPU waits).
+    """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -85,6 +88,8 @@ def device_ms_per_step(step, n_steps):
         run_steps(step, n_steps)
     # device-side events only: a CPU op's own device-time figure repeats its kernels' time
     device_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if host_table:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
     return device_us / 1000 / n_steps
 
 
@@ -117,7 +122,7 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     if args.warmup:
         run_steps(step, args.warmup)
     wall_ms = statistics.median(run_steps(step, args.steps) for _ in range(args.rounds)) * 1000
-    device_ms = device_ms_per_step(step, args.profile_steps) if rt.device_type == "cuda" else None
+    device_ms = device_ms_per_step(step, args.profile_steps, args.host_table) if rt.device_type == "cuda" else None
     row = dict(
         variant=variant, shape=shape, T=T, B=B, mode=mode,
         ms_per_step=wall_ms, tokens_per_s=B * T / wall_ms * 1000,
@@ -200,6 +205,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first three")
     p.add_argument("--profile_steps", type=int, default=5, help="profiled steps for the device time")
+    p.add_argument("--host_table", action="store_true", help="print each row's ops by host time (profiler)")
     p.add_argument("--out", default=None,
                    help="results JSON; rows already there for other keys are kept (default: a file "
                         "in the system temp folder, so a run never writes over committed results)")
