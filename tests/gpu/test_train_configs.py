@@ -4,8 +4,9 @@
 
 Each case runs `python -m mla_gpt.cli.train config/X.py` as a subprocess from the source tree (no
 install needed), with a short schedule and a small batch appended to the config's own settings, and
-checks that it exits with status 0 and logs a finite loss for every iteration. The MLA variations
-(absorbed / expanded path, SVD of the value latents in both modes) run on the smallest config only.
+checks that it exits with status 0 and logs a finite loss for every iteration. The variations
+(absorbed / expanded path, SVD of the value latents in both modes, the core on SDPA, SVD on standard
+attention) run on the smallest config only.
 shakespeare_char is prepared from the bundled corpus by the first run that needs it.
 """
 import math
@@ -33,6 +34,8 @@ MLA_VARIATIONS = {
     "expanded": ["--use_mla=True", "--mla_path=expanded"],
     "svd-weight": ["--use_mla=True", "--use_svd=True", "--svd_rank=8", "--svd_mode=weight"],
     "svd-activation": ["--use_mla=True", "--use_svd=True", "--svd_rank=8", "--svd_mode=activation"],
+    "sdpa-core": ["--use_mla=True", "--attn_backend=sdpa"],
+    "standard-svd-weight": ["--use_mla=False", "--use_svd=True", "--svd_rank=8"],
 }
 RUNS = [pytest.param(config, [], id=Path(config).stem) for config in CONFIGS] + [
     pytest.param(SMALLEST_CONFIG, flags, id=f"{Path(SMALLEST_CONFIG).stem}-{name}")
