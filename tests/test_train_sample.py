@@ -537,3 +537,14 @@ def test_mfu_peak_is_matched_by_whole_model_names(monkeypatch):
         peak = train_cli.bf16_peak("cuda")
         assert (None if peak is None else peak[1]) == expected, name
     assert train_cli.bf16_peak("cpu") is None
+
+
+def test_cuda_graphs_default_and_refusals():
+    """Default: on when compiling on one CUDA process, off under DDP; explicit True under DDP refused."""
+    single = train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
+    ddp = train_cli.Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)
+    assert train_cli.use_cuda_graphs({"cuda_graphs": None}, single, compile_model=True)
+    assert not train_cli.use_cuda_graphs({"cuda_graphs": None}, single, compile_model=False)
+    assert not train_cli.use_cuda_graphs({"cuda_graphs": None}, ddp, compile_model=True)
+    with pytest.raises(ConfigError, match=r"cuda_graphs=True runs in one process; this run has 2 \(DDP\)"):
+        train_cli.use_cuda_graphs({"cuda_graphs": True}, ddp, compile_model=True)
