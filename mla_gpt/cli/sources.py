@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 from mla_gpt.cli.configurator import ConfigError
-from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.cli.train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint_file,
+)
 
 FORMATS = "this project's out_dir (ckpt.pt), a nanoGPT out_dir (ckpt.pt with model_args and model), " \
           "or a Hugging Face GPT-2 folder (config.json and model.safetensors or pytorch_model.bin)"
@@ -45,13 +50,9 @@ def read_source(path, map_location="cpu"):
     """The model in folder `path`, in whichever of the three formats it is; CheckpointError otherwise."""
     path = Path(path)
     if (path / CHECKPOINT_NAME).is_file():
-        try:
-            raw = torch.load(path / CHECKPOINT_NAME, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{str(path / CHECKPOINT_NAME)!r} is unreadable "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raw = read_checkpoint_file(path / CHECKPOINT_NAME, map_location)
         if isinstance(raw, dict) and "format" in raw:
-            checkpoint = load_checkpoint(path / CHECKPOINT_NAME, map_location)
+            checkpoint = check_checkpoint(raw, path / CHECKPOINT_NAME)
             return Source("mla_gpt checkpoint", dict(checkpoint["model_args"]), checkpoint["model"], checkpoint)
         if isinstance(raw, dict) and "model_args" in raw and "model" in raw:
             return _nanogpt_source(raw, path)
@@ -155,13 +156,8 @@ def pretrained_model(cfg, meta, log):
                           f"use GPT-2's BPE dataset: --dataset=shakespeare")
     if cfg["block_size"] > source.model_args["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's {source.model_args['block_size']} positions")
-    config = GPTConfig(**{**source.model_args, "dropout": cfg["dropout"]})
-    model_args = {f.name: getattr(config, f.name) for f in fields(config)}  # every key, as checkpoints hold
-    model = GPT(config)
-    try:
-        model.load_state_dict(source.state_dict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{init_from}: weights do not fit the model they describe: {e}") from e
+    model = model_from_checkpoint({"model_args": source.model_args, "model": source.state_dict}, dropout=cfg["dropout"])
+    model_args = {f.name: getattr(model.config, f.name) for f in fields(model.config)}  # every key, as checkpoints hold
     if cfg["block_size"] < model_args["block_size"]:
         model.crop_block_size(cfg["block_size"])
         model_args["block_size"] = cfg["block_size"]

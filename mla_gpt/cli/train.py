@@ -176,17 +176,26 @@ def save_checkpoint(path, checkpoint):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load and validate an mla_gpt checkpoint; CheckpointError with the reason otherwise."""
+    return check_checkpoint(read_checkpoint_file(path, map_location), path)
+
+
+def read_checkpoint_file(path, map_location="cpu"):
+    """torch.load of a checkpoint file (tensors only); CheckpointError if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {str(path)!r}; train first (python -m mla_gpt.cli.train ...)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
+
+
+def check_checkpoint(checkpoint, path):
+    """checkpoint if it is an mla_gpt checkpoint of this version's format; CheckpointError otherwise."""
     missing = [
         k
         for k in ("format", "model", "model_args", "iter_num")
@@ -358,20 +367,14 @@ class Batches:
 
     def __init__(self, path, batch_size, block_size, device, seed):
         self.path, self.batch_size, self.block_size, self.device = path, batch_size, block_size, device
-        self.n_tokens = self.check_fits(path, block_size)
+        self.n_tokens = os.path.getsize(path) // np.dtype(np.uint16).itemsize
+        if self.n_tokens <= block_size:
+            raise ConfigError(
+                f"block_size={block_size} does not fit the data: {path} holds {self.n_tokens:,} tokens, so "
+                f"block_size must be at most {self.n_tokens - 1:,}"
+            )
         self.generator = torch.Generator().manual_seed(seed)
         self.pending = None  # (generator state before drawing it, batch)
-
-    @staticmethod
-    def check_fits(path, block_size):
-        """The number of tokens in the file; ConfigError when a window of block_size + 1 does not fit."""
-        n_tokens = os.path.getsize(path) // np.dtype(np.uint16).itemsize
-        if n_tokens <= block_size:
-            raise ConfigError(
-                f"block_size={block_size} does not fit the data: {path} holds {n_tokens:,} tokens, so "
-                f"block_size must be at most {n_tokens - 1:,}"
-            )
-        return n_tokens
 
     def next(self):
         """(x, y): (batch_size, block_size) int64 on device; y is x shifted by one token."""
@@ -618,8 +621,13 @@ def _train(cfg, rt):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     block_size = checkpoint["model_args"]["block_size"] if checkpoint is not None else cfg["block_size"]
-    for split in ("train", "val"):  # before the model: a context longer than the data is refused first
-        Batches.check_fits(data_dir / f"{split}.bin", block_size)
+    # the batches before the model: a context longer than the data is refused before a model is built
+    train_batches = Batches(data_dir / "train.bin", cfg["batch_size"], block_size, rt.device, seed)
+    # eval batches come from their own generator, reseeded per eval: every eval scores the same windows
+    eval_batches = {
+        split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
+        for split in ("train", "val")
+    }
     if cfg["init_from"] in PRETRAINED_NAMES or cfg["init_from"].startswith("hf:"):
         from mla_gpt.cli.sources import pretrained_model
 
@@ -633,12 +641,6 @@ def _train(cfg, rt):
         f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {grad_accum} micro-steps x "
         f"{cfg['batch_size']} x {block_size}); device {rt.device}, dtype {str(rt.ptdtype).removeprefix('torch.')}"
     )
-    train_batches = Batches(data_dir / "train.bin", cfg["batch_size"], block_size, rt.device, seed)
-    # eval batches come from their own generator, reseeded per eval: every eval scores the same windows
-    eval_batches = {
-        split: Batches(data_dir / f"{split}.bin", cfg["batch_size"], block_size, rt.device, seed)
-        for split in ("train", "val")
-    }
 
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
     optimizer = model.configure_optimizers(
