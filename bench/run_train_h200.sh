@@ -3,7 +3,7 @@
 #   PYTHONPATH=. bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
 # Sections: launch (host time per attention call), gputests (tests/gpu kernels, compiled launch),
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
-# configs-eager / configs-compile / configs-cudagraphs (tests/gpu: every config trained through the
+# configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
 # CLI in one step mode), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
 # (bench/train.py rows, merged into $OUT/train_h200.json). One device call holds about 9 minutes
 # of them: char + launch + gputests, then the gpt2s lengths, then the configs in two calls.
@@ -31,15 +31,20 @@ for section in "$@"; do
         launch) run 90 launch_overhead.log python bench/launch_overhead.py ;;
         gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
+        graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
+        char-graphs) train_rows 220 --shapes char --modes step_graph eager_step_graph ;;
+        gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph ;;
+        gpt2s-4k-graphs) train_rows 200 --shapes gpt2s --T 4096 --modes step_graph ;;
         profile)  # where the graphed char step of MLA on the kernels spends host time, against MLA on SDPA
-            run 240 train_profile.log python bench/train.py --shapes char --modes cudagraphs \
+            run 240 train_profile.log env TORCH_LOGS=perf_hints TRITON_PRINT_AUTOTUNING=1 \
+                python bench/train.py --shapes char --modes compiler_graphs step_graph \
                 --variants mla_kernels mla_sdpa --host_table --out "$out/train_profile.json" ;;
-        configs-eager|configs-compile|configs-cudagraphs)  # ~4-5 minutes each
+        configs-eager|configs-compiled|configs-compiler-graphs|configs-default)  # ~4-5 minutes each
             run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
         char) train_rows 330 --shapes char ;;
-        gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile cudagraphs ;;
-        gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile cudagraphs ;;
-        gpt2s-8k) train_rows 300 --shapes gpt2s --T 8192 --modes compile cudagraphs ;;
+        gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile compiler_graphs step_graph ;;
+        gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile compiler_graphs step_graph ;;
+        gpt2s-8k) train_rows 300 --shapes gpt2s --T 8192 --modes compile compiler_graphs step_graph ;;
         *) echo "unknown section $section" ;;
     esac
 done

@@ -1,7 +1,7 @@
 """End-to-end training throughput of the GPT, through the trainer's own step.
 
     PYTHONPATH=. python bench/train.py                                  # every shape, variant, mode
-    PYTHONPATH=. python bench/train.py --shapes char --modes cudagraphs --out /tmp/train.json
+    PYTHONPATH=. python bench/train.py --shapes char --modes step_graph --out /tmp/train.json
 
 Each row builds the project's GPT, its optimizer (`configure_optimizers`: fused AdamW on CUDA)
 and the step `python -m mla_gpt.cli.train` runs (`mla_gpt.cli.train.TrainStep`: forward and
@@ -14,8 +14,10 @@ Variants, measured in one process:
 - mla_kernels: MLA (r = head size / 2) on this project's Triton kernels;
 - mla_sdpa: the same MLA with its latent-space core on F.scaled_dot_product_attention
   (enable_gqa): the peer a user can write without a custom kernel.
-Modes, the trainer's step modes: eager (compile=False), compile (torch.compile's default mode,
-cuda_graphs=False) and cudagraphs (compile + CUDA graphs: train.py's default on one CUDA GPU).
+Modes, the trainer's step modes: eager (compile=False), compile (torch.compile's default mode),
+compiler_graphs (torch.compile's 'reduce-overhead': forward and backward as CUDA graphs, the
+optimizer eager), step_graph (compiled, the whole iteration captured as one CUDA graph: train.py's
+default on one CUDA GPU) and eager_step_graph (the same capture of the uncompiled model).
 Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 64) and gpt2s
 (GPT-2 small, vocab 50304) at T 1024 B 16, T 4096 B 4, T 8192 B 2. Dropout 0 everywhere (MLA's
 fused kernels have no attention dropout; MHA's SDPA would pay for it).
@@ -23,8 +25,8 @@ fused kernels have no attention dropout; MHA's SDPA would pay for it).
 Per row: ms/step (wall time per step, median over `--rounds` rounds of `--steps` steps), tokens/s, device ms/step (profiler: the
 summed durations of the device-side events, kernels and copies, over profiled steps), host-bound share
 (1 - device / wall), peak memory, MFU (the model's FLOP count, `GPT.estimate_mfu`, against the
-bf16 matmul rate measured in the same run), seconds to the first step and to the first three
-(compile and autotuning included). Writes a JSON list of rows and a PNG beside it. On a CPU it
+bf16 matmul rate measured in the same run), seconds to the first step and through the startup steps
+(compile, autotuning and the CUDA-graph capture included). Writes a JSON list of rows and a PNG beside it. On a CPU it
 runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mla_gpt.cli.train import Batches, Runtime, TrainStep, compile_for_training
+from mla_gpt.cli.train import Batches, Runtime, TrainStep, capturable_optimizer, compile_for_training
 from mla_gpt.model import GPT, GPTConfig
 
 VARIANTS = {
@@ -47,14 +49,20 @@ VARIANTS = {
     "mla_kernels": dict(use_mla=True, attn_backend="triton"),
     "mla_sdpa": dict(use_mla=True, attn_backend="sdpa"),
 }
-MODES = ("eager", "compile", "cudagraphs")
+MODES = {  # name -> the trainer's (compile, cuda_graphs) settings
+    "eager": (False, "off"),
+    "compile": (True, "off"),
+    "compiler_graphs": (True, "compiler"),
+    "step_graph": (True, "step"),
+    "eager_step_graph": (False, "step"),
+}
 CHAR = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65)
 GPT2S = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
 # name -> (model settings, [(T, B), ...])
 GPU_SHAPES = {"char": (CHAR, [(256, 64)]), "gpt2s": (GPT2S, [(1024, 16), (4096, 4), (8192, 2)])}
 CPU_SHAPES = {"char": (dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65), [(64, 4)]),
               "gpt2s": (dict(n_layer=2, n_head=4, n_embd=128, vocab_size=512), [(128, 2)])}
-STARTUP_STEPS = 3  # compile, autotune and CUDA-graph recording happen in these
+STARTUP_STEPS = TrainStep.CAPTURE_AFTER_ITERS + 1  # compile, autotune and CUDA-graph capture happen in these
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -108,8 +116,10 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     config = GPTConfig(**model_args, **VARIANTS[variant], block_size=T, dropout=0.0)
     model = GPT(config).to(rt.device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), rt.device_type)
-    cuda_graphs = mode == "cudagraphs"
-    stepped = model if mode == "eager" else compile_for_training(model, cuda_graphs)
+    compile_model, cuda_graphs = MODES[mode]
+    stepped = compile_for_training(model, cuda_graphs) if compile_model else model
+    if cuda_graphs == "step":
+        capturable_optimizer(optimizer, rt.device)
     batches = Batches(token_file(data_dir, config.vocab_size, 2_000_000), B, T, rt.device, seed=0)
     autocast = torch.autocast(rt.device_type, dtype=rt.ptdtype) if rt.ptdtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(rt.device_type, enabled=False)
@@ -150,7 +160,7 @@ def environment(rt, peak_flops):
 
 
 def print_table(rows):
-    print(f"{'shape':6} {'T':>5} {'B':>3} {'mode':10} {'variant':12} {'ms/step':>8} {'tok/s':>10} "
+    print(f"{'shape':6} {'T':>5} {'B':>3} {'mode':16} {'variant':12} {'ms/step':>8} {'tok/s':>10} "
           f"{'dev ms':>7} {'host%':>6} {'MB':>7} {'mfu':>6} {'1st s':>6} {'vs mha':>7} {'vs sdpa':>7}")
     by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
     for r in rows:
@@ -158,7 +168,7 @@ def print_table(rows):
         sdpa = by_key.get((r["shape"], r["T"], r["mode"], "mla_sdpa"))
         ratio = lambda peer: f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"  # noqa: E731
         fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['shape']:6} {r['T']:5d} {r['B']:3d} {r['mode']:10} {r['variant']:12} {r['ms_per_step']:8.2f} "
+        print(f"{r['shape']:6} {r['T']:5d} {r['B']:3d} {r['mode']:16} {r['variant']:12} {r['ms_per_step']:8.2f} "
               f"{r['tokens_per_s']:10,.0f} {fmt(r['device_ms_per_step'], '7.2f')} "
               f"{fmt(None if r['host_bound_share'] is None else 100 * r['host_bound_share'], '6.1f')} "
               f"{fmt(r['peak_memory_mb'], '7.0f')} {fmt(None if r['mfu'] is None else 100 * r['mfu'], '6.1f')} "
@@ -172,7 +182,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1], MODES.index(k[2])))
+    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1], list(MODES).index(k[2])))
     by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4), dpi=110)
     width = 0.8 / len(VARIANTS)
@@ -200,10 +210,10 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES), choices=list(GPU_SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=None, help="only these sequence lengths")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=10, help="steps per timed round, one loss read per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (median)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first three")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the startup ones")
     p.add_argument("--profile_steps", type=int, default=5, help="profiled steps for the device time")
     p.add_argument("--host_table", action="store_true", help="print each row's ops by host time (profiler)")
     p.add_argument("--out", default=None,

@@ -427,12 +427,10 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(data_dir, tmp_path):
     assert len(train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)["rng"]) == 2
 
 
-def test_cuda_graphs_need_a_compiled_cuda_run(data_dir, tmp_path, capsys):
-    """cuda_graphs=True on a CPU (or without compile) is refused with the reason, not ignored."""
-    assert train_cli.main(tiny_args(data_dir, str(tmp_path), cuda_graphs=True)) == 2
-    assert "cuda_graphs=True needs compile=True on a CUDA device; got compile=False, device cpu" in (
-        capsys.readouterr().err
-    )
+def test_cuda_graphs_need_a_cuda_device(data_dir, tmp_path, capsys):
+    """cuda_graphs='step' on a CPU is refused with the reason, not ignored."""
+    assert train_cli.main(tiny_args(data_dir, str(tmp_path), cuda_graphs="step")) == 2
+    assert "cuda_graphs='step' needs a CUDA device; this run is on cpu" in capsys.readouterr().err
 
 
 def test_prefetched_batch_is_the_next_one_and_its_state_is_checkpointed(data_dir):
@@ -539,12 +537,54 @@ def test_mfu_peak_is_matched_by_whole_model_names(monkeypatch):
     assert train_cli.bf16_peak("cpu") is None
 
 
-def test_cuda_graphs_default_and_refusals():
-    """Default: on when compiling on one CUDA process, off under DDP; explicit True under DDP refused."""
+MODEL_ARGS = {"use_svd": False}
+
+
+@pytest.mark.parametrize("compile_model", [True, False], ids=["compile", "eager"])
+def test_cuda_graphs_default_captures_the_step_on_one_cuda_process(compile_model):
     single = train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
     ddp = train_cli.Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)
-    assert train_cli.use_cuda_graphs({"cuda_graphs": None}, single, compile_model=True)
-    assert not train_cli.use_cuda_graphs({"cuda_graphs": None}, single, compile_model=False)
-    assert not train_cli.use_cuda_graphs({"cuda_graphs": None}, ddp, compile_model=True)
-    with pytest.raises(ConfigError, match=r"cuda_graphs=True runs in one process; this run has 2 \(DDP\)"):
-        train_cli.use_cuda_graphs({"cuda_graphs": True}, ddp, compile_model=True)
+    cpu = train_cli.Runtime("cpu", "cpu", torch.float32, False, 0, 0, 1)
+    auto = {"cuda_graphs": None}
+    assert train_cli.use_cuda_graphs(auto, single, compile_model, MODEL_ARGS) == "step"
+    assert train_cli.use_cuda_graphs(auto, ddp, compile_model, MODEL_ARGS) == "off"
+    assert train_cli.use_cuda_graphs(auto, cpu, compile_model, MODEL_ARGS) == "off"
+
+
+def test_cuda_graphs_default_falls_back_where_the_step_cannot_be_captured():
+    """SVD or float16: the compiler's graphs when compiling, else none."""
+    single = train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
+    fp16 = train_cli.Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1)
+    auto = {"cuda_graphs": None}
+    assert train_cli.use_cuda_graphs(auto, single, True, {"use_svd": True}) == "compiler"
+    assert train_cli.use_cuda_graphs(auto, single, False, {"use_svd": True}) == "off"
+    assert train_cli.use_cuda_graphs(auto, fp16, True, MODEL_ARGS) == "compiler"
+
+
+@pytest.mark.parametrize("mode, runtime, compile_model, model_args, message", [
+    ("step", "ddp", True, MODEL_ARGS, r"cuda_graphs='step' runs in one process; this run has 2 \(DDP\)"),
+    ("compiler", "single", False, MODEL_ARGS, r"cuda_graphs='compiler' needs compile=True"),
+    ("step", "single", True, {"use_svd": True},
+     r"cuda_graphs='step' cannot capture this run: use_svd=True recomputes its SVD basis outside graphs"),
+    ("step", "fp16", True, MODEL_ARGS, r"cannot capture this run: float16 training reads its GradScaler"),
+    ("True", "single", True, MODEL_ARGS, r"cuda_graphs must be one of 'step', 'compiler', 'off' or None; got 'True'"),
+], ids=["step-ddp", "compiler-eager", "step-svd", "step-fp16", "bool-word"])
+def test_cuda_graphs_refusals_name_the_reason(mode, runtime, compile_model, model_args, message):
+    rt = {"single": train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1),
+          "fp16": train_cli.Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1),
+          "ddp": train_cli.Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)}[runtime]
+    with pytest.raises(ConfigError, match=message):
+        train_cli.use_cuda_graphs({"cuda_graphs": mode}, rt, compile_model, model_args)
+
+
+def test_learning_rate_is_set_in_place_once_it_is_a_tensor():
+    """A captured optimizer step reads its learning rate from the tensor's memory: fill it, never rebind."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_cli.set_learning_rate(optimizer, 2e-3)
+    assert optimizer.param_groups[0]["lr"] == 2e-3
+    train_cli.capturable_optimizer(optimizer, "cpu")
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    assert optimizer.param_groups[0]["capturable"] and lr_tensor.item() == pytest.approx(2e-3)
+    train_cli.set_learning_rate(optimizer, 5e-4)
+    assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(5e-4)

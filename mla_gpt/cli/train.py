@@ -109,11 +109,13 @@ class TrainConfig:
     compile: Optional[bool] = field(
         default=None, metadata={"help": "torch.compile the model; None -> on for CUDA, off on CPU"}
     )
-    cuda_graphs: Optional[bool] = field(
+    cuda_graphs: Optional[str] = field(
         default=None,
         metadata={
-            "help": "replay the compiled step as CUDA graphs (torch.compile mode 'reduce-overhead': "
-            "no per-kernel launch cost); None -> on when compiling on CUDA in one process"
+            "help": "'step': capture the whole training step (forward, backward, clip, AdamW) as one CUDA "
+            "graph, replayed each iteration; 'compiler': torch.compile's mode 'reduce-overhead' (forward "
+            "and backward graphs, the rest eager); 'off'. None -> 'step' on one CUDA process where the "
+            "model allows it (no SVD, no float16), else 'compiler' when compiling, else 'off'"
         },
     )
     seed: int = field(default=1337, metadata={"help": "seed of weights, dropout and batch sampling"})
@@ -460,22 +462,65 @@ class Metrics:
 # ----------------------------------------------------------------------------- the step
 
 
-def use_cuda_graphs(cfg, rt, compile_model):
-    """cuda_graphs None -> on when compiling on CUDA without DDP (its hooks run between graphs)."""
-    if cfg["cuda_graphs"] is None:
-        return compile_model and rt.device_type == "cuda" and not rt.ddp
-    if cfg["cuda_graphs"] and not (compile_model and rt.device_type == "cuda"):
-        raise ConfigError(
-            f"cuda_graphs=True needs compile=True on a CUDA device; got compile={compile_model}, device {rt.device}"
-        )
-    if cfg["cuda_graphs"] and rt.ddp:
-        raise ConfigError(f"cuda_graphs=True runs in one process; this run has {rt.world_size} (DDP)")
-    return cfg["cuda_graphs"]
+CUDA_GRAPH_MODES = ("step", "compiler", "off")
+
+
+def step_capture_blocker(model_args, rt):
+    """Why the whole step cannot be captured as one CUDA graph with these settings, or None."""
+    if model_args["use_svd"]:
+        return "use_svd=True recomputes its SVD basis outside graphs"
+    if rt.ptdtype == torch.float16:
+        return "float16 training reads its GradScaler's inf check on the host every step"
+    return None
+
+
+def use_cuda_graphs(cfg, rt, compile_model, model_args):
+    """The cuda_graphs mode of this run: 'step', 'compiler' or 'off' (None picks, see the key's help)."""
+    mode = cfg["cuda_graphs"]
+    if mode is None:
+        if rt.device_type != "cuda" or rt.ddp:  # DDP's hooks run between the graphs
+            return "off"
+        if step_capture_blocker(model_args, rt) is None:
+            return "step"
+        return "compiler" if compile_model else "off"
+    if mode not in CUDA_GRAPH_MODES:
+        raise ConfigError(f"cuda_graphs must be one of {', '.join(map(repr, CUDA_GRAPH_MODES))} or None; got {mode!r}")
+    if mode == "off":
+        return mode
+    if rt.device_type != "cuda":
+        raise ConfigError(f"cuda_graphs={mode!r} needs a CUDA device; this run is on {rt.device}")
+    if rt.ddp:
+        raise ConfigError(f"cuda_graphs={mode!r} runs in one process; this run has {rt.world_size} (DDP)")
+    if mode == "compiler" and not compile_model:
+        raise ConfigError("cuda_graphs='compiler' needs compile=True; cuda_graphs='step' captures an uncompiled step")
+    if mode == "step" and (blocker := step_capture_blocker(model_args, rt)):
+        raise ConfigError(f"cuda_graphs='step' cannot capture this run: {blocker}; use 'compiler' or 'off'")
+    return mode
 
 
 def compile_for_training(model, cuda_graphs):
-    """torch.compile; with cuda_graphs the forward and backward graphs replay as CUDA graphs."""
-    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    """torch.compile; cuda_graphs='compiler' replays its forward and backward graphs as CUDA graphs."""
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs == "compiler" else None)
+
+
+def capturable_optimizer(optimizer, device):
+    """Make an AdamW's step recordable in a CUDA graph: capturable, its learning rate a device tensor.
+
+    A captured step replays the values it was recorded with, so a float learning rate would stay
+    frozen; a tensor one is refilled each iteration (`set_learning_rate`). Call after loading a
+    checkpoint's optimizer state, which brings back the saved groups.
+    """
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place: a captured step reads it from this memory
+        else:
+            group["lr"] = lr
 
 
 class TrainStep:
@@ -487,18 +532,30 @@ class TrainStep:
     data work runs while the device computes. Calling it returns the iteration's mean loss as a
     0-dim device tensor, unread: in bf16 or float32 nothing in the step waits for the device (a
     float16 run's GradScaler reads its inf check each step, and svd 'weight' its new basis).
+
+    cuda_graphs='step': the iteration's batches are copied into fixed input buffers and the whole
+    iteration (every micro-step, the clip and the optimizer step) replays as one CUDA graph, so
+    the host's cost per step is one graph launch whatever the model's size. The first
+    CAPTURE_AFTER_ITERS iterations run uncaptured, on a side stream as PyTorch's CUDA-graph notes
+    ask, so compilation, autotuning and the optimizer's state happen before the capture. The
+    optimizer must be `capturable_optimizer`.
     """
+
+    CAPTURE_AFTER_ITERS = 3
 
     def __init__(self, model, optimizer, scaler, batches, autocast, grad_accum, grad_clip, rt, cuda_graphs):
         self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
         self.autocast, self.grad_accum, self.grad_clip = autocast, grad_accum, grad_clip
         self.rt, self.cuda_graphs = rt, cuda_graphs
+        self.iters_run, self.graph, self.inputs, self.graph_loss = 0, None, None, None
 
     def __call__(self):
+        if self.cuda_graphs == "step":
+            return self._graphed_step()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro_step in range(self.grad_accum):
             x, y = self.batches.next()
-            if self.cuda_graphs:  # a new micro-step: the graphs may reuse the last one's outputs
+            if self.cuda_graphs == "compiler":  # a new micro-step: the graphs may reuse the last one's outputs
                 torch.compiler.cudagraph_mark_step_begin()
             if self.rt.ddp:  # all-reduce the gradients once per iteration, on the last micro-step
                 self.model.require_backward_grad_sync = micro_step == self.grad_accum - 1
@@ -520,6 +577,61 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.batches.prefetch()
         return loss_sum
+
+    def _graphed_step(self):
+        for micro_step in range(self.grad_accum):  # the batches in the order the uncaptured step draws them
+            x, y = self.batches.next()  # (B, T) each
+            if self.inputs is None:
+                self.inputs = tuple(torch.empty((self.grad_accum, *t.shape), dtype=t.dtype, device=t.device)
+                                    for t in (x, y))  # (grad_accum, B, T) each, read by the graph
+            self.inputs[0][micro_step].copy_(x)
+            self.inputs[1][micro_step].copy_(y)
+            if micro_step < self.grad_accum - 1:
+                self.batches.prefetch()
+        if self.graph is None and self.iters_run >= self.CAPTURE_AFTER_ITERS:
+            self._capture()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss_sum = self._iteration()
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.graph.replay()
+            loss_sum = self.graph_loss.clone()  # the next replay writes over graph_loss
+        self.iters_run += 1
+        self.batches.prefetch()
+        return loss_sum
+
+    def _iteration(self):
+        """Every micro-step on the input buffers, the clip and the optimizer step: what is captured."""
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro_step in range(self.grad_accum):
+            with self.autocast:
+                _, loss = self.model(self.inputs[0][micro_step], self.inputs[1][micro_step])
+                loss = loss / self.grad_accum
+            loss_sum += loss.detach()
+            loss.backward()
+        if self.grad_clip != 0.0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return loss_sum
+
+    def _capture(self):
+        # Gradients start as None, so the first micro-step's backward allocates them in the graph's
+        # memory and every replay overwrites them there: no zeroing inside the graph.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.graph_loss = self._iteration()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"capturing the training step as one CUDA graph failed ({e}); cuda_graphs='compiler' or 'off' "
+                f"trains without it"
+            ) from e
+        self.graph = graph
 
 
 def reads_loss_every_step(rt):
@@ -660,10 +772,14 @@ def _train(cfg, rt):
     start_iter = iter_num
 
     compile_model = cfg["compile"] if cfg["compile"] is not None else rt.device_type == "cuda"
-    cuda_graphs = use_cuda_graphs(cfg, rt, compile_model)
+    cuda_graphs = use_cuda_graphs(cfg, rt, compile_model, model_args)
     if compile_model:
-        log(f"compiling the model with torch.compile{' (CUDA graphs)' if cuda_graphs else ''} ...")
+        log(f"compiling the model with torch.compile{' (CUDA graphs)' if cuda_graphs == 'compiler' else ''} ...")
         model = compile_for_training(model, cuda_graphs)
+    if cuda_graphs == "step":
+        capturable_optimizer(optimizer, rt.device)
+        log(f"cuda_graphs='step': after this run's first {TrainStep.CAPTURE_AFTER_ITERS} iterations, each "
+            "replays as one CUDA graph")
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     raw_model = model.module if rt.ddp else model
@@ -701,7 +817,7 @@ def _train(cfg, rt):
             for k in batch_indices:
                 started = time.perf_counter()
                 x, y = batches.next()
-                if cuda_graphs:
+                if cuda_graphs == "compiler":
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     _, loss = model(x, y)
@@ -777,8 +893,7 @@ def _train(cfg, rt):
     try:
         while True:
             lr = learning_rate(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             if iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]:
                 # RNG states before the eval: a resumed run repeats this eval before its first step
                 rng = gather_rng(rt, train_batches)

@@ -21,13 +21,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "config").glob("*.py"))
 SMALLEST_CONFIG = "config/train_mla_test.py"
-MAX_ITERS = 3
+MAX_ITERS = 6  # cuda_graphs='step' captures after three iterations: three more replay
 SHORT_RUN = [f"--max_iters={MAX_ITERS}", "--eval_interval=2", "--eval_iters=2", "--log_interval=1",
              "--batch_size=4", "--gradient_accumulation_steps=1"]
-COMPILE_MODES = {  # the trainer's step modes; compiling on one GPU replays CUDA graphs by default
-    "eager": ["--compile=False"],
-    "compile": ["--compile=True", "--cuda_graphs=False"],
-    "cudagraphs": ["--compile=True"],
+COMPILE_MODES = {  # the trainer's step modes; on one GPU the default captures the whole step
+    "eager": ["--compile=False", "--cuda_graphs=off"],
+    "compiled": ["--compile=True", "--cuda_graphs=off"],
+    "compiler-graphs": ["--compile=True", "--cuda_graphs=compiler"],
+    "default": [],
 }
 MLA_VARIATIONS = {
     "absorbed": ["--use_mla=True", "--mla_path=absorbed"],
