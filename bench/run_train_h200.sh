@@ -35,12 +35,13 @@ for section in "$@"; do
         char-graphs) train_rows 220 --shapes char --modes step_graph eager_step_graph ;;
         gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph ;;
         gpt2s-4k-graphs) train_rows 200 --shapes gpt2s --T 4096 --modes step_graph ;;
+        gpt2s-8k-graphs) train_rows 200 --shapes gpt2s --T 8192 --modes step_graph ;;
         profile)  # where the graphed char step of MLA on the kernels spends host time, against MLA on SDPA
             run 240 train_profile.log env TORCH_LOGS=perf_hints TRITON_PRINT_AUTOTUNING=1 \
                 python bench/train.py --shapes char --modes compiler_graphs step_graph \
                 --variants mla_kernels mla_sdpa --host_table --out "$out/train_profile.json" ;;
         configs-eager|configs-compiled|configs-compiler-graphs|configs-default)  # ~4-5 minutes each
-            run 540 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
+            run 330 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
         char) train_rows 330 --shapes char ;;
         gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile compiler_graphs step_graph ;;
         gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile compiler_graphs step_graph ;;
