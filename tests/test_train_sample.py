@@ -588,3 +588,19 @@ def test_learning_rate_is_set_in_place_once_it_is_a_tensor():
     assert optimizer.param_groups[0]["capturable"] and lr_tensor.item() == pytest.approx(2e-3)
     train_cli.set_learning_rate(optimizer, 5e-4)
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(5e-4)
+
+
+def test_checkpointed_optimizer_state_is_plain_after_a_graphed_run():
+    """A graphed run's tensor learning rate and capturable flag are not saved: a CPU run resumes it."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_cli.capturable_optimizer(optimizer, "cpu")
+    train_cli.set_learning_rate(optimizer, 4e-4)
+    state = train_cli.portable_optimizer_state(optimizer)
+    assert state["param_groups"][0]["lr"] == pytest.approx(4e-4) and type(state["param_groups"][0]["lr"]) is float
+    assert state["param_groups"][0]["capturable"] is False
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # the live optimizer is untouched
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    resumed.load_state_dict(state)
+    model(torch.randn(4, 3)).sum().backward()
+    resumed.step()

@@ -515,6 +515,20 @@ def capturable_optimizer(optimizer, device):
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
+def portable_optimizer_state(optimizer):
+    """optimizer.state_dict() with float learning rates and capturable off, as a checkpoint keeps it.
+
+    A run that resumes elsewhere (a CPU, another step mode) gets the plain settings; a graphed
+    run makes its optimizer capturable again after loading.
+    """
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:  # copies: the live optimizer keeps its own groups
+        group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return state
+
+
 def set_learning_rate(optimizer, lr):
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
@@ -841,7 +855,7 @@ def _train(cfg, rt):
         return {
             "format": CHECKPOINT_FORMAT,
             "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": portable_optimizer_state(optimizer),
             "scaler": scaler.state_dict(),
             "model_args": model_args,
             "iter_num": iter_num,
