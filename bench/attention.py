@@ -1,8 +1,8 @@
 """Speed and memory of causal attention for training: the MLA kernels against PyTorch's own.
 
     python bench/attention.py                      # default sweep (GPU) or a small CPU run
-    python bench/attention.py --seqlens 1024 4096 --batch-tokens 16384 --heads 12 --head-sizes 64 \
-        --latent-fracs 0.5 --out bench/results/attention
+    python bench/attention.py --seqlens 1024 4096 --batch_tokens 16384 --heads 12 --head_sizes 64 \
+        --latent_fracs 0.5 --out bench/results/attention_h200.json
 
 Two tables:
 - core: the bare causal attention at one head dim: our `flash_attention` (the latent-space
@@ -12,46 +12,31 @@ Two tables:
   (cuDNN, flash), the MLA layer written in plain PyTorch (absorbed form: composed weights,
   SDPA at head dim r with GQA; the strongest peer that needs no custom kernel), and
   `MultiHeadLatentAttention` on the reference path and on the kernels (absorbed, expanded).
-For each: forward, backward and forward+backward median ms (`triton.testing.do_bench`),
-TFLOP/s (core only) and peak MB allocated above the inputs. Writes <out>_core.csv,
-<out>_layer.csv, <out>.json (GPU name, torch and triton versions) and <out>.png.
+For each: forward, backward and forward+backward median ms (`harness.median_ms`), TFLOP/s
+(core only) and peak MB allocated above the inputs. Writes the rows (key `table`: core or layer)
+to the results JSON, <stem>_core.csv and <stem>_layer.csv beside it, and <stem>.png.
 Without a GPU it runs the reference paths at small sizes: kernel timings need a GPU.
 """
 import argparse
 import json
 import math
-import os
-import sys
-import time
 
+import harness  # first: it puts the repository root on sys.path
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention  # noqa: E402
-from mla_gpt.model.config import GPTConfig  # noqa: E402
-from mla_kernels import reference  # noqa: E402
-from mla_kernels.attention import flash_attention  # noqa: E402
+from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention
+from mla_gpt.model.config import GPTConfig
+from mla_kernels import reference
+from mla_kernels.attention import flash_attention
 
 BWD_FLOP_FACTOR = 2.5  # backward of attention: 5 matmuls of the 2 in the forward
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+ERROR_CHARS = 120  # a failed provider's row keeps the first line of its error, this long at most
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _bench_ms(fn, on_gpu):
-    if on_gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
 
 
 def _peak_mb(fn, on_gpu):
@@ -85,22 +70,27 @@ def measure(forward, inputs, on_gpu):
     for name, fn in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", fwd_bwd)):
         for x in inputs:
             x.grad = None
-        res[f"{name}_ms"] = _bench_ms(fn, on_gpu)
+        res[f"{name}_ms"] = harness.median_ms(fn)
         res[f"{name}_mb"] = _peak_mb(fn, on_gpu)
     return res
+
+
+def measure_or_error(forward, inputs, on_gpu):
+    """measure(), or {'error': its first line} when a peer backend does not support the shape."""
+    try:
+        return measure(forward, inputs, on_gpu)
+    except Exception as e:  # a peer failing is a result: the sweep goes on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:ERROR_CHARS]}"}
 
 
 # ----------------------------------------------------------------------------- core
 
 
 def _sdpa_core(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-              "math": SDPBackend.MATH}[backend]
+    """SDPA on one backend (a name of SDPA_BACKENDS), causal, GQA when k has fewer heads."""
 
     def run(q, k, v):  # (B, T, nh, D) layouts, like flash_attention
-        with sdpa_kernel(chosen):
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=k.shape[2] != q.shape[2])
         return o.transpose(1, 2)
@@ -108,6 +98,7 @@ def _sdpa_core(backend):
 
 
 def _flex_core():
+    """FlexAttention with a causal block mask (one per length), compiled."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -124,6 +115,7 @@ def _flex_core():
 
 
 def core_providers(on_gpu):
+    """name -> attention core (q, k, v) -> out, (B, T, nh, D) layouts; reference paths on a CPU."""
     if not on_gpu:
         return {"reference": lambda q, k, v: reference.attention_ref(q, k, v)[0],
                 "sdpa_math": _sdpa_core("math")}
@@ -134,31 +126,31 @@ def core_providers(on_gpu):
 FLEX_DIMS_HELP = "head dims at which FlexAttention runs (each shape costs a torch.compile)"
 
 
+def core_row(name, fn, B, T, nh, d, on_gpu, device, dtype):
+    """One provider at one core shape: ms, MB and TFLOP/s of forward, backward and both."""
+    q, k, v = (torch.randn(B, T, nh, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    row = dict(table="core", provider=name, B=B, T=T, nh=nh, d=d)
+    row.update(measure_or_error(lambda: fn(q, k, v), (q, k, v), on_gpu))
+    fwd_flops = 2 * B * nh * T * T * (2 * d) / 2
+    for key, flops in (("fwd", fwd_flops), ("bwd", BWD_FLOP_FACTOR * fwd_flops),
+                       ("fwd_bwd", (1 + BWD_FLOP_FACTOR) * fwd_flops)):
+        if f"{key}_ms" in row:
+            row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
+    return row
+
+
 def bench_core(args, on_gpu, device, dtype):
+    """Every core provider at every head dim and length (B = batch_tokens // T)."""
     rows = []
     providers = core_providers(on_gpu)
     for d in args.core_dims:
         for T in args.seqlens:
             B = max(1, args.batch_tokens // T)
-            nh = args.core_heads
-            fwd_flops = 2 * B * nh * T * T * (2 * d) / 2
             for name, fn in providers.items():
                 if name == "flex" and d not in args.flex_dims:
                     continue
-                q, k, v = (torch.randn(B, T, nh, d, device=device, dtype=dtype, requires_grad=True)
-                           for _ in range(3))
-                row = dict(table="core", provider=name, B=B, T=T, nh=nh, d=d)
-                try:
-                    row.update(measure(lambda: fn(q, k, v), (q, k, v), on_gpu))
-                except Exception as e:  # a peer backend may not support a shape: record, go on
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                for key, flops in (("fwd", fwd_flops), ("bwd", BWD_FLOP_FACTOR * fwd_flops),
-                                   ("fwd_bwd", (1 + BWD_FLOP_FACTOR) * fwd_flops)):
-                    if f"{key}_ms" in row:
-                        row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
-                rows.append(row)
-                print(_fmt(row), flush=True)
-                del q, k, v
+                rows.append(core_row(name, fn, B, T, args.core_heads, d, on_gpu, device, dtype))
+                print(_fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -195,13 +187,10 @@ class PlainMLA(torch.nn.Module):
 
 
 def _sdpa_layer(layer, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-              "math": SDPBackend.MATH}[backend]
+    """layer(x) with SDPA restricted to one backend."""
 
     def run(x):
-        with sdpa_kernel(chosen):
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
             return layer(x)
     return run
 
@@ -224,26 +213,27 @@ def layer_providers(C, nh, r, on_gpu, device, dtype):
     return out
 
 
+def layer_row(name, layer, B, T, C, nh, hs, r, on_gpu, device, dtype):
+    """One layer at one shape: ms and MB of forward, backward and both."""
+    x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=True)
+    row = dict(table="layer", provider=name, B=B, T=T, C=C, nh=nh, hs=hs, r=r)
+    row.update(measure_or_error(lambda: layer(x), (x,), on_gpu))
+    return row
+
+
 def bench_layers(args, on_gpu, device, dtype):
+    """Every layer provider at every (heads, head size), latent fraction and length."""
     rows = []
     for nh, hs in zip(args.heads, args.head_sizes):
         C = nh * hs
         for frac in args.latent_fracs:
             r = max(1, int(round(frac * hs)))
             for T in args.layer_seqlens:
-                B = args.layer_batch
                 for name, layer in layer_providers(C, nh, r, on_gpu, device, dtype).items():
                     if name == "mla_reference" and on_gpu and T > args.reference_max_t:
                         continue  # materializes (B, nh, T, T) scores in float32
-                    x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=True)
-                    row = dict(table="layer", provider=name, B=B, T=T, C=C, nh=nh, hs=hs, r=r)
-                    try:
-                        row.update(measure(lambda: layer(x), (x,), on_gpu))
-                    except Exception as e:  # record and go on: one peer failing must not end the sweep
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    rows.append(row)
-                    print(_fmt(row), flush=True)
-                    del x
+                    rows.append(layer_row(name, layer, args.layer_batch, T, C, nh, hs, r, on_gpu, device, dtype))
+                    print(_fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -251,6 +241,7 @@ def bench_layers(args, on_gpu, device, dtype):
 
 
 def _fmt(row):
+    """One printed line per row."""
     dims = f"d {row['d']}" if row["table"] == "core" else f"C {row['C']} r {row['r']}"
     head = f"{row['table']:5s} {row['provider']:22s} B {row['B']:3d} T {row['T']:6d} nh {row['nh']:3d} {dims:12s}"
     if "error" in row:
@@ -263,104 +254,102 @@ def _fmt(row):
     return head + " | " + " | ".join(parts)
 
 
-def write_results(rows, meta, out):
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    import csv
-
+def write_results(rows, env, path):
+    """The rows to the results JSON, one CSV per table and the plot beside it."""
+    harness.write_rows(path, rows, env)
     for table in ("core", "layer"):
-        sel = [r for r in rows if r["table"] == table]
-        if not sel:
-            continue
-        keys = sorted({k for r in sel for k in r}, key=lambda k: (k not in sel[0], k))
-        with open(f"{out}_{table}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(sel)
-    with open(f"{out}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    try:
-        import matplotlib
+        selected = [r for r in rows if r["table"] == table]
+        if selected:
+            harness.write_csv(harness.beside(path, f"_{table}.csv"), selected)
+    plot(rows, env, harness.beside(path, ".png"))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
+
+def plot(rows, env, path):
+    """Core fwd+bwd TFLOP/s and layer fwd+bwd peak MB against T (ms for both on a CPU)."""
+    plt = harness.pyplot()
+    on_gpu = env["device"] != "cpu"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     core = [r for r in rows if r["table"] == "core" and "error" not in r]
     for prov, d in sorted({(r["provider"], r["d"]) for r in core}):
-        pts = sorted((r["T"], r.get("fwd_bwd_tflops", r["fwd_bwd_ms"])) for r in core
+        pts = sorted((r["T"], r["fwd_bwd_tflops"] if on_gpu else r["fwd_bwd_ms"]) for r in core
                      if r["provider"] == prov and r["d"] == d)
         axes[0].plot(*zip(*pts), marker="o", label=f"{prov} d{d}")
     axes[0].set(xscale="log", xlabel="T", title="core fwd+bwd (TFLOP/s; ms on CPU)")
     layer = [r for r in rows if r["table"] == "layer" and "error" not in r]
     for prov, C, r_ in sorted({(r["provider"], r["C"], r["r"]) for r in layer}):
-        pts = sorted((r["T"], r["fwd_bwd_mb"] if meta["gpu"] else r["fwd_bwd_ms"]) for r in layer
+        pts = sorted((r["T"], r["fwd_bwd_mb"] if on_gpu else r["fwd_bwd_ms"]) for r in layer
                      if r["provider"] == prov and r["C"] == C and r["r"] == r_)
         axes[1].plot(*zip(*pts), marker="o", label=f"{prov} C{C} r{r_}")
     axes[1].set(xscale="log", xlabel="T", title="layer fwd+bwd peak MB (ms on CPU)")
     for ax in axes:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{meta['device']} {meta['dtype']} torch {meta['torch']} triton {meta['triton']}", fontsize=9)
+    fig.suptitle(f"{env['device']} {env['dtype']} torch {env['torch']} triton {env['triton']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(f"{out}.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=None, help="core sweep lengths")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="core: B = batch_tokens // T")
-    p.add_argument("--core-heads", type=int, default=12)
-    p.add_argument("--core-dims", type=int, nargs="+", default=None, help="core head dims")
-    p.add_argument("--flex-dims", type=int, nargs="*", default=[64], help=FLEX_DIMS_HELP)
-    p.add_argument("--heads", type=int, nargs="+", default=[12, 16], help="layer: heads, paired with --head-sizes")
-    p.add_argument("--head-sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--latent-fracs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 3.0], help="r = frac * hs")
-    p.add_argument("--layer-seqlens", type=int, nargs="+", default=None)
-    p.add_argument("--layer-batch", type=int, default=4)
-    p.add_argument("--reference-max-t", type=int, default=4096, help="skip the reference layer above this T")
+    p.add_argument("--batch_tokens", type=int, default=16384, help="core: B = batch_tokens // T")
+    p.add_argument("--core_heads", type=int, default=12)
+    p.add_argument("--core_dims", type=int, nargs="+", default=None, help="core head dims")
+    p.add_argument("--flex_dims", type=int, nargs="*", default=[64], help=FLEX_DIMS_HELP)
+    p.add_argument("--heads", type=int, nargs="+", default=[12, 16], help="layer: heads, paired with --head_sizes")
+    p.add_argument("--head_sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--latent_fracs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 3.0], help="r = frac * hs")
+    p.add_argument("--layer_seqlens", type=int, nargs="+", default=None)
+    p.add_argument("--layer_batch", type=int, default=4)
+    p.add_argument("--reference_max_t", type=int, default=4096, help="skip the reference layer above this T")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--skip", nargs="*", default=[], choices=["core", "layer"])
-    p.add_argument("--out", default=os.path.join("bench", "results", "attention"))
+    harness.add_out_argument(p, "attention")
     args = p.parse_args(argv)
     if len(args.heads) != len(args.head_sizes):
-        p.error(f"--heads {args.heads} and --head-sizes {args.head_sizes} must pair up")
+        p.error(f"--heads {args.heads} and --head_sizes {args.head_sizes} must pair up")
     return args
+
+
+def small_cpu_settings(args):
+    """Without a GPU: float32 reference paths at lengths 64 and 128, the first layer shape and
+    latent fraction only."""
+    print("No GPU: running the reference paths at small sizes; kernel timings need a GPU.")
+    args.seqlens = args.seqlens or [64, 128]
+    args.layer_seqlens = args.layer_seqlens or [64, 128]
+    args.core_dims = args.core_dims or [32]
+    args.batch_tokens = min(args.batch_tokens, 256)
+    args.layer_batch = min(args.layer_batch, 2)
+    args.heads, args.head_sizes = args.heads[:1], args.head_sizes[:1]
+    args.latent_fracs = args.latent_fracs[:1]
+    return torch.float32
 
 
 def main(argv=None):
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available()
+    on_gpu = harness.on_gpu()
     device = "cuda" if on_gpu else "cpu"
-    dtype = getattr(torch, args.dtype)
-    if not on_gpu:
-        print("No GPU: running the reference paths at small sizes; kernel timings need a GPU.")
-        dtype = torch.float32
-        args.seqlens = args.seqlens or [128, 256]
-        args.layer_seqlens = args.layer_seqlens or [128, 256]
-        args.core_dims = args.core_dims or [32]
-        args.batch_tokens = min(args.batch_tokens, 512)
-        args.layer_batch = min(args.layer_batch, 2)
-        args.latent_fracs = args.latent_fracs[:2]
-    else:
+    if on_gpu:
+        dtype = getattr(torch, args.dtype)
         args.seqlens = args.seqlens or [1024, 2048, 4096, 8192, 16384]
         args.layer_seqlens = args.layer_seqlens or [1024, 4096, 16384]
         args.core_dims = args.core_dims or [16, 32, 64, 128]
-    import triton
-
-    meta = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", gpu=on_gpu,
-                torch=torch.__version__, triton=triton.__version__, dtype=str(dtype), args=vars(args))
-    print(json.dumps(meta))
+    else:
+        dtype = small_cpu_settings(args)
+    env = harness.environment(dtype)
+    print(json.dumps(env), flush=True)
+    path = harness.results_path(args.out, "attention")
     torch.manual_seed(0)
     rows = []
     if "core" not in args.skip:
         rows += bench_core(args, on_gpu, device, dtype)
-        write_results(rows, meta, args.out)  # keep the core table should the layer sweep be cut short
+        write_results(rows, env, path)  # keep the core table should the layer sweep be cut short
     if "layer" not in args.skip:
         rows += bench_layers(args, on_gpu, device, dtype)
-    write_results(rows, meta, args.out)
-    print(f"wrote {args.out}_core.csv, {args.out}_layer.csv, {args.out}.json, {args.out}.png")
+    write_results(rows, env, path)
+    harness.report_written(path, harness.beside(path, "_core.csv"), harness.beside(path, "_layer.csv"),
+                           harness.beside(path, ".png"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""What every script in bench/ shares: the device, timing, the environment and the results files.
+
+Timing: `median_ms` times a callable with CUDA events on a GPU (`triton.testing.do_bench`, or
+`do_bench_cudagraph` for graph replay) and with the host clock on a CPU, where the numbers only
+show that a script works.
+
+Results: every script takes `--out PATH` (`add_out_argument`), the results JSON: a list of rows,
+each holding the run's environment (`environment`); CSV tables and the PNG go beside it, named
+from its stem (`beside`). Without --out the files go to the system temp folder
+(`<tmp>/mla_bench/<script>_<device>.json`), so a run never writes over the committed results in
+bench/results/ unless --out names them. Every script prints the paths it wrote.
+
+Importing this module also puts the repository root on sys.path, so `python bench/<script>.py`
+runs from a checkout without installing the package.
+"""
+import csv
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CPU_RUNS = 3  # host-clock runs after one warm-up call; their median is reported
+DEFAULT_DIR = Path(tempfile.gettempdir()) / "mla_bench"
+
+
+def on_gpu():
+    """True when a CUDA device is there: the scripts then run their full, timed settings."""
+    return torch.cuda.is_available()
+
+
+def device_tag():
+    """Short device name for file names: 'h200' for an NVIDIA H200, 'cpu' without a GPU."""
+    return torch.cuda.get_device_name().split()[-1].lower() if on_gpu() else "cpu"
+
+
+def synchronize():
+    """Wait for the GPU's queued work (nothing to wait for on a CPU)."""
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, graph=False, warmup=25, rep=100):
+    """Median milliseconds of one fn() call.
+
+    On a GPU: `triton.testing.do_bench` (CUDA events, L2 flushed between calls, `warmup` and
+    `rep` in ms), or with graph=True `do_bench_cudagraph` (calls replayed from a CUDA graph, so no
+    launch gaps; fn must be capturable). On a CPU: one warm-up call, then the median of CPU_RUNS
+    calls by the host clock.
+    """
+    if on_gpu():
+        import triton.testing
+
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    fn()
+    times = []
+    for _ in range(CPU_RUNS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _driver_version():
+    """The NVIDIA driver version from nvidia-smi, or None where it is not installed."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+def environment(dtype=None):
+    """What a result depends on: device (GPU name, or 'cpu'), driver, SMs and memory on a GPU,
+    torch, triton, CUDA and Python versions, the dtype measured, and when."""
+    import triton
+
+    env = dict(device="cpu", driver=None, torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, python=platform.python_version(),
+               dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+               time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if on_gpu():
+        prop = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(device=prop.name, driver=_driver_version(), sms=prop.multi_processor_count,
+                   memory_gb=round(prop.total_memory / 1e9, 1))
+    return env
+
+
+def add_out_argument(parser, script):
+    """The --out option every script takes, with the rule of where results go by default."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results JSON, CSV and PNG files beside it (default: {DEFAULT_DIR}/{script}_<device>.json; "
+                             "bench/results/ is written only when --out names it)")
+
+
+def results_path(out, script):
+    """The results JSON: --out when given, else <tmp>/mla_bench/<script>_<device>.json."""
+    path = Path(out) if out is not None else DEFAULT_DIR / f"{script}_{device_tag()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def beside(path, suffix):
+    """A file next to the results JSON: beside(x/decode_h200.json, '_memory.csv') is x/decode_h200_memory.csv."""
+    return path.with_name(path.stem + suffix)
+
+
+def read_rows(path):
+    """The rows of an earlier results file, or [] when there is none."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else []
+
+
+def write_rows(path, rows, env=None):
+    """Write rows as a JSON list, each row extended by env (the row's own keys win)."""
+    rows = [{**(env or {}), **row} for row in rows]
+    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+    return path
+
+
+def write_csv(path, rows):
+    """rows as a CSV table, the columns in the order they first appear."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def report_written(*paths):
+    """Print where a run wrote (only the files that exist: a plot may be skipped)."""
+    written = [str(p) for p in paths if Path(p).exists()]
+    print("wrote " + ", ".join(written), flush=True)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
