@@ -2,8 +2,10 @@
 
 One decode step = one new token per row attending over L cached positions, per layer.
 Providers:
-  ours          mla_kernels.decode (Triton split-KV kernel over the latent cache), CUDA-graph replay
+  ours          mla_kernels.decode (Triton split-KV kernel over the latent cache), CUDA-graph replay;
+                ours_S<n> the same with num_splits pinned to n (--splits)
   ours_eager    the public `latent_decode` called eagerly (host length check: one device sync)
+  ours_token_major  the kernel over the cache's first layout, token-major (B, L, g, r)
   sdpa_cudnn    SDPA over the equivalent expanded cache (B, nh, L, hs), cuDNN backend
   sdpa_flash    the same, flash backend
   torch_latent  the same latent decode in plain PyTorch: absorbed query, SDPA with enable_gqa over the
@@ -11,32 +13,30 @@ Providers:
                 that runs is timed and the fastest is reported too
   reference     mla_kernels.reference.latent_decode_ref (per-row Python loop, fp32 math)
 GB/s counts the cache bytes a provider must read (latent or expanded) over its step time;
-tokens/s = B / step time (one layer). Timings: triton.testing do_bench(_cudagraph) medians.
+tokens/s = B / step time (one layer). Timings: `harness.median_ms` (do_bench or do_bench_cudagraph).
+
+Rows (key `table`): copy (the device's copy bandwidth), timing, correctness (bf16 kernel against
+the float64 reference), autotune (the tiles the autotuner chose), memory (bytes per token and what
+fits --budget_gb). Writes the results JSON, <stem>_timings.csv, <stem>_memory.csv and <stem>.png.
 
 On a machine without CUDA it runs the reference and the plain-PyTorch latent decode at small
 sizes plus the analytic memory report, and says that kernel timings need a GPU.
 
-Usage: python bench/decode.py [--shapes 64x4096,16x32768,1x131072] [--modes default,joint]
-       [--budget-gb 80] [--layers 12] [--out bench/results]
+Usage: python bench/decode.py [--shapes 64x4096 16x32768 1x131072] [--modes default joint]
+       [--splits 1 4 16 64] [--budget_gb 80] [--layers 12] [--out PATH.json]
 """
 import argparse
-import csv
 import json
 import math
-import os
-import platform
-import sys
-import time
 
+import harness  # first: it puts the repository root on sys.path
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mla_kernels import decode as dec  # noqa: E402
-from mla_kernels.cache import LatentKVCache  # noqa: E402
-from mla_kernels.reference import latent_decode_ref  # noqa: E402
+from mla_kernels import decode as dec
+from mla_kernels.cache import LatentKVCache
+from mla_kernels.reference import latent_decode_ref
 
 NH, HS = 12, 64  # GPT-2 small's attention: C = 768
 MODES = {  # name -> (g, r, joint)
@@ -47,58 +47,38 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 SCALE = 1.0 / math.sqrt(HS)  # MLA keeps the head size's scale in the absorbed form
 ELT = 2  # bf16 bytes
+GPU_SHAPES = [(64, 4096), (16, 32768), (1, 131072)]  # (B, L)
+CPU_SHAPES = [(4, 1024), (1, 4096)]  # (B, L) without a GPU: the reference loop stays quick
+COPY_ELEMENTS = 2**29  # float32: a 2 GiB copy, far beyond L2
+MEMORY_SHAPE = (8, 4096)  # (B, L) of the caches allocated for the measured bytes per token
+ERROR_CHARS = 80  # an unavailable backend is reported with its error's first line, this long at most
+
+
+def parse_shape(text):
+    """'64x4096' -> (64, 4096): B rows of L cached positions."""
+    B, L = text.split("x")
+    return int(B), int(L)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="64x4096,16x32768,1x131072", help="BxL list, comma separated")
-    p.add_argument("--modes", default="default,joint", help=f"subset of {list(MODES)}")
-    p.add_argument("--splits", default="1,4,16,64", help="num_splits values swept for our kernel (+ the heuristic's)")
-    p.add_argument("--budget-gb", type=float, default=80.0, help="KV-cache memory budget for the fit report")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=None,
+                   help=f"BxL shapes (default {GPU_SHAPES} on a GPU, {CPU_SHAPES} on a CPU)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--splits", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="num_splits values swept for our kernel (+ the heuristic's)")
+    p.add_argument("--budget_gb", type=float, default=80.0, help="KV-cache memory budget for the fit report")
     p.add_argument("--layers", type=int, default=12, help="layers whose caches share the budget")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = p.parse_args()
-    args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    args.modes = args.modes.split(",")
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r}, allowed {list(MODES)}")
-    args.splits = [int(s) for s in args.splits.split(",")]
-    return args
-
-
-def env_info(device):
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "device": str(device), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if device.type == "cuda":
-        prop = torch.cuda.get_device_properties(device)
-        info.update(gpu=prop.name, sms=prop.multi_processor_count, memory_gb=round(prop.total_memory / 1e9, 1))
-    return info
-
-
-def bench(fn, graph):
-    """Median ms of fn: on CUDA replayed from a graph when graph is true (no launch gaps), else
-    eagerly with device events; on CPU by the host clock (one warm-up, five runs)."""
-    if not torch.cuda.is_available():
-        fn()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[2]
-    if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    harness.add_out_argument(p, "decode")
+    return p.parse_args()
 
 
 def copy_bandwidth(device):
-    """Device-to-device copy of 2 GB: bytes read + written over time, the ceiling for a memory-bound kernel."""
-    src = torch.randn(2**29, device=device, dtype=torch.float32)  # 2 GiB
+    """Device-to-device copy of 2 GiB: bytes read + written over time, the ceiling for a memory-bound kernel."""
+    src = torch.randn(COPY_ELEMENTS, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), graph=False)
-    del src, dst
-    return 2 * 2**29 * 4 / (ms * 1e-3) / 1e9
+    ms = harness.median_ms(lambda: dst.copy_(src))
+    return 2 * COPY_ELEMENTS * 4 / (ms * 1e-3) / 1e9
 
 
 def make_caches(B, L, g, r, joint, device, lens=None, rv=None):
@@ -116,7 +96,13 @@ def make_caches(B, L, g, r, joint, device, lens=None, rv=None):
 
 
 def rel_err(out, ref):
+    """||out - ref|| / ||ref||, in float64."""
     return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _cpu64(t):
+    """t on the CPU in float64 (None stays None: a joint cache has no separate values)."""
+    return None if t is None else t.cpu().double()
 
 
 def correctness(device):
@@ -140,97 +126,120 @@ def correctness(device):
         seqlens = torch.tensor(lens, device=device, dtype=torch.int32)
         out, lse = dec.latent_decode(q, ck, cv, seqlens, SCALE, num_splits=S)
         torch.cuda.synchronize()
-        c64 = (lambda t: None if t is None else t.cpu().double())
-        ref, ref_lse = latent_decode_ref(c64(q), c64(ck), c64(cv), seqlens.cpu(), SCALE)
+        ref, ref_lse = latent_decode_ref(_cpu64(q), _cpu64(ck), _cpu64(cv), seqlens.cpu(), SCALE)
         ref_bf16, _ = latent_decode_ref(q, ck, cv, seqlens, SCALE)
         err, err_bf16 = rel_err(out.cpu(), ref), rel_err(ref_bf16.cpu(), ref)
         lse_err = (lse.cpu().double() - ref_lse).abs().max().item()
         ok = bool(torch.isfinite(out).all()) and err <= 2 * err_bf16 + 1e-3 and lse_err < 1e-2
-        rows.append(dict(case=f"B{B}-L{L}-T{Tq}-H{nh}-G{g}-D{r}" + ("-joint" if joint else f"-V{rv}") + f"-S{S}",
-                         rel_err=err, rel_err_bf16_ref=err_bf16, lse_max_abs_err=lse_err, passed=ok))
+        case = f"B{B}-L{L}-T{Tq}-H{nh}-G{g}-D{r}" + ("-joint" if joint else f"-V{rv}") + f"-S{S}"
+        rows.append(dict(table="correctness", case=case, rel_err=err, rel_err_bf16_ref=err_bf16, lse_max_abs_err=lse_err, passed=ok))
         print(f"correctness {rows[-1]['case']}: rel err {err:.2e} (bf16 reference {err_bf16:.2e}), "
               f"lse {lse_err:.1e} -> {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
 
-def time_shape(B, L, mode, splits, device, graph):
-    """Every provider at one (B, L, mode); returns rows of dicts."""
+def time_ours(q, ck, cv, seqlens, splits, heuristic, add):
+    """Our kernel: each pinned split count, the heuristic's (graph replay), eager, token-major."""
+    op = torch.ops.mla_kernels.latent_decode
+    L = ck.shape[1]
+    for s in sorted({*[s for s in splits if s <= max(1, L // dec.SPLIT_OVERHEAD_TOKENS)], heuristic}):
+        op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph
+        add(f"ours_S{s}", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, s), graph=True), num_splits=s)
+    op(q, ck, cv, seqlens, SCALE, None)
+    add("ours", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, None), graph=True), num_splits=heuristic)
+    add("ours_eager", harness.median_ms(lambda: dec.latent_decode(q, ck, cv, seqlens, SCALE)), num_splits=heuristic)
+    # the first layout of the cache, token-major (B, L, g, r): each (row, group) program reads
+    # r-wide pieces strided by g r; kept as a row to show what the group-major storage bought
+    ck_tm, cv_tm = ck.contiguous(), None if cv is None else cv.contiguous()
+    op(q, ck_tm, cv_tm, seqlens, SCALE, None)
+    add("ours_token_major", harness.median_ms(lambda: op(q, ck_tm, cv_tm, seqlens, SCALE, None), graph=True),
+        num_splits=heuristic)
+
+
+def time_torch_latent(q, ck, cv, backends, graph, add):
+    """Plain PyTorch latent decode: SDPA with GQA over (B, g, L, r) latents, every backend that
+    runs, then the fastest as torch_latent."""
+    g = ck.shape[2]
+    qh = q.transpose(1, 2).contiguous()  # (B, nh, 1, r)
+    kl = ck.transpose(1, 2).contiguous()  # (B, g, L, r)
+    vl = kl if cv is None else cv.transpose(1, 2).contiguous()  # (B, g, L, r)
+
+    def step():
+        return F.scaled_dot_product_attention(qh, kl, vl, scale=SCALE, enable_gqa=g != NH)
+
+    best = None
+    for name in backends:
+        try:
+            with sdpa_kernel(BACKENDS[name]):
+                step()  # unsupported inputs fail here, before any graph capture
+                ms = harness.median_ms(step, graph=graph)
+        except Exception as e:  # noqa: BLE001 - a backend refusing these inputs is a result, not a crash
+            print(f"  torch_latent_{name}: unavailable ({str(e).splitlines()[0][:ERROR_CHARS]})")
+            continue
+        add(f"torch_latent_{name}", ms)
+        best = ms if best is None else min(best, ms)
+    if best is not None:
+        add("torch_latent", best)
+
+
+def time_expanded(B, L, device, add):
+    """SDPA (cuDNN, flash) over the equivalent expanded cache (B, nh, L, hs)."""
+    qe = torch.randn(B, NH, 1, HS, device=device, dtype=torch.bfloat16)
+    ke = torch.randn(B, NH, L, HS, device=device, dtype=torch.bfloat16)
+    ve = torch.randn(B, NH, L, HS, device=device, dtype=torch.bfloat16)
+
+    def step():
+        return F.scaled_dot_product_attention(qe, ke, ve)
+
+    for name in ("cudnn", "flash"):
+        try:
+            with sdpa_kernel(BACKENDS[name]):
+                step()
+                add(f"sdpa_{name}", harness.median_ms(step, graph=True), expanded=True)
+        except Exception as e:  # noqa: BLE001 - as above
+            print(f"  sdpa_{name}: unavailable ({str(e).splitlines()[0][:ERROR_CHARS]})")
+
+
+def time_shape(B, L, mode, splits, device, gpu):
+    """Every provider at one (B, L, mode); returns timing rows. Without a GPU only the plain
+    PyTorch latent decode (math backend) and the reference."""
     g, r, joint = MODES[mode]
     rows = []
     latent_bytes = B * L * g * (r if joint else 2 * r) * ELT
     expanded_bytes = 2 * B * L * NH * HS * ELT
 
-    def add(provider, ms, nbytes, **extra):
-        rows.append(dict(B=B, L=L, mode=mode, g=g, r=r, joint=joint, provider=provider, us=ms * 1e3,
-                         GBps=nbytes / (ms * 1e-3) / 1e9, tokens_per_s=B / (ms * 1e-3), **extra))
+    def add(provider, ms, expanded=False, **extra):
+        nbytes = expanded_bytes if expanded else latent_bytes
+        rows.append(dict(table="timing", B=B, L=L, mode=mode, g=g, r=r, joint=joint, provider=provider,
+                         us=ms * 1e3, GBps=nbytes / (ms * 1e-3) / 1e9, tokens_per_s=B / (ms * 1e-3), **extra))
         print(f"  {mode:8s} B{B:<3d} L{L:<7d} {provider:22s} {ms * 1e3:9.1f} us  {rows[-1]['GBps']:7.0f} GB/s",
               flush=True)
 
     ck, cv = make_caches(B, L, g, r, joint, device)
     q = torch.randn(B, 1, NH, r, device=device, dtype=torch.bfloat16)  # (B, 1, nh, r)
     seqlens = torch.full((B,), L, device=device, dtype=torch.int32)
-    op = torch.ops.mla_kernels.latent_decode
-    heur = dec.num_splits_heuristic(B * g, L, (r if joint else 2 * r) * ELT, B * NH, r, dec._num_sms(device))
-    if graph:
-        for s in sorted({*[s for s in splits if s <= max(1, L // dec.SPLIT_OVERHEAD_TOKENS)], heur}):
-            op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph
-            add(f"ours_S{s}", bench(lambda: op(q, ck, cv, seqlens, SCALE, s), graph), latent_bytes, num_splits=s)
-        op(q, ck, cv, seqlens, SCALE, None)
-        add("ours", bench(lambda: op(q, ck, cv, seqlens, SCALE, None), graph), latent_bytes, num_splits=heur)
-        add("ours_eager", bench(lambda: dec.latent_decode(q, ck, cv, seqlens, SCALE), False), latent_bytes,
-            num_splits=heur)
-        # the first layout of the cache, token-major (B, L, g, r): each (row, group) program reads
-        # r-wide pieces strided by g r; kept as a row to show what the group-major storage bought
-        ck_tm, cv_tm = ck.contiguous(), None if cv is None else cv.contiguous()
-        op(q, ck_tm, cv_tm, seqlens, SCALE, None)
-        add("ours_token_major", bench(lambda: op(q, ck_tm, cv_tm, seqlens, SCALE, None), graph), latent_bytes,
-            num_splits=heur)
-        del ck_tm, cv_tm
-
-    # plain PyTorch latent decode: SDPA with GQA over (B, g, L, r) latents
-    qh = q.transpose(1, 2).contiguous()  # (B, nh, 1, r)
-    kl = ck.transpose(1, 2).contiguous()  # (B, g, L, r)
-    vl = kl if joint else cv.transpose(1, 2).contiguous()  # (B, g, L, r)
-    best = None
-    for name in (["cudnn", "flash", "efficient"] if graph else ["math"]):
-        try:
-            with sdpa_kernel(BACKENDS[name]):
-                fn = lambda: F.scaled_dot_product_attention(qh, kl, vl, scale=SCALE, enable_gqa=g != NH)  # noqa: E731
-                fn()  # unsupported inputs fail here, before any graph capture
-                ms = bench(fn, graph)
-        except Exception as e:  # noqa: BLE001 - a backend refusing these inputs is a result, not a crash
-            print(f"  torch_latent_{name}: unavailable ({str(e).splitlines()[0][:80]})")
-            continue
-        add(f"torch_latent_{name}", ms, latent_bytes)
-        best = ms if best is None else min(best, ms)
-    if best is not None:
-        add("torch_latent", best, latent_bytes)
-    del kl, vl, qh
-
-    if device.type == "cuda":  # the reference's per-row loop syncs on every length: eager, few runs
-        ref_ms = triton.testing.do_bench(lambda: latent_decode_ref(q, ck, cv, seqlens, SCALE), warmup=1, rep=20,
-                                         return_mode="median")
-    else:
-        ref_ms = bench(lambda: latent_decode_ref(q, ck, cv, seqlens, SCALE), False)
-    add("reference", ref_ms, latent_bytes)
-    del ck, cv
-
-    if graph:  # SDPA over the equivalent expanded cache (B, nh, L, hs)
-        qe = torch.randn(B, NH, 1, HS, device=device, dtype=torch.bfloat16)
-        ke = torch.randn(B, NH, L, HS, device=device, dtype=torch.bfloat16)
-        ve = torch.randn(B, NH, L, HS, device=device, dtype=torch.bfloat16)
-        for name in ("cudnn", "flash"):
-            try:
-                with sdpa_kernel(BACKENDS[name]):
-                    fn = lambda: F.scaled_dot_product_attention(qe, ke, ve)  # noqa: E731
-                    fn()
-                    add(f"sdpa_{name}", bench(fn, graph), expanded_bytes)
-            except Exception as e:  # noqa: BLE001 - as above
-                print(f"  sdpa_{name}: unavailable ({str(e).splitlines()[0][:80]})")
-        del qe, ke, ve
-    if graph:
-        torch.cuda.empty_cache()
+    if gpu:
+        heuristic = dec.num_splits_heuristic(B * g, L, (r if joint else 2 * r) * ELT, B * NH, r,
+                                             dec._num_sms(device))
+        time_ours(q, ck, cv, seqlens, splits, heuristic, add)
+    time_torch_latent(q, ck, cv, ["cudnn", "flash", "efficient"] if gpu else ["math"], gpu, add)
+    # the reference's per-row loop syncs on every length: eager, few runs
+    add("reference", harness.median_ms(lambda: latent_decode_ref(q, ck, cv, seqlens, SCALE), warmup=1, rep=20))
+    if gpu:
+        time_expanded(B, L, device, add)
     return rows
+
+
+def measured_bytes_per_token(g, dk, dv, device):
+    """Bytes per cached token of a LatentKVCache of MEMORY_SHAPE, and how they were measured."""
+    B, L = MEMORY_SHAPE
+    if device.type != "cuda":
+        cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)
+        return cache.bytes_per_token, "LatentKVCache.bytes_per_token (CPU: no allocator counter)"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)  # noqa: F841 - held while measured
+    return (torch.cuda.memory_allocated(device) - before) / (B * L), "torch.cuda.memory_allocated delta"
 
 
 def memory_report(device, budget_gb, layers):
@@ -240,39 +249,24 @@ def memory_report(device, budget_gb, layers):
         "MLA default (g 12, r 32, K+V)": (12, 32, 32),
         "MLA joint (g 1, r 256)": (1, 256, None),
     }
-    B, L = 8, 4096
+    budget = budget_gb * 1e9
     rows = []
     for name, (g, dk, dv) in layouts.items():
         analytic = g * (dk + (dv or 0)) * ELT
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated(device)
-            cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)
-            measured = (torch.cuda.memory_allocated(device) - before) / (B * L)
-            how = "torch.cuda.memory_allocated delta"
-        else:
-            cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)
-            measured = cache.bytes_per_token
-            how = "LatentKVCache.bytes_per_token (CPU: no allocator counter)"
-        del cache
+        measured, how = measured_bytes_per_token(g, dk, dv, device)
         per_token_model = analytic * layers
-        budget = budget_gb * 1e9
-        rows.append(dict(layout=name, bytes_per_token_layer_analytic=analytic,
+        rows.append(dict(table="memory", layout=name, bytes_per_token_layer_analytic=analytic,
                          bytes_per_token_layer_measured=measured, measured_by=how,
                          max_context_B1=int(budget // per_token_model),
                          max_batch_L1024=int(budget // (per_token_model * 1024)),
                          max_batch_L4096=int(budget // (per_token_model * 4096)),
-                         saving_vs_mha=None))
-    for row in rows:
-        row["saving_vs_mha"] = rows[0]["bytes_per_token_layer_analytic"] / row["bytes_per_token_layer_analytic"]
+                         saving_vs_mha=rows[0]["bytes_per_token_layer_analytic"] / analytic if rows else 1.0))
     return rows
 
 
 def plot(timings, memory, budget_gb, layers, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Step time per provider and shape; the largest batch that fits the budget per context length."""
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     ax = axes[0]
     providers = ["ours", "torch_latent", "sdpa_cudnn", "sdpa_flash"]
@@ -283,12 +277,12 @@ def plot(timings, memory, budget_gb, layers, path):
                      float("nan")) for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], vals, width, label=prov)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels([f"{m}\nB{b} L{l // 1024}k" for m, b, l in keys], fontsize=8)
+    ax.set_xticklabels([f"{m}\nB{b} L{n // 1024}k" for m, b, n in keys], fontsize=8)
     ax.set_ylabel("decode step time per layer (us, lower is better)")
     ax.set_title("Decode over the cache, bf16, nh 12 hs 64 (sdpa_*: expanded cache)")
     ax.legend()
     ax = axes[1]
-    contexts = [2**k for k in range(8, 18)]
+    contexts = [2**k for k in range(8, 18)]  # 256 .. 128k tokens
     for row in memory:
         per_seq = [row["bytes_per_token_layer_analytic"] * layers * c for c in contexts]
         ax.plot(contexts, [budget_gb * 1e9 // p for p in per_seq], marker="o", label=row["layout"])
@@ -301,61 +295,63 @@ def plot(timings, memory, budget_gb, layers, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(rows, copy_gbps):
+    """Memory per layout; on a GPU ours against its peers per shape."""
+    print("\nmemory (bytes per token per layer, bf16):")
+    for m in (r for r in rows if r["table"] == "memory"):
+        print(f"  {m['layout']:32s} analytic {m['bytes_per_token_layer_analytic']:6d}  measured "
+              f"{m['bytes_per_token_layer_measured']:8.1f}  x{m['saving_vs_mha']:.1f} vs MHA  "
+              f"max context (B1) {m['max_context_B1']:>10d}  max batch L4k {m['max_batch_L4096']}")
+    if copy_gbps is None:
+        return
+    print(f"\nsummary (copy {copy_gbps:.0f} GB/s):")
+    timings = [r for r in rows if r["table"] == "timing"]
+    for mode, B, L in dict.fromkeys((t["mode"], t["B"], t["L"]) for t in timings):
+        t = {x["provider"]: x for x in timings if (x["mode"], x["B"], x["L"]) == (mode, B, L)}
+        o = t["ours"]
+        ratio = {p: o["us"] / t[p]["us"] for p in ("sdpa_cudnn", "torch_latent") if p in t}
+        print(f"  {mode:8s} B{B:<3d} L{L:<7d} ours {o['us']:7.1f} us {o['GBps']:6.0f} GB/s "
+              f"({o['GBps'] / copy_gbps:.0%} of copy), S={o['num_splits']}, "
+              + ", ".join(f"ours/{p} {v:.2f}" for p, v in ratio.items()))
 
 
 def main():
     args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    os.makedirs(args.out, exist_ok=True)
-    info = env_info(device)
-    print(json.dumps(info), flush=True)
-    result = {"env": info, "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    gpu = harness.on_gpu()
+    device = torch.device("cuda" if gpu else "cpu")
+    env = harness.environment(torch.bfloat16)
+    print(json.dumps(env), flush=True)
+    rows, copy_gbps = [], None
     if gpu:
-        result["copy_GBps"] = copy_bandwidth(device)
-        print(f"device copy: {result['copy_GBps']:.0f} GB/s", flush=True)
-        shapes = args.shapes
+        copy_gbps = copy_bandwidth(device)
+        rows.append(dict(table="copy", copy_GBps=copy_gbps))
+        print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
     else:
         print("no CUDA device: kernel timings need a GPU; timing the reference and the plain-PyTorch latent "
               "decode (math backend) at small sizes", flush=True)
-        shapes = [(4, 1024), (1, 4096)]
-    timings = []
     for mode in args.modes:
-        for B, L in shapes:
-            timings += time_shape(B, L, mode, args.splits, device, gpu)
-    result["timings"] = timings
+        for B, L in args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES):
+            rows += time_shape(B, L, mode, args.splits, device, gpu)
+            if gpu:
+                torch.cuda.empty_cache()
     if gpu:  # after the timings, so the autotuner picks tiles on the benchmark shapes, not these small ones
-        result["correctness"] = correctness(device)
-        result["autotune"] = {str(k): str(v) for k, v in dec._decode_partial_tuned.cache.items()}
-    result["memory"] = memory_report(device, args.budget_gb, args.layers)
-    tag = torch.cuda.get_device_name(device).split()[-1].lower() if gpu else "cpu"  # "NVIDIA H200" -> h200
-    with open(os.path.join(args.out, f"decode_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, f"decode_{tag}_timings.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(timings[0].keys()) + ["num_splits"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(timings)
-    with open(os.path.join(args.out, f"decode_{tag}_memory.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["memory"][0].keys()))
-        w.writeheader()
-        w.writerows(result["memory"])
-    plot(timings, result["memory"], args.budget_gb, args.layers, os.path.join(args.out, f"decode_{tag}.png"))
-
-    print("\nmemory (bytes per token per layer, bf16):")
-    for m in result["memory"]:
-        print(f"  {m['layout']:32s} analytic {m['bytes_per_token_layer_analytic']:6d}  measured "
-              f"{m['bytes_per_token_layer_measured']:8.1f}  x{m['saving_vs_mha']:.1f} vs MHA  "
-              f"max context (B1) {m['max_context_B1']:>10d}  max batch L4k {m['max_batch_L4096']}")
-    if gpu:
-        print(f"\nsummary (copy {result['copy_GBps']:.0f} GB/s):")
-        for mode in args.modes:
-            for B, L in shapes:
-                t = {x["provider"]: x for x in timings if (x["mode"], x["B"], x["L"]) == (mode, B, L)}
-                o = t["ours"]
-                ratio = {p: o["us"] / t[p]["us"] for p in ("sdpa_cudnn", "torch_latent") if p in t}
-                print(f"  {mode:8s} B{B:<3d} L{L:<7d} ours {o['us']:7.1f} us {o['GBps']:6.0f} GB/s "
-                      f"({o['GBps'] / result['copy_GBps']:.0%} of copy), S={o['num_splits']}, "
-                      + ", ".join(f"ours/{p} {v:.2f}" for p, v in ratio.items()))
+        rows += correctness(device)
+        rows += [dict(table="autotune", key=str(k), config=str(v))
+                 for k, v in dec._decode_partial_tuned.cache.items()]
+    rows += memory_report(device, args.budget_gb, args.layers)
+    path = harness.results_path(args.out, "decode")
+    harness.write_rows(path, rows, env)
+    timings = [r for r in rows if r["table"] == "timing"]
+    memory = [r for r in rows if r["table"] == "memory"]
+    harness.write_csv(harness.beside(path, "_timings.csv"), timings)
+    harness.write_csv(harness.beside(path, "_memory.csv"), memory)
+    plot(timings, memory, args.budget_gb, args.layers, harness.beside(path, ".png"))
+    print_summary(rows, copy_gbps)
+    harness.report_written(path, harness.beside(path, "_timings.csv"), harness.beside(path, "_memory.csv"),
+                           harness.beside(path, ".png"))
 
 
 if __name__ == "__main__":
