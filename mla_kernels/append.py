@@ -5,7 +5,8 @@ GEMM followed by `LatentKVCache.update`, the latents make a round trip: stored b
 GEMM, read back and stored again by a copy (or index_put) kernel, one more launch per
 layer and token. Here one kernel computes the projection tile by tile and stores each
 output column where it belongs: query columns into q', latent columns into their slot of
-the group-major cache (max_batch, g, max_seq, dim) at position input_pos + t.
+the cache at position cache_seqlens + t. The cache is passed as `latent_decode` reads it,
+(max_batch, max_seq, g, dim) views with any strides (`LatentKVCache.k` / `.v`).
 
 There is no backward: caches are written under no_grad (generation). The GEMM is
 tiled for the few rows (batch x new tokens) of a decode step; prefill's long chunks
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_kernels._tiles import KERNEL_DTYPES, interpreting
+from mla_kernels._dispatch import check_dtypes, check_ndim, check_tensors, interpreting, on_kernel_device
 from mla_kernels.reference import project_append_ref
 
 MAX_ROW_BUCKET = 64  # tiles are tuned per power-of-two row count up to this, then shared
@@ -38,8 +39,9 @@ def _project_append_kernel(
     """One (BLOCK_M rows, BLOCK_N columns) tile of x W^T + b, stored to q' or the caches.
 
     X (M, C) with M = B T (row m is token t = m % T of sequence b = m // T); W (N, C),
-    N = QUERY_DIM + KEY_COLS + VALUE_COLS; Q (M, QUERY_DIM); KC (max_batch, g, L, R);
-    VC (max_batch, g, L, RV), unused when VALUE_COLS = 0 (joint latent).
+    N = QUERY_DIM + KEY_COLS + VALUE_COLS; Q (M, QUERY_DIM); KC (max_batch, L, g, R) and
+    VC (max_batch, L, g, RV) through their (batch, group, position) strides; VC unused when
+    VALUE_COLS = 0 (joint latent).
     ROW_BUCKET only keys the autotuner.
     """
     pid_m = tl.program_id(0)
@@ -96,29 +98,17 @@ _project_append_tuned = triton.autotune(configs=_CONFIGS, key=["ROW_BUCKET", "C"
                                                                 "VALUE_COLS"])(_project_append_kernel)
 
 
-def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
-    tensors = {"x": x, "weight": weight, "k_cache": k_cache, "v_cache": v_cache}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must share a device")
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} not supported; allowed {KERNEL_DTYPES}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, T, C), got shape {tuple(x.shape)}")
+def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+    tensors = {"x": x, "weight": weight, "k_cache": k_cache, "v_cache": v_cache} | ({} if bias is None else {"bias": bias})
+    check_tensors(**tensors)
+    check_dtypes(**tensors)
+    check_ndim("x", x, "(B, T, C)")
     B, T, C = x.shape
-    if k_cache.dim() != 4 or v_cache.dim() != 4:
-        raise ValueError(f"k_cache and v_cache must be (max_batch, g, max_seq, dim), "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    max_batch, g, max_seq, r = k_cache.shape
-    if tuple(v_cache.shape[:3]) != (max_batch, g, max_seq):
-        raise ValueError(f"v_cache must be ({max_batch}, {g}, {max_seq}, rv), got {tuple(v_cache.shape)}")
+    check_ndim("k_cache", k_cache, "(max_batch, max_seq, g, r)")
+    check_ndim("v_cache", v_cache, "(max_batch, max_seq, g, rv)")
+    max_batch, max_seq, g, r = k_cache.shape
+    if tuple(v_cache.shape[:3]) != (max_batch, max_seq, g):
+        raise ValueError(f"v_cache must be ({max_batch}, {max_seq}, {g}, rv), got {tuple(v_cache.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last dim")
     if not isinstance(query_dim, int) or query_dim < 0:
@@ -130,31 +120,33 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
         raise ValueError(f"bias must be ({n_out},) or None, got {tuple(bias.shape)}")
     if B > max_batch:
         raise ValueError(f"x has batch {B}, the cache holds max_batch={max_batch}")
-    if isinstance(input_pos, torch.Tensor):
-        if input_pos.dim() != 0 or input_pos.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_pos as a tensor must be a 0-dim int32/int64, got {input_pos.dtype} "
-                             f"shape {tuple(input_pos.shape)}")
-    elif not isinstance(input_pos, int) or isinstance(input_pos, bool):
-        raise TypeError(f"input_pos must be an int or a 0-dim integer tensor, got {type(input_pos).__name__}")
-    elif input_pos < 0 or input_pos + T > max_seq:
-        raise ValueError(f"cache overflow: positions [{input_pos}, {input_pos + T}) do not fit max_seq={max_seq}")
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dim() != 0 or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cache_seqlens as a tensor must be a 0-dim int32/int64, got {cache_seqlens.dtype} "
+                             f"shape {tuple(cache_seqlens.shape)}")
+    elif not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool):
+        raise TypeError(f"cache_seqlens must be an int or a 0-dim integer tensor, got {type(cache_seqlens).__name__}")
+    elif cache_seqlens < 0 or cache_seqlens + T > max_seq:
+        raise ValueError(f"cache overflow: positions [{cache_seqlens}, {cache_seqlens + T}) do not fit "
+                         f"max_seq={max_seq}")
 
 
-def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
+def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     B, T, C = x.shape
     M, N = B * T, weight.shape[0]
     r, rv = k_cache.shape[3], v_cache.shape[3]
-    key_cols, value_cols = k_cache.shape[1] * r, v_cache.shape[1] * rv
+    key_cols, value_cols = k_cache.shape[2] * r, v_cache.shape[2] * rv
     x2 = x.reshape(M, C)
     x2, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, weight))
     q = torch.empty(M, query_dim, device=x.device, dtype=x.dtype)  # (B T, query_dim)
-    from_tensor = isinstance(input_pos, torch.Tensor)
-    pos_tensor = input_pos if from_tensor else q  # unread placeholder when the position is an int
+    from_tensor = isinstance(cache_seqlens, torch.Tensor)
+    pos_tensor = cache_seqlens if from_tensor else q  # unread placeholder when the position is an int
     value_buf = v_cache if value_cols else k_cache  # a joint latent's empty v_cache may have no storage
     args = (x2, weight, weight if bias is None else bias, q, k_cache, value_buf, pos_tensor,
-            0 if from_tensor else input_pos, M, T, C, query_dim, key_cols, value_cols, r, max(rv, 1),
+            0 if from_tensor else cache_seqlens, M, T, C, query_dim, key_cols, value_cols, r, max(rv, 1),
             x2.stride(0), weight.stride(0), max(query_dim, 1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3],
+            k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),  # (batch, group, position)
+            v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
             min(triton.next_power_of_2(M), MAX_ROW_BUCKET))
     meta = dict(HAS_BIAS=bias is not None, POS_FROM_TENSOR=from_tensor, IEEE_DOT=x.dtype == torch.float32)
     if interpreting():
@@ -167,42 +159,44 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, input_p
     return q.view(B, T, query_dim)
 
 
-def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
-    if x.device.type == "cpu" and not interpreting():
-        return project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, input_pos)
-    return _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, input_pos)
+def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+    if not on_kernel_device(x):
+        return project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
+    return _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
 
 
 @torch.library.custom_op("mla_kernels::project_append", mutates_args=("k_cache", "v_cache"))
 def _project_append_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], query_dim: int,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
 ) -> torch.Tensor:
-    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, input_pos)
+    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
 
 
 @_project_append_op.register_fake
-def _(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
+def _(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     return x.new_empty(x.shape[0], x.shape[1], query_dim)  # (B, T, query_dim)
 
 
-def project_append(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
+def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     """y = x weight^T + bias; y's query columns are returned, its latent columns are cached.
 
     x: (B, T, C) float16 / bfloat16 / float32, the new tokens of each row.
     weight: (query_dim + g r + g rv, C), bias: (same,) or None; the output columns are
       [q' (query_dim) | c^k (g r, group-major) | c^v (g rv)], rv = 0 for a joint latent.
-    k_cache: (max_batch, g, max_seq, r), v_cache: (max_batch, g, max_seq, rv), the storage
-      of a `LatentKVCache` (rv = 0 when joint); all in x's dtype, on x's device.
-    input_pos: position of the first new token, the same for every row: an int (checked
-      against max_seq), or a 0-dim integer tensor on the device (not checked: that would
-      synchronize; static-shape decode steps and CUDA graphs pass it this way).
-    Writes c^k[b, :, input_pos + t] and c^v[b, :, input_pos + t] for b < B, t < T, nothing
-    else. Returns q' (B, T, query_dim). On CPU tensors without TRITON_INTERPRET=1 it runs
+    k_cache: (max_batch, max_seq, g, r), v_cache: (max_batch, max_seq, g, rv), rv = 0 when
+      joint: the layout `latent_decode` reads, any strides but a contiguous last dim (a
+      `LatentKVCache`'s `.k` / `.v`); in x's dtype, on x's device.
+    cache_seqlens: tokens already in each row's cache, the same for every row, so the new
+      tokens go to positions cache_seqlens, cache_seqlens + 1, ...: an int (checked against
+      max_seq), or a 0-dim integer tensor on the device (not checked: that would synchronize;
+      static-shape decode steps and CUDA graphs pass it this way).
+    Writes k_cache[b, cache_seqlens + t] and v_cache[b, cache_seqlens + t] for b < B, t < T,
+    nothing else. Returns q' (B, T, query_dim). On CPU tensors without TRITON_INTERPRET=1 it runs
     `mla_kernels.reference.project_append_ref` instead.
     """
-    _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, input_pos)
+    _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
     if torch.compiler.is_compiling():
-        pos = input_pos if isinstance(input_pos, torch.Tensor) else torch.tensor(input_pos, device=x.device)
+        pos = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.tensor(cache_seqlens, device=x.device)
         return torch.ops.mla_kernels.project_append(x, weight, bias, query_dim, k_cache, v_cache, pos)
-    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, input_pos)
+    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)

@@ -22,30 +22,74 @@ inside the kernels and masked.
 Where the kernels run: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the Triton
 interpreter, used by the tests). Everywhere else (CPU without the interpreter, float64)
 both entry points fall back to `mla_kernels.reference`, which autograd differentiates.
-Triton is imported only when a kernel is launched, so this module imports on any machine.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import types
 
 import torch
+import triton
+import triton.language as tl
 from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
 from mla_kernels import reference
-from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, autocast_inputs, interpreting, tile_dim
+from mla_kernels._dispatch import (KERNEL_DTYPES, autocast_inputs, check_dtypes, check_ndim, check_tensors,
+                                   interpreting, on_kernel_device, traced_or_eager)
+from mla_kernels._tiles import LOG2E, tile_dim
 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
-tl = None  # triton.language, bound by `_kernels()` on the first launch
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs the reference
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+
+# ----------------------------------------------------------------------------- tiles
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune candidates on the GPU, per kernel, in order
+# of preference; the last of each fits head dim 256.
+GPU_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+}
+# The interpreter runs one small config, BLOCK_M != BLOCK_N on purpose so the tests cover
+# unequal tiles (the dK/dV kernel tiles the other way round).
+INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+
+def _autotuning():
+    """MLA_ATTENTION_AUTOTUNE=0 skips the search: the first candidate that fits is used
+    (saves compile time where many shapes run once, as in the GPU correctness check).
+    A shape first seen inside a CUDA-graph capture also takes the first candidate."""
+    return os.environ.get("MLA_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _configs(kind):
+    shapes = [INTERPRETER_CONFIGS[kind]] if interpreting() else GPU_CONFIGS[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles too large for shared memory / registers at wide head dims (autotune hook)."""
+    args = {**named_args, **kwargs}
+    widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
+    limit = 64 * 64 if widest >= 256 else (64 * 128 if widest >= 128 else 128 * 128)
+    if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
+        limit = 64 * 32
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
+    # a search inside a CUDA-graph capture would launch its timing runs into the graph
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    searching = _autotuning() and not capturing
+    return kept if searching else kept[:1]
 
 
 # ----------------------------------------------------------------------------- kernels
-# Plain functions here, decorated with triton.jit by `_kernels()` on first use.
 
+
+@triton.jit
 def _load_tile(base, rows, cols, stride_row, n_rows, n_cols,
                CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """(len(rows), len(cols)) tile of a row-major matrix whose last dim is contiguous."""
@@ -60,6 +104,8 @@ def _load_tile(base, rows, cols, stride_row, n_rows, n_cols,
         x = tl.load(ptrs)
     return x
 
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
                lo, hi, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
                DK_IN: tl.constexpr, DV_IN: tl.constexpr,
@@ -86,6 +132,10 @@ def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
         m_i = m_new
     return acc, l_i, m_i
 
+
+@triton.autotune(_configs("fwd"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DO_P", "DK_P", "DV_P", "EXPAND"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
 def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
                 swkh, swkr, swvh, swvr, sob, sot, soh,
@@ -136,6 +186,8 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_do[None, :] < DO))
     tl.store(LSE + bh * Tq + offs_m, (m_i + tl.math.log2(l_i)) * LN2_C, mask=offs_m < Tq)
 
+
+@triton.jit
 def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
                     DV: tl.constexpr, DV_P: tl.constexpr, HAS_DLSE: tl.constexpr,
                     BLOCK_M: tl.constexpr):
@@ -152,6 +204,8 @@ def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
         delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
 
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     lo, hi, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
                     DQ: tl.constexpr, DV: tl.constexpr, EVEN_DQ: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -178,6 +232,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
+
+@triton.autotune(_configs("dkdv"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P", "REP"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                      sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
@@ -230,6 +288,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
     tl.store(DV_ + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
              dv.to(DV_.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
 
+
+@triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                   lo, hi, q_pos, offs_n, offs_dq, offs_dv, Tk, qk_scale,
                   DQ: tl.constexpr, DV: tl.constexpr, EVEN_DQ: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -249,6 +309,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
+
+@triton.autotune(_configs("dq"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
                    Tq, Tk, NH, REP, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
@@ -285,77 +349,6 @@ def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
     tl.store(DQ_ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_dq[None, :],
              dq.to(DQ_.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_dq[None, :] < DQ))
 
-@functools.cache
-def _kernels():
-    """Import Triton and decorate the kernels above, once, on the first launch.
-
-    Deferred so that importing this module needs no Triton and so that TRITON_INTERPRET is
-    read when the kernels are first used, not when the module is imported. The kernels look
-    each other and `tl` up in this module's globals, so they are rebound here.
-    """
-    import triton
-    import triton.language
-
-    g = globals()
-    g["tl"] = triton.language
-    g["LOG2E_C"] = triton.language.constexpr(LOG2E)
-    g["LN2_C"] = triton.language.constexpr(LN2)
-    for name in ("_load_tile", "_fwd_inner", "_bwd_dkdv_inner", "_bwd_dq_inner", "_bwd_preprocess"):
-        g[name] = triton.jit(g[name])
-
-    ns = dict(_bwd_preprocess=g["_bwd_preprocess"], cdiv=triton.cdiv)
-    prune = {"early_config_prune": _prune}
-    ns["_fwd_kernel"] = triton.autotune(
-        _configs(triton, "fwd"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DO_P", "DK_P", "DV_P", "EXPAND"],
-        prune_configs_by=prune)(triton.jit(_fwd_kernel))
-    ns["_bwd_dkdv_kernel"] = triton.autotune(
-        _configs(triton, "dkdv"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P", "REP"], prune_configs_by=prune,
-    )(triton.jit(_bwd_dkdv_kernel))
-    ns["_bwd_dq_kernel"] = triton.autotune(
-        _configs(triton, "dq"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P"], prune_configs_by=prune,
-    )(triton.jit(_bwd_dq_kernel))
-    return types.SimpleNamespace(**ns)
-
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune candidates on the GPU, per kernel, in order
-# of preference; the last of each fits head dim 256.
-GPU_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-}
-# The interpreter runs one small config, BLOCK_M != BLOCK_N on purpose so the tests cover
-# unequal tiles (the dK/dV kernel tiles the other way round).
-INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-
-
-
-
-def _autotuning():
-    """MLA_ATTENTION_AUTOTUNE=0 skips the search: the first candidate that fits is used
-    (saves compile time where many shapes run once, as in the GPU correctness check).
-    A shape first seen inside a CUDA-graph capture also takes the first candidate."""
-    return os.environ.get("MLA_ATTENTION_AUTOTUNE", "1") != "0"
-
-
-def _configs(triton, kind):
-    shapes = [INTERPRETER_CONFIGS[kind]] if interpreting() else GPU_CONFIGS[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles too large for shared memory / registers at wide head dims (autotune hook)."""
-    args = {**named_args, **kwargs}
-    widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
-    limit = 64 * 64 if widest >= 256 else (64 * 128 if widest >= 128 else 128 * 128)
-    if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
-        limit = 64 * 32
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
-    # a search inside a CUDA-graph capture would launch its timing runs into the graph
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    searching = _autotuning() and not capturing
-    return kept if searching else kept[:1]
 
 def _length_buckets(Tq, Tk):
     """Autotune keys: lengths rounded up to a power of two (the kernels never read them).
@@ -385,7 +378,6 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
       w_uk (nh, r, Dq), w_uv (nh, rv, Dv).
     Returns out (B, Tq, nh, Dv) in q's dtype and lse (B, nh, Tq) float32 (natural log).
     """
-    kern = _kernels()
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     B, Tq, nh, dq = q.shape
     Tk, g, dk_in = k.shape[1], k.shape[2], k.shape[3]
@@ -400,8 +392,8 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
         wk_args = (q, q, 0, 0, 0, 0)
     out = torch.empty(B, Tq, nh, d_out, device=q.device, dtype=q.dtype)  # (B, Tq, nh, Dv)
     lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)  # (B, nh, Tq)
-    grid = lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)  # noqa: E731
-    wrap_triton(kern._fwd_kernel)[grid](
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)  # noqa: E731
+    wrap_triton(_fwd_kernel)[grid](
         q, k, v, wk_args[0], wk_args[1], out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *wk_args[2:],
@@ -421,7 +413,6 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     lse (B, nh, Tq) float32; dlse: optional gradient of lse (B, nh, Tq).
     Returns dq, dk, dv in the dtypes of q, k, v (dk / dv summed over each group's heads).
     """
-    kern = _kernels()
     q, k, v, out, do = (_last_contig(t) for t in (q, k, v, out, do))
     B, Tq, nh, dq_dim = q.shape
     Tk, g, dv_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -430,7 +421,7 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     pre_block = 64
     has_dlse = dlse is not None
     dlse_arg = dlse.float().contiguous() if has_dlse else delta
-    wrap_triton(kern._bwd_preprocess)[(kern.cdiv(Tq, pre_block), B * nh)](
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(Tq, pre_block), B * nh)](
         out, do, dlse_arg, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), Tq, nh,
         DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
@@ -442,12 +433,12 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=tile_dim(dq_dim), DV_P=tile_dim(dv_dim), PREC=_prec(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    wrap_triton(kern._bwd_dkdv_kernel)[lambda meta: (kern.cdiv(Tk, meta["BLOCK_N"]), B * g)](
+    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * g)](
         q, k, v, do, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Tq, Tk, nh, g, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
-    wrap_triton(kern._bwd_dq_kernel)[lambda meta: (kern.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
+    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
@@ -605,34 +596,9 @@ class _EagerMLAExpanded(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public API
 
 
-def _use_kernels(*tensors):
-    """Kernels on CUDA, or on CPU under the Triton interpreter; reference elsewhere."""
-    t = tensors[0]
-    on_device = t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
-    return on_device and t.dtype in KERNEL_DTYPES
-
-
-def _check_tensor(name, t, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-
-
 def _check_head_dim(name, d):
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"{name} head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-
-
-def _check_common(tensors, names):
-    ref = tensors[0]
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from {names[0]} dtype {ref.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device}, {names[0]} on {ref.device}; all must share a device")
 
 
 def _resolve_offset(q_offset, Tq, Tk):
@@ -660,10 +626,11 @@ def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False
     logsumexp (B, nh, Tq) float32 of the scaled, masked scores. Differentiable in q, k, v
     (dk, dv summed over the heads of each group) and through lse.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4)
+    check_tensors(q=q, k=k, v=v)
+    for name, t, layout in (("q", q, "(B, Tq, nh, Dqk)"), ("k", k, "(B, Tk, g, Dqk)"), ("v", v, "(B, Tk, g, Dv)")):
+        check_ndim(name, t, layout)
     q, k, v = autocast_inputs(q, k, v)
-    _check_common((q, k, v), ("q", "k", "v"))
+    check_dtypes(FLOAT_DTYPES, q=q, k=k, v=v)
     B, Tq, nh, dqk = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
@@ -680,9 +647,8 @@ def flash_attention(q, k, v, softmax_scale=None, q_offset=None, return_lse=False
     q_offset = _resolve_offset(q_offset, Tq, Tk)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(dqk)
-    if _use_kernels(q):
-        op = _flash_fwd_op if torch.compiler.is_compiling() else _EagerFlashAttention.apply
-        out, lse = op(q, k, v, float(softmax_scale), q_offset)
+    if on_kernel_device(q) and q.dtype in KERNEL_DTYPES:
+        out, lse = traced_or_eager(_flash_fwd_op, _EagerFlashAttention.apply)(q, k, v, float(softmax_scale), q_offset)
     else:
         out, lse = reference.attention_ref(q, k, v, softmax_scale, q_offset)
     return (out, lse) if return_lse else out
@@ -699,12 +665,12 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     Returns out (B, Tq, nh, hs) (and lse (B, nh, Tq) with return_lse=True). Differentiable in
     all five tensors; the backward (first version) expands K / V in device memory.
     """
-    names = ("q", "c_k", "c_v", "w_uk", "w_uv")
-    tensors = (q, c_k, c_v, w_uk, w_uv)
-    for name, t, nd in zip(names, tensors, (4, 4, 4, 3, 3)):
-        _check_tensor(name, t, nd)
-    q, c_k, c_v, w_uk, w_uv = tensors = autocast_inputs(*tensors)
-    _check_common(tensors, names)
+    check_tensors(q=q, c_k=c_k, c_v=c_v, w_uk=w_uk, w_uv=w_uv)
+    for name, t, layout in (("q", q, "(B, Tq, nh, hs)"), ("c_k", c_k, "(B, Tk, g, r)"), ("c_v", c_v, "(B, Tk, g, rv)"),
+                            ("w_uk", w_uk, "(nh, r, hs)"), ("w_uv", w_uv, "(nh, rv, hs)")):
+        check_ndim(name, t, layout)
+    q, c_k, c_v, w_uk, w_uv = autocast_inputs(q, c_k, c_v, w_uk, w_uv)
+    check_dtypes(FLOAT_DTYPES, q=q, c_k=c_k, c_v=c_v, w_uk=w_uk, w_uv=w_uv)
     B, Tq, nh, hs = q.shape
     Tk, g, r = c_k.shape[1:]
     rv = c_v.shape[3]
@@ -721,9 +687,8 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     q_offset = _resolve_offset(q_offset, Tq, Tk)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(hs)
-    if _use_kernels(q):
-        op = _mla_expanded_fwd_op if torch.compiler.is_compiling() else _EagerMLAExpanded.apply
-        out, lse = op(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
+    if on_kernel_device(q) and q.dtype in KERNEL_DTYPES:
+        out, lse = traced_or_eager(_mla_expanded_fwd_op, _EagerMLAExpanded.apply)(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
     else:
         out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
     return (out, lse) if return_lse else out

@@ -13,9 +13,10 @@ class LatentKVCache(nn.Module):
     key_dim = value_dim = head_size (its K and V themselves).
     Rows are written by `update` in place; nothing grows by concatenation.
 
-    Storage is group-major, (max_batch, n_groups, max_seq, dim), handed out as (B, T, g, dim)
-    views: the decode kernel's program for one (row, group) then streams one contiguous block
-    of latents instead of dim-wide pieces strided by n_groups * dim.
+    Storage is group-major, (max_batch, n_groups, max_seq, dim), handed out as (batch, seqlen,
+    g, dim) views (`k`, `v`), the layout every op of this package takes: the decode kernel's
+    program for one (row, group) then streams one contiguous block of latents instead of
+    dim-wide pieces strided by n_groups * dim.
     """
 
     def __init__(self, max_batch, max_seq, n_groups, key_dim, value_dim=None, *, dtype, device):
@@ -36,6 +37,16 @@ class LatentKVCache(nn.Module):
                              persistent=False)
 
     @property
+    def k(self):
+        """(max_batch, max_seq, n_groups, key_dim) view of the key latents."""
+        return self.k_cache.transpose(1, 2)
+
+    @property
+    def v(self):
+        """(max_batch, max_seq, n_groups, value_dim) view of the value latents (value_dim 0 when joint)."""
+        return self.v_cache.transpose(1, 2)
+
+    @property
     def nbytes(self):
         """Bytes the cache holds: every preallocated slot, keys and values."""
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
@@ -45,7 +56,7 @@ class LatentKVCache(nn.Module):
         """Bytes one cached position of one sequence takes."""
         return self.nbytes // (self.max_batch * self.max_seq)
 
-    def project_update(self, input_pos, x, weight, bias, query_dim):
+    def project_update(self, cache_seqlens, x, weight, bias, query_dim):
         """Project the new tokens and write their latents in one kernel (`mla_kernels.append`).
 
         x: (B, T, C); weight: (query_dim + g key_dim + g value_dim, C), bias: (same,) or None,
@@ -54,47 +65,48 @@ class LatentKVCache(nn.Module):
         """
         from mla_kernels.append import project_append
 
-        q = project_append(x, weight, bias, query_dim, self.k_cache, self.v_cache, input_pos)
-        return (q, *self._filled(x.shape[0], x.shape[1], input_pos))
+        q = project_append(x, weight, bias, query_dim, self.k, self.v, cache_seqlens)
+        return (q, *self._filled(x.shape[0], x.shape[1], cache_seqlens))
 
-    def _filled(self, B, T, input_pos):
-        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor input_pos."""
-        end = self.max_seq if isinstance(input_pos, torch.Tensor) else input_pos + T
-        k = self.k_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, key_dim)
-        v = None if self.joint else self.v_cache[:B, :, :end].transpose(1, 2)  # (B, end, g, value_dim)
-        return k, v
+    def _filled(self, B, T, cache_seqlens):
+        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor cache_seqlens."""
+        end = self.max_seq if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens + T
+        return self.k[:B, :end], None if self.joint else self.v[:B, :end]  # (B, end, g, dim) each
 
-    def update(self, input_pos, k_new, v_new=None):
-        """Write the latents of new tokens at positions input_pos.. and return the cache.
+    def update(self, cache_seqlens, k_new, v_new=None):
+        """Write the latents of new tokens at positions cache_seqlens.. and return the cache.
 
-        input_pos: position of the first new token (same for every row), an int, or a 0-dim
-          integer tensor on the cache's device for static-shape decode steps (CUDA graphs).
+        cache_seqlens: tokens already in each row's cache (the same for every row), where the
+          first new token goes: an int, or a 0-dim integer tensor on the cache's device for
+          static-shape decode steps (CUDA graphs).
         k_new: (B, T, n_groups, key_dim); v_new: (B, T, n_groups, value_dim), None when joint.
-        Returns (k, v): with an int input_pos, views (B, input_pos + T, n_groups, dim) of the
-        filled prefix; with a tensor, the whole buffers (B, max_seq, n_groups, dim), whose
-        valid length the caller passes on as cache_seqlens. v is None when joint.
-        A tensor input_pos is not range-checked (that would synchronize with the device).
+        Returns (k, v): with an int cache_seqlens, views (B, cache_seqlens + T, n_groups, dim) of
+        the filled prefix; with a tensor, the whole buffers (B, max_seq, n_groups, dim), whose
+        valid length (cache_seqlens + T) the caller passes on to `latent_decode`. v is None when
+        joint.
+        A tensor cache_seqlens is not range-checked (that would synchronize with the device).
         """
         B, T = k_new.shape[:2]
-        static = isinstance(input_pos, torch.Tensor)
-        if not static and (input_pos < 0 or input_pos + T > self.max_seq):
+        static = isinstance(cache_seqlens, torch.Tensor)
+        if not static and (cache_seqlens < 0 or cache_seqlens + T > self.max_seq):
             raise ValueError(
-                f"cache overflow: positions [{input_pos}, {input_pos + T}) do not fit max_seq={self.max_seq}"
+                f"cache overflow: positions [{cache_seqlens}, {cache_seqlens + T}) do not fit max_seq={self.max_seq}"
             )
         if B > self.max_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         if (v_new is None) != self.joint:
             raise ValueError(f"v_new must be {'None' if self.joint else 'given'} for this cache")
-        positions = input_pos + torch.arange(T, device=k_new.device) if static else slice(input_pos, input_pos + T)
-        for name, new, buf in (("k_new", k_new, self.k_cache), ("v_new", v_new, self.v_cache)):
+        positions = (cache_seqlens + torch.arange(T, device=k_new.device) if static
+                     else slice(cache_seqlens, cache_seqlens + T))
+        for name, new, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
             if new is None:
                 continue
             if new.dtype != buf.dtype or new.device != buf.device:
                 raise ValueError(
                     f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"
                 )
-            expected = (B, T, buf.shape[1], buf.shape[3])
+            expected = (B, T, buf.shape[2], buf.shape[3])
             if tuple(new.shape) != expected:
                 raise ValueError(f"{name} must be {expected}, got {tuple(new.shape)}")
-            buf[:B, :, positions] = new.transpose(1, 2)
-        return self._filled(B, T, input_pos)
+            buf[:B, positions] = new
+        return self._filled(B, T, cache_seqlens)

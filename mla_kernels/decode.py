@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_kernels._tiles import KERNEL_DTYPES, LOG2E, interpreting, tile_dim
+from mla_kernels._dispatch import check_dtypes, check_ndim, check_tensors, interpreting, on_kernel_device, traced_or_eager
+from mla_kernels._tiles import LOG2E, tile_dim
 from mla_kernels.reference import latent_decode_ref
 
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned logsumexp
@@ -248,16 +249,10 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
 
 
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):
-    tensors = {"q_lat": q_lat, "cache_k": cache_k, "cache_seqlens": cache_seqlens}
-    if cache_v is not None:
-        tensors["cache_v"] = cache_v
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q_lat.dim() != 4:
-        raise ValueError(f"q_lat must be (B, Tq, nh, r), got shape {tuple(q_lat.shape)}")
-    if cache_k.dim() != 4:
-        raise ValueError(f"cache_k must be (B, L, g, r), got shape {tuple(cache_k.shape)}")
+    latents = {"q_lat": q_lat, "cache_k": cache_k} | ({} if cache_v is None else {"cache_v": cache_v})
+    check_tensors(**latents, cache_seqlens=cache_seqlens)
+    check_ndim("q_lat", q_lat, "(B, Tq, nh, r)")
+    check_ndim("cache_k", cache_k, "(B, L, g, r)")
     B, Tq, nh, r = q_lat.shape
     Bk, L, g, rk = cache_k.shape
     if Bk != B or rk != r:
@@ -274,19 +269,11 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
             raise ValueError(f"{name} is {d}; allowed {MIN_LATENT_DIM}..{MAX_LATENT_DIM}")
     if Tq < 1:
         raise ValueError(f"q_lat needs at least one query (Tq >= 1), got Tq={Tq}")
-    if q_lat.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q_lat dtype {q_lat.dtype} not supported; allowed {KERNEL_DTYPES}")
-    for name in ("cache_k", "cache_v"):
-        t = tensors.get(name)
-        if t is not None and t.dtype != q_lat.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from q_lat dtype {q_lat.dtype}")
+    check_dtypes(**latents)
     if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be ({B},), got shape {tuple(cache_seqlens.shape)}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cache_seqlens dtype must be int32 or int64, got {cache_seqlens.dtype}")
-    for name, t in tensors.items():
-        if t.device != q_lat.device:
-            raise ValueError(f"{name} is on {t.device} but q_lat is on {q_lat.device}: all must share a device")
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
@@ -363,7 +350,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
 
 
 def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
-    if q_lat.device.type == "cpu" and not interpreting():
+    if not on_kernel_device(q_lat):
         out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
         return out, lse.to(torch.float32)
     return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
@@ -409,7 +396,4 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     decode step), where a sync per layer and token would stall the launch queue.
     """
     _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens)
-    # torch.compile traces the custom op; eager calls skip its dispatcher (~0.15 ms a call on the
-    # H200 for the attention ops, bench/NOTES.md), a cost paid per layer and token
-    op = torch.ops.mla_kernels.latent_decode if torch.compiler.is_compiling() else _latent_decode_impl
-    return op(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)
+    return traced_or_eager(_latent_decode_op, _latent_decode_impl)(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)

@@ -111,26 +111,26 @@ def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale):
     return torch.cat(outs), torch.cat(lses)
 
 
-def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, input_pos):
+def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     """y = x weight^T + bias split into [q' | c^k | c^v]; the latents are written into the cache.
 
     x: (B, T, C); weight: (query_dim + g r + g rv, C); bias: (same,) or None;
-    k_cache: (max_batch, g, max_seq, r), v_cache: (max_batch, g, max_seq, rv), rv = 0 for a
-    joint latent (group-major storage, as `LatentKVCache` keeps it); input_pos: an int or
-    a 0-dim integer tensor, the position of token 0. Writes k_cache[:B, :, input_pos + t]
-    and v_cache likewise, in the caches' dtype. Returns q' (B, T, query_dim) in x's dtype.
+    k_cache: (max_batch, max_seq, g, r), v_cache: (max_batch, max_seq, g, rv), rv = 0 for a
+    joint latent; cache_seqlens: an int or a 0-dim integer tensor, the tokens already cached
+    (token 0 goes to that position). Writes k_cache[:B, cache_seqlens + t] and v_cache
+    likewise, in the caches' dtype. Returns q' (B, T, query_dim) in x's dtype.
     """
     B, T, _ = x.shape
-    g, r, rv = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+    g, r, rv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
     cdt = _compute_dtype(x.dtype)
     y = x.to(cdt) @ weight.to(cdt).T  # (B, T, N)
     if bias is not None:
         y = y + bias.to(cdt)
     q, c_k, c_v = y.split([query_dim, g * r, g * rv], dim=-1)
-    positions = int(input_pos) + torch.arange(T, device=x.device)
-    k_cache[:B, :, positions] = c_k.reshape(B, T, g, r).transpose(1, 2).to(k_cache.dtype)
+    positions = int(cache_seqlens) + torch.arange(T, device=x.device)
+    k_cache[:B, positions] = c_k.reshape(B, T, g, r).to(k_cache.dtype)
     if rv:
-        v_cache[:B, :, positions] = c_v.reshape(B, T, g, rv).transpose(1, 2).to(v_cache.dtype)
+        v_cache[:B, positions] = c_v.reshape(B, T, g, rv).to(v_cache.dtype)
     return q.to(x.dtype)
 
 

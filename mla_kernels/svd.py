@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import interpreting, tile_dim
+from mla_kernels._dispatch import on_kernel_device
+from mla_kernels._tiles import tile_dim
 from .reference import randomized_svd_ref
 
 _DOT_PRECISION = "tf32x3"  # three TF32 products per float32 product: ~float32 accuracy on tensor cores
@@ -338,14 +339,10 @@ def _validate(A, rank, oversample, n_iter, name, check_finite):
         raise ValueError(f"{name} must be finite, got NaN or inf entries ({name} of shape {tuple(A.shape)})")
 
 
-def _use_triton(A):
-    return A.is_cuda or interpreting()
-
-
 def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=True):
     _validate(A, rank, oversample, n_iter, name, check_finite)
     *batch_shape, m, n = A.shape
-    if not _use_triton(A):
+    if not on_kernel_device(A):
         U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator)
         return U.float(), S.float(), Vh.float()
     l = min(rank + oversample, m, n)

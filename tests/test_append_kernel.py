@@ -12,7 +12,7 @@ from mla_kernels.reference import project_append_ref
 
 MAX_BATCH, MAX_SEQ = 4, 40  # the cache has room for more rows and positions than a step writes
 
-# (B, T, C, query_dim, g, r, rv, bias, input_pos): rv 0 is a joint latent; C and dims off the tile sizes
+# (B, T, C, query_dim, g, r, rv, bias, cache_seqlens): rv 0 is a joint latent; C and dims off the tile sizes
 CASES = [
     (3, 1, 40, 12 * 8, 12, 8, 8, True, 7),  # decode step, g = nh (no grouping)
     (2, 5, 72, 4 * 24, 2, 24, 24, False, 0),  # a chunk written from position 0
@@ -34,8 +34,9 @@ def _inputs(B, T, C, qd, g, r, rv, bias, dtype):
     x = torch.randn(B, T, C, dtype=dtype)  # (B, T, C)
     weight = (torch.randn(n_out, C) / C ** 0.5).to(dtype)  # (N, C)
     b = torch.randn(n_out, dtype=dtype) if bias else None
-    k_cache = torch.full((MAX_BATCH, g, MAX_SEQ, r), float("nan"), dtype=dtype)  # poisoned
-    v_cache = torch.full((MAX_BATCH, g, MAX_SEQ, rv), float("nan"), dtype=dtype)
+    # poisoned, and group-major in memory as LatentKVCache stores them: (max_batch, max_seq, g, dim) views
+    k_cache = torch.full((MAX_BATCH, g, MAX_SEQ, r), float("nan"), dtype=dtype).transpose(1, 2)
+    v_cache = torch.full((MAX_BATCH, g, MAX_SEQ, rv), float("nan"), dtype=dtype).transpose(1, 2)
     return x, weight, b, k_cache, v_cache
 
 
@@ -52,14 +53,14 @@ def test_matches_reference_and_writes_only_new_slots(case, tensor_pos, dtype):
     k_ref, v_ref = k_cache.double(), v_cache.double()
     q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref, pos)
 
-    input_pos = torch.tensor(pos) if tensor_pos else pos
-    q = project_append(x, weight, b, qd, k_cache, v_cache, input_pos)
+    cache_seqlens = torch.tensor(pos) if tensor_pos else pos
+    q = project_append(x, weight, b, qd, k_cache, v_cache, cache_seqlens)
     atol, rtol = TOLS[dtype]
     assert q.shape == (B, T, qd) and q.dtype == dtype
     _assert_close(q, q_ref, atol, rtol, "query columns")
     _assert_close(k_cache, k_ref, atol, rtol, "key latent cache")  # NaN everywhere it was not written
     _assert_close(v_cache, v_ref, atol, rtol, "value latent cache")
-    written = k_cache[:B, :, pos : pos + T]
+    written = k_cache[:B, pos : pos + T]
     assert not written.isnan().any(), "a new slot was not written"
     assert k_cache.isnan().sum() == k_cache.numel() - written.numel(), "a slot outside the new tokens was written"
 
@@ -84,20 +85,20 @@ def test_cache_method_returns_prefix_views_like_update():
 def _valid_args():
     g, r, rv, qd, C = 2, 16, 16, 32, 24
     return dict(x=torch.randn(2, 1, C), weight=torch.randn(qd + g * (r + rv), C), bias=None, query_dim=qd,
-                k_cache=torch.zeros(2, g, 8, r), v_cache=torch.zeros(2, g, 8, rv), input_pos=3)
+                k_cache=torch.zeros(2, 8, g, r), v_cache=torch.zeros(2, 8, g, rv), cache_seqlens=3)
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(input_pos=8), ValueError, r"cache overflow: positions \[8, 9\) do not fit max_seq=8"),
-    (dict(input_pos=-1), ValueError, "cache overflow"),
-    (dict(input_pos=2.0), TypeError, "input_pos must be an int or a 0-dim integer tensor, got float"),
-    (dict(input_pos=torch.tensor([3])), ValueError, "0-dim"),
+    (dict(cache_seqlens=8), ValueError, r"cache overflow: positions \[8, 9\) do not fit max_seq=8"),
+    (dict(cache_seqlens=-1), ValueError, "cache overflow"),
+    (dict(cache_seqlens=2.0), TypeError, "cache_seqlens must be an int or a 0-dim integer tensor, got float"),
+    (dict(cache_seqlens=torch.tensor([3])), ValueError, "0-dim"),
     (dict(weight=torch.randn(90, 24)), ValueError, r"weight must be .* = \(96, 24\), got \(90, 24\)"),
     (dict(bias=torch.randn(95)), ValueError, r"bias must be \(96,\)"),
     (dict(x=torch.randn(3, 1, 24)), ValueError, "batch 3, the cache holds max_batch=2"),
     (dict(x=torch.randn(2, 1, 24, dtype=torch.float64)), TypeError, "x dtype torch.float64 not supported"),
-    (dict(k_cache=torch.zeros(2, 2, 8, 16, dtype=torch.float16)), TypeError, "k_cache dtype torch.float16 differs"),
-    (dict(v_cache=torch.zeros(2, 2, 7, 16)), ValueError, r"v_cache must be \(2, 2, 8, rv\)"),
+    (dict(k_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), TypeError, "k_cache dtype torch.float16 differs"),
+    (dict(v_cache=torch.zeros(2, 7, 2, 16)), ValueError, r"v_cache must be \(2, 8, 2, rv\)"),
     (dict(query_dim=-1), ValueError, "query_dim must be an int >= 0, got -1"),
 ], ids=["pos-past-end", "pos-negative", "pos-float", "pos-1d", "weight-rows", "bias-shape", "batch",
         "x-dtype", "cache-dtype", "cache-shapes", "query-dim"])

@@ -1,0 +1,73 @@
+"""What every op of this package decides the same way.
+
+Where an op runs (`on_kernel_device`), how its tensor arguments are checked (`check_tensors`,
+`check_dtypes`, `check_ndim`), how autocast reaches it (`autocast_inputs`), and which path a
+call takes (`traced_or_eager`: the registered op while torch.compile traces, the launcher
+itself otherwise). The kernel files keep their own shape rules and their kernels.
+"""
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting():
+    """True when TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_kernel_device(t):
+    """True where the Triton kernels can run for t: a CUDA tensor, or a CPU one under the
+    interpreter. Elsewhere each op runs its reference from `mla_kernels.reference`."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
+
+
+def check_tensors(**named):
+    """Each argument is a torch.Tensor, all on the first one's device."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: all must share a device")
+
+
+def check_dtypes(allowed=KERNEL_DTYPES, **named):
+    """The first argument's dtype is one of `allowed`, and every other argument has it too."""
+    first_name, first = next(iter(named.items()))
+    if first.dtype not in allowed:
+        raise TypeError(f"{first_name} dtype {first.dtype} not supported; allowed {allowed}")
+    for name, t in named.items():
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {first_name} dtype {first.dtype}")
+
+
+def check_ndim(name, t, layout):
+    """t has as many dims as `layout` names, e.g. layout "(B, T, nh, D)"."""
+    if t.dim() != layout.count(",") + 1:
+        raise ValueError(f"{name} must have {layout.count(',') + 1} dims {layout}, got shape {tuple(t.shape)}")
+
+
+def autocast_inputs(*tensors):
+    """The tensors as a matmul-like op sees them under autocast on their device.
+
+    Inside `torch.autocast(device_type, dtype)`, PyTorch's own attention and matmul cast every
+    floating input except float64 to `dtype`; the kernels' entry points do the same, so a
+    float32 weight meets a bfloat16 activation as it would in `F.linear`. The casts are
+    differentiable: gradients reach float32 parameters in float32. Outside autocast the
+    tensors are returned unchanged.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
+def traced_or_eager(op, eager):
+    """`op` (the registered torch.library op) while torch.compile traces, so the graph holds
+    it whole; `eager` (the launcher) otherwise, skipping the dispatcher's cost (~0.15 ms a call
+    on the H200, bench/NOTES.md), paid per layer and token."""
+    return op if torch.compiler.is_compiling() else eager
