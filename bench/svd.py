@@ -3,29 +3,35 @@
 For each (batch, m, n, rank): median time (ms) of each provider and the relative
 reconstruction error ||A - U S Vh||_F / ||A||_F of the rank-`rank` result, next to the
 optimal (known: A is built with prescribed singular values). Float32 correctness of the
-kernels against the float64 reference comes first. Then the MLA layer's forward+backward
-with use_svd in each mode against none, if mla_gpt's MultiHeadLatentAttention is there.
+kernels against the float64 reference comes first. Then, on a GPU, where the time of the
+kernels goes (breakdown), and the MLA layer's forward+backward with use_svd in each mode
+against none.
 
-    PYTHONPATH=. python bench/svd.py --out bench/results
-writes svd_results.json, svd_results.csv and svd_results.png (GPU name, torch and
-triton versions inside).
+    python bench/svd.py [--out PATH.json]
+
+Rows (key `table`): correctness, shape, breakdown, model; <stem>.csv holds the shape and
+model rows, <stem>.png the times. Without a GPU it runs small shapes (the kernels through
+Triton's interpreter when TRITON_INTERPRET=1, else their reference) and no breakdown: the
+numbers need a GPU.
 """
 import argparse
-import csv
 import json
-import os
 import time
 import traceback
 
+import harness  # first: it puts the repository root on sys.path
 import torch
-import triton
 
 from mla_kernels import svd
 from mla_kernels.reference import randomized_svd_ref
 
-SHAPES = [(96, 1024, 64, 16), (12, 4096, 128, 32), (1, 4096, 4096, 256), (1, 4096, 4096, 32)]
+GPU_SHAPES = [(96, 1024, 64, 16), (12, 4096, 128, 32), (1, 4096, 4096, 256), (1, 4096, 4096, 32)]
+CPU_SHAPES = [(4, 128, 32, 8), (1, 256, 256, 16)]
+CHECK_ONLY_SHAPE = (3, 77, 48, 8)  # off the tile sizes, checked but not timed
+BF16_MAX_ELEMENTS = 1 << 20  # bf16 inputs are checked on matrices up to this size
 OVERSAMPLE, N_ITER = 8, 2
 SLOW_MS = 250  # calls slower than this (torch.linalg.svd of 4096 x 4096) are timed once
+GPU_MODEL_SHAPE, CPU_MODEL_SHAPE = (16, 1024, 768, 12), (2, 64, 128, 4)  # (B, T, C, nh) of the MLA layer
 
 
 def make_matrix(batch, m, n, device, seed):
@@ -43,26 +49,22 @@ def rel_error(A, U, S, Vh):
     return float((torch.linalg.matrix_norm(A.double() - approx) / torch.linalg.matrix_norm(A.double())).max())
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bench_ms(fn, rep_ms=200):
-    """Median ms over rep_ms of repeats (triton.testing.do_bench, L2 flushed between runs);
-    a call slower than SLOW_MS is timed once after one warm-up call instead."""
+    """Median ms over rep_ms of repeats (`harness.median_ms`); a call slower than SLOW_MS, or any
+    call on a CPU, is timed once after one warm-up call instead."""
     fn()
-    _sync()
+    harness.synchronize()
     start = time.perf_counter()
     fn()
-    _sync()
+    harness.synchronize()
     once_ms = (time.perf_counter() - start) * 1e3
-    if once_ms > SLOW_MS or not torch.cuda.is_available():
+    if once_ms > SLOW_MS or not harness.on_gpu():
         return once_ms
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    return harness.median_ms(fn, rep=rep_ms)
 
 
 def providers(rank):
+    """name -> A -> (U, S, Vh) of rank `rank`."""
     q = rank + OVERSAMPLE
     return {
         "triton_rsvd": lambda A: svd.randomized_svd(A, rank, OVERSAMPLE, N_ITER),
@@ -73,13 +75,13 @@ def providers(rank):
     }
 
 
-def check_correctness(device):
+def check_correctness(device, shapes):
     """Float32 and bf16 kernels against the reference (Householder QR, SVD of B) with the same Omega;
     errors are measured in float64."""
     rows = []
-    for batch, m, n, rank in SHAPES + [(3, 77, 48, 8)]:
+    for batch, m, n, rank in shapes + [CHECK_ONLY_SHAPE]:
         for dtype in (torch.float32, torch.bfloat16):
-            if dtype == torch.bfloat16 and m * n > (1 << 20):
+            if dtype == torch.bfloat16 and m * n > BF16_MAX_ELEMENTS:
                 continue
             A, _ = make_matrix(batch, m, n, device, seed=batch + m + n)
             A = A.to(dtype)
@@ -88,7 +90,7 @@ def check_correctness(device):
             Ur, Sr, Vhr = randomized_svd_ref(A.float(), rank, generator=torch.Generator(device=device).manual_seed(0))
             eye = torch.eye(rank, device=device, dtype=torch.float64)
             row = dict(
-                shape=f"{batch}x{m}x{n}", rank=rank, dtype=str(dtype).replace("torch.", ""),
+                table="correctness", shape=f"{batch}x{m}x{n}", rank=rank, dtype=str(dtype).replace("torch.", ""),
                 finite=bool(torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()),
                 s_rel_diff=float(((S.double() - Sr) / Sr[..., :1]).abs().max()),
                 err=rel_error(A, U, S, Vh), err_ref=rel_error(A, Ur, Sr, Vhr),
@@ -102,9 +104,10 @@ def check_correctness(device):
     return rows
 
 
-def bench_shapes(device):
+def bench_shapes(device, shapes):
+    """Every provider at every shape: ms, error and the optimal error."""
     rows = []
-    for batch, m, n, rank in SHAPES:
+    for batch, m, n, rank in shapes:
         A, s = make_matrix(batch, m, n, device, seed=1)
         optimal = float(s[rank:].norm() / s.norm())
         for name, fn in providers(rank).items():
@@ -115,23 +118,24 @@ def bench_shapes(device):
             except Exception:
                 traceback.print_exc()
                 continue
-            row = dict(shape=f"{batch}x{m}x{n}", batch=batch, m=m, n=n, rank=rank, provider=name, ms=ms,
+            row = dict(table="shape", shape=f"{batch}x{m}x{n}", batch=batch, m=m, n=n, rank=rank, provider=name, ms=ms,
                        rel_err=err, optimal_rel_err=optimal)
             print("bench", row, flush=True)
             rows.append(row)
     return rows
 
 
-def bench_breakdown(device):
+def bench_breakdown(device, shapes):
     """Where the time goes: (96, 1024, 64) rank 16 (fused range finder, eigh, the small SVD with
     its glue, the input check) and (1, 4096, 4096) rank 256 (one product, one torch Cholesky-QR2,
     the range finder, the small SVD, eigh)."""
-    batch, m, n, rank = SHAPES[0]
+    batch, m, n, rank = shapes[0]
     A, _ = make_matrix(batch, m, n, device, seed=2)
     l = rank + OVERSAMPLE
     omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd.tile_dim(l) - l))
     Q, Z, gram, _ = svd._range_fused(A, omega, l, N_ITER)
     out = dict(
+        table="breakdown",
         fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
         eigh_fp64_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l])),
         eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l].float())),
@@ -146,7 +150,7 @@ def bench_breakdown(device):
             out[f"fused_gram{64 if gram64 else 32}_w{warps}_ms"] = bench_ms(
                 lambda: svd._range_fused(A, omega, l, N_ITER))
     svd._GRAM_FP64, svd._FACTOR_WARPS = defaults
-    batch, m, n, rank = SHAPES[1]  # 12 matrices: one program each (fused) or tiled launches
+    batch, m, n, rank = shapes[1]  # 12 matrices: one program each (fused) or tiled launches
     A, _ = make_matrix(batch, m, n, device, seed=4)
     l = rank + OVERSAMPLE
     omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd.tile_dim(l) - l))
@@ -155,7 +159,7 @@ def bench_breakdown(device):
         mid_tiled_range_finder_ms=bench_ms(lambda: svd._range_tiled(A, omega, l, N_ITER)),
         mid_cholqr2_kernel_ms=bench_ms(lambda: svd._orth_tiled(torch.randn(batch, m, omega.shape[1], device=device), l)),
     )
-    batch, m, n, rank = SHAPES[2]
+    batch, m, n, rank = shapes[2]
     A, _ = make_matrix(batch, m, n, device, seed=3)
     l = rank + OVERSAMPLE
     omega = torch.randn(n, l, device=device)
@@ -169,18 +173,15 @@ def bench_breakdown(device):
         big_eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram.float())),
     )
     print("breakdown", out, flush=True)
-    return out
+    return [out]
 
 
-def bench_model(device):
-    """MLA layer forward+backward (bf16, B 16, T 1024, nh 12, C 768) with use_svd in each mode."""
-    try:
-        from mla_gpt.model.attention import MultiHeadLatentAttention
-        from mla_gpt.model.config import GPTConfig
-    except ImportError as exc:
-        print("model bench skipped:", exc)
-        return []
-    B, T, C, nh = 16, 1024, 768, 12
+def bench_model(device, shape):
+    """MLA layer forward+backward (bf16) at shape (B, T, C, nh) with use_svd in each mode."""
+    from mla_gpt.model.attention import MultiHeadLatentAttention
+    from mla_gpt.model.config import GPTConfig
+
+    B, T, C, nh = shape
     rows = []
     for mode, rank in ((None, None), ("weight", 16), ("activation", 16)):
         try:
@@ -197,17 +198,15 @@ def bench_model(device):
         except Exception:
             traceback.print_exc()
             continue
-        row = dict(shape=f"MLA B{B} T{T} C{C} nh{nh}", provider=f"svd_{mode}" if mode else "no_svd", rank=rank, ms=ms)
+        row = dict(table="model", shape=f"MLA B{B} T{T} C{C} nh{nh}", provider=f"svd_{mode}" if mode else "no_svd", rank=rank, ms=ms)
         print("model", row, flush=True)
         rows.append(row)
     return rows
 
 
-def plot(rows, path, gpu):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, path, device):
+    """Median ms per provider and shape, log scale."""
+    plt = harness.pyplot()
     labels = list(dict.fromkeys(f"{r['shape']} r{r['rank']}" for r in rows))
     names = list(dict.fromkeys(r["provider"] for r in rows))
     ms = {(f"{r['shape']} r{r['rank']}", r["provider"]): r["ms"] for r in rows}
@@ -220,46 +219,56 @@ def plot(rows, path, gpu):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels)
     ax.set_ylabel("ms (median, log scale)")
-    ax.set_title(f"randomized SVD, float32, {gpu}")
+    ax.set_title(f"randomized SVD, float32, {device}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(rows):
+    """The shape and model tables, and whether every check passed."""
+    print(f"{'shape':>16} {'rank':>4} {'provider':>18} {'ms':>10} {'rel_err':>9} {'optimal':>9}")
+    for r in (r for r in rows if r["table"] == "shape"):
+        print(f"{r['shape']:>16} {r['rank']:>4} {r['provider']:>18} {r['ms']:>10.4f} {r['rel_err']:>9.5f} "
+              f"{r['optimal_rel_err']:>9.5f}")
+    for r in (r for r in rows if r["table"] == "model"):
+        print(f"{r['shape']:>24} {r['provider']:>16} {r['ms']:>9.3f} ms")
+    checks = [r["ok"] for r in rows if r["table"] == "correctness"]
+    print("checks ok:", all(checks) if checks else None)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_out_argument(parser, "svd")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__, triton=triton.__version__,
-                oversample=OVERSAMPLE, n_iter=N_ITER, dtype="float32")
-    result = dict(meta=meta)
-    for key, fn in (("correctness", check_correctness), ("shapes", bench_shapes),
-                    ("breakdown", bench_breakdown), ("model", bench_model)):
+    gpu = harness.on_gpu()
+    device = "cuda" if gpu else "cpu"
+    if not gpu:
+        print("no GPU: small shapes, no breakdown; the numbers need a GPU")
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    env = {**harness.environment(torch.float32), "oversample": OVERSAMPLE, "n_iter": N_ITER}
+    print(json.dumps(env), flush=True)
+    path = harness.results_path(args.out, "svd")
+    sections = [lambda: check_correctness(device, shapes), lambda: bench_shapes(device, shapes),
+                lambda: bench_model(device, GPU_MODEL_SHAPE if gpu else CPU_MODEL_SHAPE)]
+    if gpu:  # the breakdown calls the kernels' launchers directly
+        sections.insert(2, lambda: bench_breakdown(device, shapes))
+    rows = []
+    for section in sections:
         try:
-            result[key] = fn(device)
-        except Exception:
+            rows += section()
+        except Exception:  # a failed section is reported; the others still run and are written
             traceback.print_exc()
-        with open(os.path.join(args.out, "svd_results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    rows = result.get("shapes", [])
-    with open(os.path.join(args.out, "svd_results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["gpu", "torch", "triton", "shape", "rank", "provider", "ms", "rel_err",
-                                               "optimal_rel_err"], extrasaction="ignore")
-        writer.writeheader()
-        for r in rows + result.get("model", []):
-            writer.writerow({**meta, **r})
-    if rows:
-        plot(rows, os.path.join(args.out, "svd_results.png"), meta["gpu"])
-    print(meta)
-    print(f"{'shape':>16} {'rank':>4} {'provider':>18} {'ms':>10} {'rel_err':>9} {'optimal':>9}")
-    for r in rows:
-        print(f"{r['shape']:>16} {r['rank']:>4} {r['provider']:>18} {r['ms']:>10.4f} {r['rel_err']:>9.5f} "
-              f"{r['optimal_rel_err']:>9.5f}")
-    for r in result.get("model", []):
-        print(f"{r['shape']:>24} {r['provider']:>16} {r['ms']:>9.3f} ms")
-    print("checks ok:", all(r["ok"] for r in result.get("correctness", [])) if result.get("correctness") else None)
+        harness.write_rows(path, rows, env)
+    timed = [r for r in rows if r["table"] in ("shape", "model")]
+    if timed:
+        harness.write_csv(harness.beside(path, ".csv"), timed)
+    shape_rows = [r for r in rows if r["table"] == "shape"]
+    if shape_rows:
+        plot(shape_rows, harness.beside(path, ".png"), env["device"])
+    print_summary(rows)
+    harness.report_written(path, harness.beside(path, ".csv"), harness.beside(path, ".png"))
 
 
 if __name__ == "__main__":
