@@ -132,7 +132,8 @@ def correctness(device):
         lse_err = (lse.cpu().double() - ref_lse).abs().max().item()
         ok = bool(torch.isfinite(out).all()) and err <= 2 * err_bf16 + 1e-3 and lse_err < 1e-2
         case = f"B{B}-L{L}-T{Tq}-H{nh}-G{g}-D{r}" + ("-joint" if joint else f"-V{rv}") + f"-S{S}"
-        rows.append(dict(table="correctness", case=case, rel_err=err, rel_err_bf16_ref=err_bf16, lse_max_abs_err=lse_err, passed=ok))
+        rows.append(dict(table="correctness", case=case, rel_err=err, rel_err_bf16_ref=err_bf16,
+                         lse_max_abs_err=lse_err, passed=ok))
         print(f"correctness {rows[-1]['case']}: rel err {err:.2e} (bf16 reference {err_bf16:.2e}), "
               f"lse {lse_err:.1e} -> {'ok' if ok else 'FAIL'}", flush=True)
     return rows

@@ -157,7 +157,8 @@ def bench_breakdown(device, shapes):
     out.update(
         mid_fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
         mid_tiled_range_finder_ms=bench_ms(lambda: svd._range_tiled(A, omega, l, N_ITER)),
-        mid_cholqr2_kernel_ms=bench_ms(lambda: svd._orth_tiled(torch.randn(batch, m, omega.shape[1], device=device), l)),
+        mid_cholqr2_kernel_ms=bench_ms(
+            lambda: svd._orth_tiled(torch.randn(batch, m, omega.shape[1], device=device), l)),
     )
     batch, m, n, rank = shapes[2]
     A, _ = make_matrix(batch, m, n, device, seed=3)
@@ -198,7 +199,8 @@ def bench_model(device, shape):
         except Exception:
             traceback.print_exc()
             continue
-        row = dict(table="model", shape=f"MLA B{B} T{T} C{C} nh{nh}", provider=f"svd_{mode}" if mode else "no_svd", rank=rank, ms=ms)
+        row = dict(table="model", shape=f"MLA B{B} T{T} C{C} nh{nh}", provider=f"svd_{mode}" if mode else "no_svd",
+                   rank=rank, ms=ms)
         print("model", row, flush=True)
         rows.append(row)
     return rows
