@@ -101,8 +101,8 @@ def environment(dtype=None):
 def add_out_argument(parser, script):
     """The --out option every script takes, with the rule of where results go by default."""
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"results JSON, CSV and PNG files beside it (default: "
-                             f"{DEFAULT_DIR}/{script}_<device>.json; bench/results/ is written only when --out names it)")
+                        help=f"results JSON, CSV and PNG files beside it (default: {DEFAULT_DIR}/{script}_<device>.json; "
+                             "bench/results/ is written only when --out names it)")
 
 
 def results_path(out, script):

@@ -1,7 +1,7 @@
 """End-to-end training throughput of the GPT, through the trainer's own step.
 
-    PYTHONPATH=. python bench/train.py                                  # every shape, variant, mode
-    PYTHONPATH=. python bench/train.py --shapes char --modes step_graph --out /tmp/train.json
+    python bench/train.py                                  # every shape, variant, mode
+    python bench/train.py --shapes char --modes step_graph --out /tmp/train.json
 
 Each row builds the project's GPT, its optimizer (`configure_optimizers`: fused AdamW on CUDA)
 and the step `python -m mla_gpt.cli.train` runs (`mla_gpt.cli.train.TrainStep`: forward and
@@ -22,22 +22,24 @@ Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 
 (GPT-2 small, vocab 50304) at T 1024 B 16, T 4096 B 4, T 8192 B 2. Dropout 0 everywhere (MLA's
 fused kernels have no attention dropout; MHA's SDPA would pay for it).
 
-Per row: ms/step (wall time per step, median over `--rounds` rounds of `--steps` steps), tokens/s, device ms/step (profiler: the
-summed durations of the device-side events, kernels and copies, over profiled steps), host-bound share
+Per row: ms/step (wall time per step, median over `--rounds` rounds of `--steps` steps), tokens/s,
+device ms/step (profiler: the summed durations of the device-side events, kernels and copies, over
+profiled steps), host-bound share
 (1 - device / wall), peak memory, MFU (the model's FLOP count, `GPT.estimate_mfu`, against the
 bf16 matmul rate measured in the same run), seconds to the first step and through the startup steps
-(compile, autotuning and the CUDA-graph capture included). Writes a JSON list of rows and a PNG beside it. On a CPU it
-runs tiny shapes that only show the script works: the numbers need a GPU.
+(compile, autotuning and the CUDA-graph capture included). Writes a JSON list of rows (merged into
+an existing --out file: rows of other shapes, modes and variants are kept) and a PNG beside it. On a
+CPU it runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import harness  # first: it puts the repository root on sys.path
 import numpy as np
 import torch
 
@@ -63,16 +65,15 @@ GPU_SHAPES = {"char": (CHAR, [(256, 64)]), "gpt2s": (GPT2S, [(1024, 16), (4096, 
 CPU_SHAPES = {"char": (dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65), [(64, 4)]),
               "gpt2s": (dict(n_layer=2, n_head=4, n_embd=128, vocab_size=512), [(128, 2)])}
 STARTUP_STEPS = TrainStep.CAPTURE_AFTER_ITERS + 1  # compile, autotune and CUDA-graph capture happen in these
-RESULTS = Path(__file__).resolve().parent / "results"
+MATMUL_N = 8192  # the bf16 matmul rate is measured on N x N x N
+TOKEN_FILE_TOKENS = 2_000_000  # random tokens the batches are drawn from
 
 
 def matmul_rate(device):
-    """Measured bf16 matmul FLOP/s (8192^3 on random data, median of CUDA-event timings)."""
-    import triton
-
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    return 2 * 8192**3 / (ms * 1e-3)
+    """Measured bf16 matmul FLOP/s (MATMUL_N^3 on random data, median of CUDA-event timings)."""
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = harness.median_ms(lambda: a @ b, warmup=100, rep=500)
+    return 2 * MATMUL_N**3 / (ms * 1e-3)
 
 
 def token_file(directory, vocab_size, n_tokens):
@@ -111,6 +112,7 @@ def run_steps(step, n_steps):
 
 
 def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
+    """Build one variant in one step mode at one shape, time its steps, return the row."""
     torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape recompiles across rows
     torch.manual_seed(0)
     config = GPTConfig(**model_args, **VARIANTS[variant], block_size=T, dropout=0.0)
@@ -120,7 +122,7 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     stepped = compile_for_training(model, cuda_graphs) if compile_model else model
     if cuda_graphs == "step":
         capturable_optimizer(optimizer, rt.device)
-    batches = Batches(token_file(data_dir, config.vocab_size, 2_000_000), B, T, rt.device, seed=0)
+    batches = Batches(token_file(data_dir, config.vocab_size, TOKEN_FILE_TOKENS), B, T, rt.device, seed=0)
     autocast = torch.autocast(rt.device_type, dtype=rt.ptdtype) if rt.ptdtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(rt.device_type, enabled=False)
     step = TrainStep(stepped, optimizer, scaler, batches, autocast, 1, 1.0, rt, cuda_graphs)
@@ -148,18 +150,13 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     return row
 
 
-def environment(rt, peak_flops):
-    import triton
-
-    env = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name() if rt.device_type == "cuda" else platform.processor() or "cpu",
-               dtype=str(rt.ptdtype).removeprefix("torch."), bf16_matmul_tflops=None)
-    if peak_flops is not None:
-        env["bf16_matmul_tflops"] = peak_flops / 1e12
-    return env
+def row_key(row):
+    """What a row measures: a new row replaces an earlier one with the same key."""
+    return row["shape"], row["T"], row["mode"], row["variant"]
 
 
 def print_table(rows):
+    """Each row, with its tokens/s against MHA and MLA on SDPA at the same shape and mode."""
     print(f"{'shape':6} {'T':>5} {'B':>3} {'mode':16} {'variant':12} {'ms/step':>8} {'tok/s':>10} "
           f"{'dev ms':>7} {'host%':>6} {'MB':>7} {'mfu':>6} {'1st s':>6} {'vs mha':>7} {'vs sdpa':>7}")
     by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
@@ -177,12 +174,9 @@ def print_table(rows):
 
 def plot(rows, path):
     """tokens/s of each variant, relative to MHA in the same mode and shape, one group per shape."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1], list(MODES).index(k[2])))
+    plt = harness.pyplot()
+    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows},
+                    key=lambda k: (k[0], k[1], list(MODES).index(k[2])))
     by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4), dpi=110)
     width = 0.8 / len(VARIANTS)
@@ -216,12 +210,10 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the startup ones")
     p.add_argument("--profile_steps", type=int, default=5, help="profiled steps for the device time")
     p.add_argument("--host_table", action="store_true", help="print each row's ops by host time (profiler)")
-    p.add_argument("--out", default=None,
-                   help="results JSON; rows already there for other keys are kept (default: a file "
-                        "in the system temp folder, so a run never writes over committed results)")
+    harness.add_out_argument(p, "train")
     args = p.parse_args()
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = harness.on_gpu()
     device = "cuda" if on_gpu else "cpu"
     rt = Runtime(device, device, torch.bfloat16 if on_gpu else torch.float32, False, 0, 0, 1)
     if on_gpu:
@@ -232,9 +224,10 @@ def main():
         args.modes = ["eager"]
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     peak_flops = matmul_rate(device) if on_gpu else None
-    env = environment(rt, peak_flops)
-    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / f"train_{device}.json"
-    rows = json.loads(out.read_text()) if out.exists() else []
+    env = {**harness.environment(rt.ptdtype),
+           "bf16_matmul_tflops": None if peak_flops is None else peak_flops / 1e12}
+    out = harness.results_path(args.out, "train")
+    rows = harness.read_rows(out)  # rows of other shapes, modes and variants stay
     failed = []
     with tempfile.TemporaryDirectory() as data_dir:
         for shape in args.shapes:
@@ -251,14 +244,13 @@ def main():
                             failed.append((shape, T, mode, variant))
                             continue
                         row.update(env)
-                        key = lambda r: (r["shape"], r["T"], r["mode"], r["variant"])  # noqa: E731
-                        rows = [r for r in rows if key(r) != key(row)] + [row]
+                        rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
                         print(json.dumps(row), flush=True)
-                        out.write_text(json.dumps(rows, indent=1))
+                        harness.write_rows(out, rows)
     if rows:
         print_table(rows)
-        plot(rows, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        plot(rows, harness.beside(out, ".png"))
+        harness.report_written(out, harness.beside(out, ".png"))
     if failed:
         raise SystemExit(f"{len(failed)} row(s) failed: {failed}")
 
