@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mla_gpt.model import GPT, GPTConfig
-from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention, mla_path_costs
+from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention
+from mla_gpt.model.costs import mla_path_costs
 from mla_kernels.cache import LatentKVCache
 
 SMALL = dict(n_embd=96, n_head=4, block_size=40, vocab_size=61, n_layer=2, bias=True, attn_backend="reference")
@@ -321,6 +322,7 @@ def test_cached_generation_equals_full_recompute(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", GENERATION_CONFIGS.values(), ids=list(GENERATION_CONFIGS))
+@torch.no_grad()  # passing caches asks for generation, which has no backward
 def test_static_shape_decode_step_equals_prefix_step(kwargs):
     """The CUDA-graph step (position in a tensor, whole cache read) gives the same logits."""
     torch.manual_seed(2)
@@ -442,3 +444,11 @@ def test_readme_test_command_pins_what_ci_runs():
 
 if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
     sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
+
+
+def test_caches_with_autograd_on_are_refused():
+    """Caches ask for generation, whose kernels have no backward: autograd must be off."""
+    model = GPT(GPTConfig(**SMALL))
+    caches = model.setup_caches(1, 8)
+    with pytest.raises(RuntimeError, match=r"caches are for generation.*torch.no_grad\(\)"):
+        model(torch.randint(0, 61, (1, 3)), caches=caches, input_pos=0)

@@ -54,6 +54,7 @@ def test_greedy_generation_through_kernels_equals_reference_recompute(kwargs, ba
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@torch.no_grad()  # passing caches asks for generation, which has no backward
 def test_static_decode_step_on_kernels_matches_reference(backend):
     """The CUDA-graph step (tensor position, whole cache: the decode kernel, or SDPA with the mask
     hiding the unfilled tail) against the reference."""
@@ -121,7 +122,7 @@ def test_training_step_under_autocast_matches_reference(kwargs):
 @pytest.mark.parametrize("q_offset", [0, 5])
 def test_sdpa_attention_matches_reference_for_unequal_head_dims(d_qk, d_v, q_offset):
     """SVD's narrower values (and wider ones) reach SDPA's fused kernels zero-padded: same result."""
-    from mla_gpt.model.attention import sdpa_attention
+    from mla_gpt.model.core import sdpa_attention
     from mla_kernels.reference import attention_ref
 
     torch.manual_seed(0)

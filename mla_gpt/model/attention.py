@@ -14,228 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mla_gpt.model.core import DECODE_MAX_QUERIES, cached_attention, causal_attention, resolve_backend, sdpa_attention
+from mla_gpt.model.costs import mla_path_costs
+from mla_gpt.model.memory import KVCacheReport
+from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
 from mla_kernels.cache import LatentKVCache
-
-# Roughly bf16 matrix FLOP/s over memory bytes/s on an H200 (~790 TFLOP/s / ~4.3 TB/s):
-# the cost model charges one byte moved as this many FLOPs.
-FLOPS_PER_BYTE = 200
-# Query rows that share one on-chip expansion of a K/V tile in the fused-expansion kernel.
-EXPANSION_ROWS_PER_TILE = 128
-ACTIVATION_BYTES = 2  # bf16 activations
-# The decode kernel packs the new queries of a step with the heads of a group into the rows of
-# one tile; longer chunks (prefill) go to the flash kernel, whose query blocks fit them better.
-DECODE_MAX_QUERIES = 16
-
-
-def resolve_backend(backend, x):
-    """The backend that runs on x: 'auto' -> 'triton' on CUDA, else 'sdpa' (the fastest exact path
-    on a CPU); 'reference' stays for the tests."""
-    if backend == "auto":
-        return "triton" if x.is_cuda else "sdpa"
-    return backend
-
-
-def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
-    """PyTorch's fused attention on flash-attention's layout, causal mask aligned at q_offset.
-
-    q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv); g < nh through enable_gqa.
-    """
-    Tq, Tk = q.size(1), k.size(1)
-    d_qk, d_v = q.size(-1), v.size(-1)
-    if d_qk < d_v:  # PyTorch's fused kernels need one head dim: zero columns change no score or output
-        q, k = F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk))
-    elif d_v < d_qk:
-        v = F.pad(v, (0, d_qk - d_v))
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-    options = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=k.size(1) != q.size(1))
-    if isinstance(q_offset, int) and q_offset == 0 and Tq == Tk:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
-    else:
-        q_pos = torch.arange(Tq, device=q.device)[:, None] + q_offset
-        mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (Tq, Tk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
-    return y[..., :d_v].transpose(1, 2)  # (B, Tq, nh, Dv)
-
-
-def _causal_attention(q, k, v, softmax_scale, q_offset, backend):
-    """GQA causal attention: q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv)."""
-    if backend == "triton":
-        from mla_kernels.attention import flash_attention
-
-        return flash_attention(q, k, v, softmax_scale=softmax_scale, q_offset=q_offset)
-    if backend == "sdpa":
-        return sdpa_attention(q, k, v, softmax_scale, q_offset)
-    return ref.attention_ref(q, k, v, softmax_scale, q_offset)[0]
-
-
-def _cached_attention(q, k, v, input_pos, softmax_scale, backend):
-    """New queries over a cache: q (B, T, nh, D); k (B, Tk, g, D); v (B, Tk, g, Dv), or None when
-    the latent is joint (v = k). Returns (B, T, nh, Dv).
-
-    A tensor input_pos (static-shape decode) passes the whole cache with its valid length as
-    cache_seqlens; so do short chunks on the kernels, which the decode kernel serves best.
-    """
-    B, T = q.shape[:2]
-    if backend == "sdpa":  # with a tensor input_pos its causal mask also hides the unfilled cache tail
-        return sdpa_attention(q, k, k if v is None else v, softmax_scale, input_pos)
-    kernels = backend == "triton"
-    if isinstance(input_pos, torch.Tensor) or (
-        kernels and T <= DECODE_MAX_QUERIES and not torch.is_grad_enabled()
-    ):
-        seqlens = torch.full((B,), T, dtype=torch.int32, device=q.device) + input_pos  # (B,) int32
-        if kernels:
-            from mla_kernels.decode import latent_decode
-
-            return latent_decode(q, k, v, seqlens, softmax_scale, check_seqlens=False)[0]
-        return ref.latent_decode_ref(q, k, v, seqlens, softmax_scale)[0]
-    return _causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, backend)
-
-
-@torch.compiler.disable  # the randomized SVD syncs with the host: it runs outside compiled graphs
-def _top_left_singular_vectors(matrices, rank, kernels):
-    """(..., m, n) -> the top-`rank` left singular vectors (..., m, rank), by randomized SVD.
-
-    No gradient flows through them; the test matrix is seeded, so a forward is reproducible.
-    """
-    generator = torch.Generator(device=matrices.device).manual_seed(0)
-    if kernels:
-        from mla_kernels import svd
-
-        # weights and activations are finite while the loss is (the trainer stops on a NaN loss)
-        return svd.top_left_singular_vectors(matrices.detach(), rank, generator=generator, check_finite=False)
-    return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
-
-
-def low_rank_per_sequence(v, rank, kernels):
-    """The original design's SVD of the values: each sequence's V (T, hs) per head cut to rank `rank`.
-
-    v: (B, T, nh, hs) -> (B, T, nh, hs). Not causal: the projector comes from all T positions.
-    V_low = V V_k V_k^T with the top right singular vectors V_k (hs, k) detached, so gradients
-    flow through V only.
-    """
-    T, hs = v.shape[1], v.shape[3]
-    if rank >= min(T, hs):
-        return v
-    per_head = v.transpose(1, 2)  # (B, nh, T, hs)
-    right = _top_left_singular_vectors(per_head.transpose(-1, -2), rank, kernels).to(v.dtype)  # (B, nh, hs, k)
-    per_head = (per_head @ right) @ right.transpose(-1, -2)  # (B, nh, T, hs)
-    return per_head.transpose(1, 2)
-
-
-class KVCacheReport:
-    """KV cache bytes of an attention layer against standard attention's 2 C per token.
-
-    The layer provides n_embd and kv_cache_elements_per_token().
-    """
-
-    def get_memory_savings(self, sequence_length=1024, batch_size=1):
-        """KV cache bytes of the standard layer over this layer's, for one layer and dtype."""
-        report = self.memory_report(sequence_length=sequence_length, batch_size=batch_size)
-        return report["standard_bytes_per_layer"] / report["mla_bytes_per_layer"]
-
-    def memory_report(self, sequence_length=1024, batch_size=1, n_layer=1, dtype=torch.bfloat16):
-        """KV cache bytes, standard attention vs this layer, per token, per layer and per sequence.
-
-        Per layer: batch_size sequences of sequence_length tokens in one layer.
-        Per sequence: one sequence of sequence_length tokens through n_layer layers.
-        Under svd 'activation' generation keeps no cache; the figures are what a cache of this
-        layer would hold. The `mla_` keys are this layer's, MLA or not.
-        """
-        for name, value in (("sequence_length", sequence_length), ("batch_size", batch_size),
-                            ("n_layer", n_layer)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        elem = torch.empty((), dtype=dtype).element_size()
-        standard_token = 2 * self.n_embd * elem
-        mla_token = self.kv_cache_elements_per_token() * elem
-        return {
-            "dtype": str(dtype).replace("torch.", ""),
-            "sequence_length": sequence_length,
-            "batch_size": batch_size,
-            "n_layer": n_layer,
-            "standard_bytes_per_token": standard_token,
-            "mla_bytes_per_token": mla_token,
-            "standard_bytes_per_layer": standard_token * sequence_length * batch_size,
-            "mla_bytes_per_layer": mla_token * sequence_length * batch_size,
-            "standard_bytes_per_sequence": standard_token * sequence_length * n_layer,
-            "mla_bytes_per_sequence": mla_token * sequence_length * n_layer,
-            "savings": standard_token / mla_token,
-        }
-
-
-class WeightSVDValues:
-    """svd_mode='weight' for an attention layer: a rank-k basis of its value maps.
-
-    U_k (groups, dim, k) holds the top-k left singular vectors of each group's value map
-    (dim, n) from `_value_maps()`; values are stored and attended as z = v U_k (k numbers instead
-    of dim), which is causal and cacheable, and mapped back by U_k^T after attention. The basis
-    follows the weights while training (recomputed when `_value_source()` changed, no gradient
-    through it) and is frozen in eval; it lives in the buffer `value_basis`, so checkpoints
-    carry it.
-    """
-
-    def _init_value_basis(self, groups, dim, rank):
-        self.register_buffer("value_basis", torch.zeros(groups, dim, rank))  # (groups, dim, k)
-        self._basis_stamp = None  # (storage, version) of the source parameter the basis came from
-
-    def train(self, mode=True):
-        """Entering eval freezes the value basis from the current weights (svd 'weight')."""
-        super().train(mode)
-        if not mode and self.svd_mode == "weight":
-            self._refresh_value_basis()
-        return self
-
-    @torch.compiler.disable  # reads parameter versions; the randomized SVD runs outside graphs
-    def _refresh_value_basis(self):
-        """Recompute the basis into its buffer if the source weights changed since the last time.
-
-        A parameter's version counter moves with every in-place update (optimizer steps,
-        load_state_dict), so micro-steps of one accumulated step and repeated evals share one SVD.
-        """
-        weight = self._value_source()
-        stamp = (weight.data_ptr(), weight._version)
-        if stamp != self._basis_stamp:
-            with torch.no_grad():
-                self.value_basis.copy_(self._compute_value_basis())
-            self._basis_stamp = stamp
-
-    def _compute_value_basis(self):
-        """Top-k left singular vectors of each value map: (groups, dim, k), no gradient."""
-        maps = self._value_maps()
-        kernels = resolve_backend(self.backend, maps) == "triton"
-        return _top_left_singular_vectors(maps, self.svd_rank, kernels).to(self._value_source().dtype)
-
-    def _value_basis(self):
-        """The projector basis U_k (groups, dim, k): follows the weights while training, frozen in eval."""
-        if self.training:
-            self._refresh_value_basis()
-        return self.value_basis
-
-
-def mla_path_costs(seq_len, n_embd, n_head, latent_dim, value_dim):
-    """Cost per token of one MLA forward in each form, in FLOP-equivalents (docs/design.md, section 2).
-
-    absorbed: composed query (C -> nh r) and output (nh rv -> C) projections, attention
-      over the latents at head dims r and rv.
-    expanded: full q and output projections, attention at head size hs, plus the expansion
-      of each K/V tile once per EXPANSION_ROWS_PER_TILE query rows (fused kernel).
-    Bytes: the per-head activations each form writes and reads back (q and o).
-    Causal attention sees seq_len / 2 keys per query on average. The latent projection is
-    the same in both forms and left out.
-    """
-    C, nh, r, rv = n_embd, n_head, latent_dim, value_dim
-    hs = C // nh
-    keys = seq_len / 2
-    absorbed_flops = 2 * C * nh * r + 2 * nh * (r + rv) * keys + 2 * nh * rv * C
-    expansion_flops = 2 * nh * hs * (r + rv) * keys / EXPANSION_ROWS_PER_TILE
-    expanded_flops = 4 * C * C + 4 * nh * hs * keys + expansion_flops
-    absorbed_bytes = 2 * nh * (r + rv) * ACTIVATION_BYTES
-    expanded_bytes = 4 * C * ACTIVATION_BYTES
-    return {
-        "absorbed": absorbed_flops + FLOPS_PER_BYTE * absorbed_bytes,
-        "expanded": expanded_flops + FLOPS_PER_BYTE * expanded_bytes,
-    }
 
 
 class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
@@ -284,9 +68,9 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             y = sdpa_attention(q, k, v, self.softmax_scale, input_pos, dropout_p)
         elif cache is not None:
-            y = _cached_attention(q, k, v, input_pos, self.softmax_scale, backend)
+            y = cached_attention(q, k, v, input_pos, self.softmax_scale, backend)
         else:
-            y = _causal_attention(q, k, v, self.softmax_scale, input_pos, backend)
+            y = causal_attention(q, k, v, self.softmax_scale, input_pos, backend)
         if basis is not None:
             y = torch.einsum("bthk,hdk->bthd", y, basis)  # (B, T, nh, hs): back through U_k^T
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
@@ -536,8 +320,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = (cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
-                 and not torch.is_grad_enabled())
+        fused = cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)
@@ -556,9 +339,9 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory
             # (bench/NOTES.md, attention variant 3)
-            o_lat = _causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, backend)
+            o_lat = causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, backend)
         else:
-            o_lat = _cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, backend)  # (B, T, nh, rv)
+            o_lat = cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, backend)  # (B, T, nh, rv)
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, backend):
@@ -568,4 +351,4 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         c_k, c_v = self._latents(self.kv_latent_proj(x), None)
         k = self.k_expand(c_k)  # (B, T, nh, hs)
         v = low_rank_per_sequence(self.v_expand(c_v), self.svd_rank, backend == "triton")  # (B, T, nh, hs)
-        return _causal_attention(q, k, v, self.softmax_scale, 0, backend)
+        return causal_attention(q, k, v, self.softmax_scale, 0, backend)

@@ -99,8 +99,13 @@ class GPT(nn.Module):
         Without: logits of the last position only (B, 1, vocab), loss None.
         caches: one LatentKVCache per layer (from `setup_caches`); idx then holds the tokens at
         positions input_pos .. input_pos + T - 1. input_pos may be a 0-dim tensor on the device
-        (static shapes for CUDA graphs); the caller then keeps it inside block_size.
+        (static shapes for CUDA graphs); the caller then keeps it inside block_size. Passing
+        caches asks for generation, whose kernels (the fused cache append, the decode kernel)
+        have no backward: call it under torch.no_grad() or torch.inference_mode().
         """
+        if caches is not None and torch.is_grad_enabled():
+            raise RuntimeError("caches are for generation, which has no backward: call the model under "
+                               "torch.no_grad() or torch.inference_mode() when passing caches")
         b, t = idx.size()
         last = t if isinstance(input_pos, torch.Tensor) else input_pos + t
         if last > self.config.block_size:

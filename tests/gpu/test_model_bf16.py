@@ -111,6 +111,7 @@ def test_loss_and_gradients_bf16(kwargs):
     assert_within_bf16_error(checks, LOW)
 
 
+@torch.no_grad()  # passing caches asks for generation, which has no backward
 def generation_logits(model, prompt, tokens):
     """Logits (B, 1, vocab) of the prefill and of each decode step, through the model's KV caches.
 
