@@ -361,7 +361,11 @@ def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=T
     else:
         Q, Z, gram, kept = _range_tiled(A3, omega, l, n_iter)
     U, S, Vh = _small_svd(Q, Z, gram, l, rank)
-    deficient = kept < rank
+    # Vh = Z V / S is noise divided by noise where S is rounding noise. Cholesky-QR counts the
+    # columns it keeps; torch.linalg's QR (sketches wider than the kernels take) keeps every
+    # column, so the singular values are counted too, with the same tolerance.
+    above_noise = (S.double().square() > _DROP_TOL * S[:, :1].double().square()).sum(-1)
+    deficient = torch.minimum(kept, above_noise) < rank
     if bool(deficient.any()):
         idx = deficient.nonzero()[:, 0]
         U[idx], S[idx], Vh[idx] = _householder_rsvd(A3[idx].float(), omega[:, :l], rank, n_iter)

@@ -120,6 +120,21 @@ def test_no_worse_than_torch_svd_lowrank(case):
     _check_orthonormal(Vh.mT, "V")
 
 
+@pytest.mark.parametrize("batch, m, n, rank, exact_rank", [
+    ((2,), 77, 48, 12, 6),  # sketch 20: Cholesky-QR in the kernels, which counts the columns it keeps
+    ((1,), 150, 96, 70, 50),  # sketch 78 > 64: torch.linalg's QR, which keeps every column
+], ids=["kernel-QR-M77-N48-R12-exact6", "linalg-QR-M150-N96-R70-exact50"])
+def test_rank_deficient_input_keeps_orthonormal_factors(batch, m, n, rank, exact_rank):
+    """More rank asked for than A has: the extra singular values are ~0 and U, V stay orthonormal."""
+    A64 = _matrix(batch, m, n, _spectrum("exact", min(m, n), exact_rank), seed=m * n)
+    U, S, Vh = randomized_svd(A64.float(), rank, generator=_gen(2))
+    scale = torch.linalg.matrix_norm(A64)
+    assert (_errors(A64, U, S, Vh) <= 1e-5 * scale).all()
+    assert (S[..., exact_rank:] <= 1e-5 * S[..., :1]).all(), "singular values beyond A's rank"
+    _check_orthonormal(U, "U")
+    _check_orthonormal(Vh.mT, "V")
+
+
 def test_matches_reference_and_is_deterministic():
     """Same generator state -> bitwise equal results; the reference with that state agrees."""
     A = _matrix((2,), 77, 48, _spectrum("slow", 48, 8), seed=3).float()
