@@ -1,62 +1,87 @@
-"""Quality report of checkpoint conversion: what MHA -> MLA by randomized SVD costs in val loss.
+"""Checkpoint conversion MHA -> MLA by randomized SVD: what it costs in val loss, and how long it takes.
 
-    python bench/convert.py [--iters=1000] [--work_dir=/tmp/mla_convert_bench]
+    python bench/convert.py [--iters 1000] [--eval_iters 40] [--work_dir DIR] [--out PATH.json]
+    python bench/convert.py --timing [--out PATH.json]
 
-On shakespeare_char (the family of config/train_mla_test.py, use_mla=False): train a standard model for
-`iters` steps; convert it at r in {hs, hs/2, hs/4} (plain weight SVD, and weighted by CALIB_BATCHES
-calibration batches); score val loss right after conversion and after fine-tuning for 5% and 10% of
-`iters`; train an MLA model of the same r from scratch for iters + 10% steps (the same total).
-Writes bench/results/convert_quality.{csv,json,png}. Every model is scored by train's own eval
-(eval_iters batches from the same seeded windows), so the numbers compare directly.
+Quality (the default, a CPU job of ~15 minutes): on shakespeare_char (the family of
+config/train_mla_test.py, use_mla=False) train a standard model for `iters` steps; convert it at r
+in {hs, hs/2, hs/4} (plain weight SVD, and weighted by CALIB_BATCHES calibration batches); score val
+loss right after conversion and after fine-tuning for 5% and 10% of `iters`; train an MLA model of
+the same r from scratch for iters + 10% steps (the same total). Every model is scored by train's own
+eval (eval_iters batches from the same seeded windows), so the numbers compare directly. Rows (key
+`table`): quality, one per (r, calibration), and summary; <stem>.csv holds the quality rows,
+<stem>.png the val losses.
+
+--timing (target: < 2 s on the GPU): convert a random 12-layer, 768-wide, 12-head GPT (2 layers,
+128 wide, 4 heads without a GPU) at r = hs/2 and hs, plain and calibrated: one warm-up conversion
+(Triton compiles), then the median of TIMING_REPEATS synchronized ones, of `convert_state_dict`
+(all the factorizations) and `convert_model` (plus building the MLA GPT). Checks beside the
+timings: the randomized SVD's error against the exact truncated SVD's, and at r = hs the converted
+model's logits against the original's. Rows (key `table`): timing.
 """
 
 import argparse
-import csv
 import json
 import platform
 import shutil
-import sys
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import harness  # first: it puts the repository root on sys.path
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mla_gpt.cli import convert as convert_cli
+from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.configurator import load_config
+from mla_gpt.cli.convert import attention_input_moments, convert_model, convert_state_dict
+from mla_gpt.model import GPT, GPTConfig
 
-from mla_gpt.cli import convert as convert_cli  # noqa: E402
-from mla_gpt.cli import train as train_cli  # noqa: E402
-from mla_gpt.cli.configurator import load_config  # noqa: E402
-
-RESULTS = REPO / "bench" / "results"
 FINE_TUNE_FRACTIONS = (0.05, 0.10)
 CALIB_BATCHES = 8
 FINE_TUNE_LR = 1e-3  # half the base run's peak: the converted weights are already trained
 TARGET = 0.03  # r = hs/2 within 3% of the original val loss after <= 10% of the steps
+TIMING_REPEATS = 3
+TIMING_GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+TIMING_CPU_MODEL = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65)
+SPECTRUM_RANK = 64  # the decaying low-rank part added to each random layer, so spectra look trained
+CALIBRATION_BATCHES_TIMING = 2  # random-token batches standing in for calibration data
 
 
-def base_args(out_dir, iters, **overrides):
+def base_args(out_dir, iters, eval_iters, **overrides):
+    """Command-line arguments of one CPU training run of the quality report."""
     settings = dict(
         out_dir=out_dir, device="cpu", dtype="float32", compile=False, progress_bar=False,
-        eval_interval=iters, eval_iters=40, log_interval=max(1, iters // 5), always_save_checkpoint=True,
+        eval_interval=iters, eval_iters=eval_iters, log_interval=max(1, iters // 5), always_save_checkpoint=True,
         use_mla=False, max_iters=iters, lr_decay_iters=iters,
     )
     settings.update(overrides)
-    return [str(REPO / "config" / "train_mla_test.py")] + [f"--{k}={v}" for k, v in settings.items()]
+    return [str(harness.REPO / "config" / "train_mla_test.py")] + [f"--{k}={v}" for k, v in settings.items()]
 
 
 def run_train(args):
+    """Train (or only evaluate) through the trainer: (val loss, seconds)."""
     t0 = time.perf_counter()
     result = train_cli.train(load_config(args, train_cli.TrainConfig, train_cli.ModelKeys))
     return result["val_loss"], time.perf_counter() - t0
 
 
-def fine_tune(converted_dir, out_dir, steps):
+def fine_tune(converted_dir, out_dir, steps, eval_iters):
     """Copy the converted checkpoint and resume it for `steps` iterations (short warmup, cosine to lr/10)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(converted_dir, out_dir)
-    return run_train(base_args(out_dir, steps, init_from="resume", learning_rate=FINE_TUNE_LR,
+    return run_train(base_args(out_dir, steps, eval_iters, init_from="resume", learning_rate=FINE_TUNE_LR,
                                min_lr=FINE_TUNE_LR / 10, warmup_iters=max(1, steps // 10), eval_interval=steps))
+
+
+def finished_checkpoint(directory, steps):
+    """The checkpoint of an earlier run in `directory` that trained `steps` steps, or None."""
+    path = directory / train_cli.CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    ckpt = train_cli.load_checkpoint(path)
+    return ckpt if ckpt["iter_num"] == steps else None
 
 
 def optimal_error(state, model_args, r):
@@ -72,24 +97,21 @@ def optimal_error(state, model_args, r):
     return sum(errs) / len(errs)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=1000, help="steps of the standard run")
-    parser.add_argument("--work_dir", default="/tmp/mla_convert_bench")
-    opts = parser.parse_args()
+def quality_report(opts):
+    """The quality rows and their summary (see __doc__)."""
     # one intra-op thread: on 2 shared cores, two threads stall batched CPU QR (the SVD) ~1000x and slow training
     torch.set_num_threads(1)
     work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    iters = opts.iters
+    iters, eval_iters = opts.iters, opts.eval_iters
     t_start = time.perf_counter()
 
     standard_dir = work / "standard"
-    if (standard_dir / train_cli.CHECKPOINT_NAME).exists():
-        ckpt = train_cli.load_checkpoint(standard_dir / train_cli.CHECKPOINT_NAME)
+    ckpt = finished_checkpoint(standard_dir, iters)
+    if ckpt is not None:  # a finished earlier run
         base_loss, base_time = ckpt["best_val_loss"], float("nan")
     else:
-        base_loss, base_time = run_train(base_args(str(standard_dir), iters))
+        base_loss, base_time = run_train(base_args(str(standard_dir), iters, eval_iters))
         ckpt = train_cli.load_checkpoint(standard_dir / train_cli.CHECKPOINT_NAME)
     print(f"standard: val loss {base_loss:.4f} after {iters} steps ({base_time:.0f} s)", flush=True)
     hs = ckpt["model_args"]["n_embd"] // ckpt["model_args"]["n_head"]
@@ -98,12 +120,12 @@ def main():
     for r in (hs, hs // 2, hs // 4):
         scratch_dir = work / f"scratch_r{r}"
         scratch_steps = iters + round(max(FINE_TUNE_FRACTIONS) * iters)
-        done = scratch_dir / train_cli.CHECKPOINT_NAME
-        if done.exists() and train_cli.load_checkpoint(done)["iter_num"] == scratch_steps:  # a finished earlier run
-            scratch_loss, scratch_time = train_cli.load_checkpoint(done)["best_val_loss"], float("nan")
+        done = finished_checkpoint(scratch_dir, scratch_steps)
+        if done is not None:
+            scratch_loss, scratch_time = done["best_val_loss"], float("nan")
         else:
             scratch_loss, scratch_time = run_train(
-                base_args(str(scratch_dir), scratch_steps, use_mla=True, mla_latent_dim=r))
+                base_args(str(scratch_dir), scratch_steps, eval_iters, use_mla=True, mla_latent_dim=r))
         print(f"r={r}: MLA from scratch, {scratch_steps} steps: val loss {scratch_loss:.4f}", flush=True)
         for calib in (0, CALIB_BATCHES):
             conv_dir = work / f"converted_r{r}_calib{calib}"
@@ -114,9 +136,9 @@ def main():
             eval_dir = work / f"eval_r{r}_calib{calib}"
             shutil.rmtree(eval_dir, ignore_errors=True)
             shutil.copytree(conv_dir, eval_dir)
-            loss0, _ = run_train(base_args(str(eval_dir), iters, init_from="resume", eval_only=True))
+            loss0, _ = run_train(base_args(str(eval_dir), iters, eval_iters, init_from="resume", eval_only=True))
             row = {
-                "latent_dim": r, "head_size": hs, "calibration_batches": calib,
+                "table": "quality", "latent_dim": r, "head_size": hs, "calibration_batches": calib,
                 "kv_cache_saving": report["kv_cache_saving"],
                 "rel_error_k": sum(layer["k"] for layer in report["layers"]) / len(report["layers"]),
                 "rel_error_v": sum(layer["v"] for layer in report["layers"]) / len(report["layers"]),
@@ -126,40 +148,30 @@ def main():
                 "scratch_steps": scratch_steps, "scratch_val_loss": scratch_loss, "scratch_seconds": scratch_time,
             }
             for frac in FINE_TUNE_FRACTIONS:
-                steps = round(frac * iters)
-                loss, seconds = fine_tune(conv_dir, str(work / f"ft{steps}_r{r}_calib{calib}"), steps)
+                steps = max(1, round(frac * iters))
+                loss, seconds = fine_tune(conv_dir, str(work / f"ft{steps}_r{r}_calib{calib}"), steps, eval_iters)
                 row[f"ft{round(frac * 100)}pct_steps"] = steps
                 row[f"ft{round(frac * 100)}pct_val_loss"] = loss
             row["gap_after_10pct"] = row["ft10pct_val_loss"] / base_loss - 1
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    half = [row for row in rows if row["latent_dim"] == hs // 2]
-    best_half = min(row["gap_after_10pct"] for row in half)
+    best_half = min(row["gap_after_10pct"] for row in rows if row["latent_dim"] == hs // 2)
     summary = {
-        "iters": iters, "original_val_loss": base_loss, "target": TARGET,
+        "table": "summary", "iters": iters, "original_val_loss": base_loss, "target": TARGET,
         "target_met": best_half <= TARGET, "best_gap_r_half_after_10pct": best_half,
         "total_seconds": time.perf_counter() - t_start,
         "machine": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "convert_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(RESULTS / "convert_quality.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, base_loss, iters)
     print(f"r = hs/2 after 10% steps: {best_half * 100:+.2f}% vs the original "
           f"(target {TARGET * 100:.0f}%: {'met' if best_half <= TARGET else 'missed'}); "
           f"{summary['total_seconds'] / 60:.1f} min", flush=True)
+    return rows, summary
 
 
-def plot(rows, base_loss, iters):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows, base_loss, iters, path):
+    """Val loss per r, converted and fine-tuned, against the standard model and MLA from scratch."""
+    plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for ax, calib in zip(axes, sorted({row["calibration_batches"] for row in rows}), strict=True):
@@ -182,9 +194,112 @@ def plot(rows, base_loss, iters):
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "convert_quality.png")
+    fig.savefig(path)
     plt.close(fig)
 
 
+def timed(fn):
+    """Median wall seconds of TIMING_REPEATS synchronized calls after one warm-up, every time, the last result."""
+    fn()
+    times = []
+    for _ in range(TIMING_REPEATS):
+        harness.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        harness.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def timing_optimal_error(model, r):
+    """Exact truncated-SVD relative error over all layers' per-head K and V matrices."""
+    C, nh = model.config.n_embd, model.config.n_head
+    w = torch.stack([b.attn.c_attn.weight[C:] for b in model.transformer.h]).double()  # (L, 2C, C)
+    mats = w.mT.reshape(-1, C, 2 * nh, C // nh).permute(0, 2, 1, 3)  # (L, 2 nh, C, hs)
+    s = torch.linalg.svdvals(mats).reshape(len(model.transformer.h), -1)  # (L, 2 nh hs)
+    s = s.reshape(s.size(0), 2, nh, -1)
+    return (((s[..., r:] ** 2).sum((-1, -2)) / (s ** 2).sum((-1, -2))).sqrt()).mean().item()
+
+
+def random_trained_looking_gpt(config, device):
+    """A random GPT whose attention weights get a decaying low-rank part, as trained spectra have."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            w = block.attn.c_attn.weight
+            u = torch.randn(w.size(0), SPECTRUM_RANK, device=device)
+            u *= torch.logspace(0, -2, SPECTRUM_RANK, device=device)
+            w.add_(0.05 * u @ torch.randn(SPECTRUM_RANK, w.size(1), device=device))
+    return model
+
+
+def timing_report():
+    """The timing rows (see __doc__)."""
+    device = torch.device("cuda" if harness.on_gpu() else "cpu")
+    config = GPTConfig(**(TIMING_GPU_MODEL if harness.on_gpu() else TIMING_CPU_MODEL))
+    model = random_trained_looking_gpt(config, device)
+    args = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    state = model.state_dict()
+    hs = config.head_size
+    x = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
+
+    class RandomTokens:
+        def next(self):
+            return torch.randint(0, config.vocab_size, (4, config.block_size), device=device), None
+
+    moments = attention_input_moments(model, RandomTokens(), CALIBRATION_BATCHES_TIMING)  # (L, C, C)
+    rows = []
+    for r in (hs // 2, hs):
+        for calibrated in (False, True):
+            m = moments if calibrated else None
+            gen = torch.Generator(device=device)
+            t_factor, all_factor, (_, _, report) = timed(
+                lambda: convert_state_dict(state, args, r, moments=m, generator=gen.manual_seed(0)))
+            t_model, all_model, (mla, _) = timed(
+                lambda: convert_model(model, r, moments=m, generator=gen.manual_seed(0)))
+            row = {
+                "table": "timing", "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+                "latent_dim": r, "calibrated": calibrated, "factor_seconds": t_factor, "factor_all": all_factor,
+                "convert_model_seconds": t_model, "convert_model_all": all_model,
+                "kv_cache_saving": report["kv_cache_saving"],
+                "rel_error": statistics.mean((layer["k"] + layer["v"]) / 2 for layer in report["layers"]),
+            }
+            if not calibrated:
+                row["optimal_rel_error"] = timing_optimal_error(model, r)
+            if r == hs and not calibrated:
+                with torch.no_grad():
+                    want, got = model(x, x)[0], mla.eval()(x, x)[0]
+                row["full_rank_max_logit_diff"] = (want - got).abs().max().item()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timing", action="store_true", help="time the conversion instead of the quality report")
+    parser.add_argument("--iters", type=int, default=1000, help="quality: steps of the standard run")
+    parser.add_argument("--eval_iters", type=int, default=40, help="quality: batches of each val loss")
+    parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "mla_convert_bench",
+                        help="quality: checkpoints (a finished standard or scratch run there is reused)")
+    harness.add_out_argument(parser, "convert")
+    opts = parser.parse_args()
+    if opts.timing:
+        env = harness.environment(torch.float32)
+        path = harness.write_rows(harness.results_path(opts.out, "convert_timing"), timing_report(), env)
+        harness.report_written(path)
+        return
+    if harness.on_gpu():
+        print("the quality report trains on the CPU (its numbers were measured there)")
+    env = harness.environment(torch.float32)
+    path = harness.results_path(opts.out, "convert_quality")
+    rows, summary = quality_report(opts)
+    harness.write_rows(path, rows + [summary], env)
+    harness.write_csv(harness.beside(path, ".csv"), rows)
+    plot(rows, summary["original_val_loss"], opts.iters, harness.beside(path, ".png"))
+    harness.report_written(path, harness.beside(path, ".csv"), harness.beside(path, ".png"))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

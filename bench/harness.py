@@ -100,8 +100,9 @@ def environment(dtype=None):
 
 def add_out_argument(parser, script):
     """The --out option every script takes, with the rule of where results go by default."""
+    default = DEFAULT_DIR / f"{script}_<device>.json"
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"results JSON, CSV and PNG files beside it (default: {DEFAULT_DIR}/{script}_<device>.json; "
+                        help=f"results JSON, CSV and PNG files beside it (default: {default}; "
                              "bench/results/ is written only when --out names it)")
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
-#   PYTHONPATH=. bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
-# Sections (default: all, in this order): append decode generate convert attention svd.
-# All of them take about 14 minutes, more than one device call allows: split them over two calls.
-# DECODE_SPLITS=1 times only the heuristic's split count (and S 1) instead of the whole sweep.
+#   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
+# Sections (default: all, in this order): append decode generate convert attention svd model_check.
+# All of them take about 15 minutes, more than one device call allows: split them over two calls.
+# Each writes $OUT/<name>_h200.json (CSV and PNG beside it) and its log; copy them into
+# bench/results/ to replace that GPU's previous results.
+# DECODE_SPLITS=1 (or a list, DECODE_SPLITS='1 4') times only those split counts and the heuristic's
+# instead of the whole sweep.
 # At most 8 files come back from a device call: tar $out into one there.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
-sections=${*:-append decode generate convert attention svd}
+sections=${*:-append decode generate convert attention svd model_check}
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/env.txt"
 
@@ -24,18 +27,21 @@ for section in $sections; do
     append)  # the decode step's latent projection written into the cache: bf16 check, fused vs cuBLAS + copy
         run 90 append_h200.log python bench/append.py --out "$out/append_h200.json" ;;
     decode)  # both modes, every split count the heuristic weighs, peers in the same run
-        run 200 decode_v4.log python bench/decode.py --shapes 64x4096,16x32768,1x131072 --modes default,joint \
-            --splits "${DECODE_SPLITS:-1,2,3,4,5,8,16,17,22,32,64,128,256}" --out "$out" ;;
+        # shellcheck disable=SC2086  # DECODE_SPLITS is a list of words
+        run 200 decode_h200.log python bench/decode.py --shapes 64x4096 16x32768 1x131072 --modes default joint \
+            --splits ${DECODE_SPLITS:-1 2 3 4 5 8 16 17 22 32 64 128 256} --out "$out/decode_h200.json" ;;
     generate)  # B 1 and B 32: CUDA-graph steps fused / unfused, standard cache, recompute
         run 150 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 \
             --out "$out/generate_h200.json" ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
-        run 90 convert_timing_h200.log python bench/gpu_convert_timing.py --out "$out/convert_timing_h200.json" ;;
+        run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
-        run 240 attention_run4.log python bench/attention.py --seqlens 4096 8192 --core-dims 32 64 --flex-dims \
-            --latent-fracs 0.5 --layer-seqlens 4096 --reference-max-t 0 --out "$out/attention_run4" ;;
+        run 240 attention_h200.log python bench/attention.py --seqlens 4096 8192 --core_dims 32 64 --flex_dims \
+            --latent_fracs 0.5 --layer_seqlens 4096 --reference_max_t 0 --out "$out/attention_h200.json" ;;
     svd)  # randomized SVD kernels against torch.svd_lowrank / torch.linalg.svd
-        run 120 svd_run3.log python bench/svd.py --out "$out" ;;
-    *) echo "unknown section $section (allowed: append decode generate convert attention svd)"; exit 2 ;;
+        run 120 svd_h200.log python bench/svd.py --out "$out/svd_h200.json" ;;
+    model_check)  # the whole GPT on the kernels against float64, and its fullgraph compile
+        run 150 model_check_h200.log python bench/model_check.py --out "$out/model_check_h200.json" ;;
+    *) echo "unknown section $section (allowed: append decode generate convert attention svd model_check)"; exit 2 ;;
     esac
 done

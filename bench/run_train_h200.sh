@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end training measurements on the H200, each capped in time, results in $OUT.
-#   PYTHONPATH=. bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
-# Sections: launch (host time per attention call), gputests (tests/gpu kernels, compiled launch),
+#   bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
+# Sections: launch (host time per attention call, $OUT/launch_overhead_h200.json), gputests (tests/gpu kernels, compiled launch),
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
 # CLI in one step mode), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
@@ -28,7 +28,7 @@ train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one resul
 
 for section in "$@"; do
     case $section in
-        launch) run 90 launch_overhead.log python bench/launch_overhead.py ;;
+        launch) run 90 launch_overhead.log python bench/launch_overhead.py --out "$out/launch_overhead_h200.json" ;;
         gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;

@@ -1,0 +1,148 @@
+"""Every bench/ script on a CPU at its smallest settings: it runs, writes its rows where --out says
+(and, without --out, to the temp folder, never into bench/results/), and keeps its row keys."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SCRIPT_TIMEOUT_S = 300
+TRAIN_ROW_KEYS = {"variant", "shape", "T", "B", "mode", "ms_per_step", "tokens_per_s", "device_ms_per_step",
+                  "host_bound_share", "peak_memory_mb", "mfu", "first_step_s", "startup_s", "device", "torch"}
+ENV_KEYS = {"device", "driver", "torch", "triton", "python", "dtype"}
+
+
+def run_script(name, *args, tmpdir=None):
+    """python bench/<name>.py ARGS, kernels on their CPU reference (no interpreter: these runs check
+    the scripts, the kernel tests check the kernels), without PYTHONPATH (the harness finds the
+    repository); with tmpdir, run there with it as the system temp folder. -> stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *map(str, args)],
+                            capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=env, cwd=tmpdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def read_rows(path):
+    """The rows of a results JSON: a non-empty list, each row holding the run's environment."""
+    rows = json.loads(path.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert ENV_KEYS <= set(row), sorted(row)
+    return rows
+
+
+def results_listing():
+    """What bench/results/ holds: names and modification times."""
+    return sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS.iterdir())
+
+
+def test_default_output_goes_to_the_temp_folder(tmp_path):
+    before = results_listing()
+    out = run_script("launch_overhead", "--calls", 1, "--rounds", 1, tmpdir=tmp_path)
+    written = tmp_path / "mla_bench" / "launch_overhead_cpu.json"
+    assert f"wrote {written}" in out
+    assert {row["provider"] for row in read_rows(written)} == {"flash_attention eager", "sdpa eager"}
+    assert results_listing() == before
+
+
+def test_attention(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script("attention", "--seqlens", 32, "--layer_seqlens", 32, "--core_heads", 2, "--core_dims", 16,
+               "--heads", 2, "--head_sizes", 16, "--out", out)
+    rows = read_rows(out)
+    assert {row["table"] for row in rows} == {"core", "layer"}
+    assert all("fwd_bwd_ms" in row for row in rows)
+    for suffix in ("_core.csv", "_layer.csv", ".png"):
+        assert (tmp_path / f"attention{suffix}").stat().st_size > 0
+
+
+def test_decode(tmp_path):
+    out = tmp_path / "decode.json"
+    run_script("decode", "--shapes", "2x256", "--modes", "default", "--out", out)
+    rows = read_rows(out)
+    providers = {row["provider"] for row in rows if row["table"] == "timing"}
+    assert providers == {"torch_latent_math", "torch_latent", "reference"}
+    assert len([row for row in rows if row["table"] == "memory"]) == 3
+    for suffix in ("_timings.csv", "_memory.csv", ".png"):
+        assert (tmp_path / f"decode{suffix}").stat().st_size > 0
+
+
+def test_append(tmp_path):
+    out = tmp_path / "append.json"
+    run_script("append", "--out", out)
+    rows = read_rows(out)
+    assert all(row["passed"] for row in rows if row["table"] == "correctness")
+    assert {(row["mode"], row["provider"]) for row in rows if row["table"] == "timing"} == {
+        (mode, provider) for mode in ("default", "joint") for provider in ("fused", "unfused")}
+
+
+def test_svd(tmp_path):
+    out = tmp_path / "svd.json"
+    stdout = run_script("svd", "--out", out)
+    rows = read_rows(out)
+    assert {row["table"] for row in rows} == {"correctness", "shape", "model"}
+    assert "checks ok: True" in stdout
+    assert (tmp_path / "svd.csv").stat().st_size > 0 and (tmp_path / "svd.png").stat().st_size > 0
+
+
+def test_generate(tmp_path):
+    out = tmp_path / "generate.json"
+    run_script("generate", "--prompt", 8, "--new_tokens", 4, "--check_tokens", 4, "--out", out)
+    rows = read_rows(out)
+    speed = {row["provider"] for row in rows if row["table"] == "speed"}
+    assert speed == {"mla-recompute", "mla-latent-cache", "standard-kv-cache"}
+    assert all(row["fraction"] == 1.0 for row in rows if row["table"] == "check")
+    assert (tmp_path / "generate.png").stat().st_size > 0
+
+
+def test_convert_timing(tmp_path):
+    out = tmp_path / "convert_timing.json"
+    run_script("convert", "--timing", "--out", out)
+    rows = read_rows(out)
+    assert {(row["latent_dim"], row["calibrated"]) for row in rows} == {(16, False), (16, True), (32, False),
+                                                                        (32, True)}
+    assert next(row for row in rows if row["latent_dim"] == 32 and not row["calibrated"])[
+        "full_rank_max_logit_diff"] < 1e-4
+
+
+def test_convert_quality(tmp_path):
+    out = tmp_path / "convert_quality.json"
+    run_script("convert", "--iters", 4, "--eval_iters", 1, "--work_dir", tmp_path / "work", "--out", out)
+    rows = read_rows(out)
+    quality = [row for row in rows if row["table"] == "quality"]
+    assert {(row["latent_dim"], row["calibration_batches"]) for row in quality} == {
+        (r, calib) for r in (32, 16, 8) for calib in (0, 8)}
+    assert next(row for row in rows if row["table"] == "summary")["iters"] == 4
+    assert (tmp_path / "convert_quality.csv").stat().st_size > 0
+
+
+def test_model_check(tmp_path):
+    out = tmp_path / "model_check.json"
+    run_script("model_check", "--out", out)
+    rows = read_rows(out)
+    assert [row["table"] for row in rows] == ["correctness"] * 4 and all(row["passed"] for row in rows)
+
+
+def test_train(tmp_path):
+    out = tmp_path / "train.json"
+    stdout = run_script("train", "--steps", 2, "--rounds", 1, "--warmup", 0, "--out", out)
+    assert "these numbers say nothing about speed" in stdout
+    rows = read_rows(out)
+    assert {(r["shape"], r["variant"]) for r in rows} == {
+        (shape, variant) for shape in ("char", "gpt2s") for variant in ("mha", "mla_kernels", "mla_sdpa")
+    }
+    for row in rows:
+        assert TRAIN_ROW_KEYS <= set(row) and row["mode"] == "eager" and row["tokens_per_s"] > 0
+    assert (tmp_path / "train.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script", ["run_h200.sh", "run_train_h200.sh"])
+def test_run_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(REPO / "bench" / script)], check=True)
