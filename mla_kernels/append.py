@@ -99,7 +99,9 @@ _project_append_tuned = triton.autotune(configs=_CONFIGS, key=["ROW_BUCKET", "C"
 
 
 def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
-    tensors = {"x": x, "weight": weight, "k_cache": k_cache, "v_cache": v_cache} | ({} if bias is None else {"bias": bias})
+    tensors = {"x": x, "weight": weight, "k_cache": k_cache, "v_cache": v_cache}
+    if bias is not None:
+        tensors["bias"] = bias
     check_tensors(**tensors)
     check_dtypes(**tensors)
     check_ndim("x", x, "(B, T, C)")

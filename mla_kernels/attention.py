@@ -35,8 +35,16 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
 from mla_kernels import reference
-from mla_kernels._dispatch import (KERNEL_DTYPES, autocast_inputs, check_dtypes, check_ndim, check_tensors,
-                                   interpreting, on_kernel_device, traced_or_eager)
+from mla_kernels._dispatch import (
+    KERNEL_DTYPES,
+    autocast_inputs,
+    check_dtypes,
+    check_ndim,
+    check_tensors,
+    interpreting,
+    on_kernel_device,
+    traced_or_eager,
+)
 from mla_kernels._tiles import LOG2E, tile_dim
 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
@@ -688,7 +696,8 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(hs)
     if on_kernel_device(q) and q.dtype in KERNEL_DTYPES:
-        out, lse = traced_or_eager(_mla_expanded_fwd_op, _EagerMLAExpanded.apply)(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
+        op = traced_or_eager(_mla_expanded_fwd_op, _EagerMLAExpanded.apply)
+        out, lse = op(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
     else:
         out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
     return (out, lse) if return_lse else out

@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_kernels._dispatch import check_dtypes, check_ndim, check_tensors, interpreting, on_kernel_device, traced_or_eager
+from mla_kernels._dispatch import (
+    check_dtypes,
+    check_ndim,
+    check_tensors,
+    interpreting,
+    on_kernel_device,
+    traced_or_eager,
+)
 from mla_kernels._tiles import LOG2E, tile_dim
 from mla_kernels.reference import latent_decode_ref
 
@@ -396,4 +403,5 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     decode step), where a sync per layer and token would stall the launch queue.
     """
     _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens)
-    return traced_or_eager(_latent_decode_op, _latent_decode_impl)(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)
+    op = traced_or_eager(_latent_decode_op, _latent_decode_impl)
+    return op(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from mla_kernels._dispatch import on_kernel_device
 from mla_kernels._tiles import tile_dim
+
 from .reference import randomized_svd_ref
 
 _DOT_PRECISION = "tf32x3"  # three TF32 products per float32 product: ~float32 accuracy on tensor cores

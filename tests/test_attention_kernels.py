@@ -101,7 +101,8 @@ def test_flash_attention_matches_reference(case, poison):
 
 
 def test_explicit_scale_matches_reference(poison):
-    q, k, v = _leaf((1, 33, 4, 32), torch.float32), _leaf((1, 33, 2, 32), torch.float32), _leaf((1, 33, 2, 32), torch.float32)
+    q = _leaf((1, 33, 4, 32), torch.float32)
+    k, v = _leaf((1, 33, 2, 32), torch.float32), _leaf((1, 33, 2, 32), torch.float32)
     out = flash_attention(q, k, v, softmax_scale=0.3)
     ref, _ = reference.attention_ref(q.double(), k.double(), v.double(), softmax_scale=0.3)
     assert_close("out", out, ref, *F32[1:])

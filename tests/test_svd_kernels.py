@@ -52,7 +52,8 @@ def _check_orthonormal(X, name):
     gram = X.double().mT @ X.double()
     eye = torch.eye(X.shape[-1], dtype=torch.float64)
     dev = (gram - eye).abs()
-    assert dev.max() <= ORTHO_ATOL, f"{name}^T {name} - I: max {dev.max():.3g} at {divmod(int(dev.argmax()), X.shape[-1])}"
+    worst = divmod(int(dev.argmax()), X.shape[-1])
+    assert dev.max() <= ORTHO_ATOL, f"{name}^T {name} - I: max {dev.max():.3g} at {worst}"
 
 
 def _gen(seed):

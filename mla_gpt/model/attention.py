@@ -332,7 +332,9 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
             q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
             c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
-            c_v = None if self.caches_joint_latent else projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
+            c_v = None  # a cached joint latent has no value rows
+            if not self.caches_joint_latent:
+                c_v = projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
             if cache is not None:
                 c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
         if cache is None:

@@ -122,8 +122,7 @@ def check_decode(case, num_splits):
     """latent_decode against the float64 reference and PyTorch's low-precision result, same inputs."""
     q, ck, cv, lens = make_inputs(*case)
     out, lse = latent_decode(q, ck, cv, lens, SCALE, num_splits=num_splits)
-    as64 = (lambda t: None if t is None else t.double())
-    out64, lse64 = latent_decode_ref(as64(q), as64(ck), as64(cv), lens, SCALE)
+    out64, lse64 = latent_decode_ref(q.double(), ck.double(), None if cv is None else cv.double(), lens, SCALE)
     out_torch, lse_torch = latent_decode_ref(q, ck, cv, lens, SCALE)
     assert out.shape == out64.shape and out.dtype == LOW
     assert lse.shape == lse64.shape and lse.dtype == torch.float32
