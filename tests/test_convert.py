@@ -13,8 +13,10 @@ import torch
 from mla_gpt.cli import convert as convert_cli
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from mla_gpt.cli.configurator import load_config
-from mla_gpt.cli.convert import CHECKPOINT_NAME, attention_input_moments, convert_model, convert_state_dict
+from mla_gpt.cli.convert import attention_input_moments, convert_model, convert_state_dict
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
 from mla_gpt.data import prepare
 from mla_gpt.model import GPT, GPTConfig
 
@@ -170,7 +172,7 @@ def tiny_args(data_dir, out_dir, **overrides):
 
 
 def run_train(args):
-    return train_cli.train(load_config(args, train_cli.TrainConfig, train_cli.ModelKeys))
+    return train_cli.train(load_config(args, TrainConfig, ModelKeys))
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +194,14 @@ def test_converted_checkpoint_resumes_trains_and_samples(standard, tmp_path, cap
     printed = capsys.readouterr().out
     assert "layer 1: relative reconstruction error K" in printed and "weighted V" in printed
     assert "standard 64 elements, MLA 32" in printed and "2.00x smaller" in printed
-    checkpoint = train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)
+    checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
     assert checkpoint["iter_num"] == 0 and checkpoint["model_args"]["use_mla"]
     assert checkpoint["converted_from"]["report"]["calibrated"]
 
-    before = train_cli.model_from_checkpoint(checkpoint).state_dict()
+    before = model_from_checkpoint(checkpoint).state_dict()
     result = run_train(tiny_args(data_dir, str(out_dir), init_from="resume", max_iters=4, eval_interval=4))
     assert result["iter_num"] == 4 and result["model"].config.use_mla and result["model"].config.latent_dim == 8
-    after = train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)
+    after = load_checkpoint(out_dir / CHECKPOINT_NAME)
     assert after["iter_num"] == 4
     assert any(not torch.equal(before[k], v) for k, v in after["model"].items())
 
@@ -213,8 +215,8 @@ def test_converted_loss_matches_at_full_rank(standard, tmp_path):
     data_dir, in_dir = standard
     out_dir = tmp_path / "full"
     assert convert_cli.main([f"--in_dir={in_dir}", f"--out_dir={out_dir}", "--mla_latent_dim=16"]) == 0
-    source = train_cli.model_from_checkpoint(train_cli.load_checkpoint(f"{in_dir}/{CHECKPOINT_NAME}")).eval()
-    converted = train_cli.model_from_checkpoint(train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)).eval()
+    source = model_from_checkpoint(load_checkpoint(f"{in_dir}/{CHECKPOINT_NAME}")).eval()
+    converted = model_from_checkpoint(load_checkpoint(out_dir / CHECKPOINT_NAME)).eval()
     idx = torch.randint(0, source.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(converted(idx, idx)[0], source(idx, idx)[0], atol=1e-4, rtol=1e-4)

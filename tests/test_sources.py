@@ -15,10 +15,11 @@ import torch
 from mla_gpt.cli import convert as convert_cli
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError
 from mla_gpt.cli.configurator import load_config
 from mla_gpt.cli.convert import convert_model
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
 from mla_gpt.cli.sources import read_source
-from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError
 from mla_gpt.data import prepare
 from mla_gpt.model import GPT, GPTConfig
 
@@ -106,7 +107,7 @@ def test_train_starts_from_a_saved_gpt2_folder(tmp_path, capsys):
     args = [f"--init_from=hf:{folder}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
             "--dtype=float32", "--compile=False", "--progress_bar=False", "--block_size=16", "--batch_size=4",
             "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--dropout=0.0"]
-    summary = train_cli.train(load_config(args, train_cli.TrainConfig, train_cli.ModelKeys))
+    summary = train_cli.train(load_config(args, TrainConfig, ModelKeys))
     assert f"hf:{folder}: Hugging Face GPT-2 (2 layers, 64 wide)" in capsys.readouterr().out
     assert summary["iter_num"] == 2 and summary["model"].config.block_size == 16
     char_dir = tmp_path / "char"

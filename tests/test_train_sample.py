@@ -16,8 +16,14 @@ import torch
 
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, portable_optimizer_state
 from mla_gpt.cli.configurator import ConfigError, load_config
-from mla_gpt.cli.train import CHECKPOINT_NAME, CheckpointError, ModelKeys, TrainConfig, TrainingDiverged
+from mla_gpt.cli.data import Batches
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
+from mla_gpt.cli.metrics import METRICS_NAME, PLOT_NAME, Metrics
+from mla_gpt.cli.runtime import Runtime, bf16_peak
+from mla_gpt.cli.step import TrainStep, capturable_optimizer, set_learning_rate, use_cuda_graphs
+from mla_gpt.cli.train import TrainingDiverged
 from mla_gpt.data import prepare
 from mla_gpt.model import GPT
 
@@ -63,7 +69,7 @@ def run_train(args):
 
 
 def train_losses(out_dir):
-    records = train_cli.Metrics.read(Path(out_dir) / train_cli.METRICS_NAME)
+    records = Metrics.read(Path(out_dir) / METRICS_NAME)
     return {r["iter"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
@@ -244,7 +250,7 @@ def test_train_on_bpe_data_takes_vocab_from_meta(tmp_path):
     )
     summary = run_train(args)
     assert summary["model"].config.vocab_size == enc.n_vocab
-    assert train_cli.load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME)["meta"]["encoding"] == "tiny_test"
+    assert load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME)["meta"]["encoding"] == "tiny_test"
 
 
 def test_ensure_prepared_runs_once_with_one_line(tmp_path):
@@ -266,11 +272,11 @@ def test_short_run_loss_falls(trained):
     losses = train_losses(out_dir)
     assert sorted(losses) == list(range(20))
     assert np.mean([losses[i] for i in range(17, 20)]) < np.mean([losses[i] for i in range(3)]) - 0.5
-    evals = [r for r in train_cli.Metrics.read(Path(out_dir) / train_cli.METRICS_NAME) if r["kind"] == "eval"]
+    evals = [r for r in Metrics.read(Path(out_dir) / METRICS_NAME) if r["kind"] == "eval"]
     assert [r["iter"] for r in evals] == [0, 10, 20] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert summary["iter_num"] == 20 and summary["val_loss"] == evals[-1]["val_loss"]
-    assert (Path(out_dir) / train_cli.PLOT_NAME).stat().st_size > 0
-    checkpoint = train_cli.load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    assert (Path(out_dir) / PLOT_NAME).stat().st_size > 0
+    checkpoint = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
     assert checkpoint["iter_num"] == 20 and checkpoint["model_args"]["use_mla"] is True
     assert set(checkpoint["rng"][0]) == {"torch", "cuda", "numpy", "python", "sampler"}
 
@@ -338,7 +344,7 @@ def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
     with pytest.raises(
         CheckpointError, match=r"not an mla_gpt checkpoint \(missing format, model, model_args"
     ):
-        train_cli.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+        load_checkpoint(tmp_path / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match=r"no checkpoint at"):
         run_train(tiny_args(data_dir, str(tmp_path / "empty"), init_from="resume"))
 
@@ -374,7 +380,7 @@ def test_sample_errors(trained, tmp_path, capsys):
     out_dir, _ = trained
     assert sample_cli.main(sample_args(str(tmp_path / "none"))) == 2
     assert "no checkpoint at" in capsys.readouterr().err
-    checkpoint = train_cli.load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    checkpoint = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
     checkpoint["model_args"]["n_embd"] = 48  # weights no longer fit the described model
     torch.save(checkpoint, tmp_path / CHECKPOINT_NAME)
     assert sample_cli.main(sample_args(str(tmp_path))) == 2
@@ -395,7 +401,8 @@ def test_sample_errors(trained, tmp_path, capsys):
 DDP_WRAPPER = """
 import os, sys, torch
 from mla_gpt.cli.configurator import load_config
-from mla_gpt.cli.train import ModelKeys, TrainConfig, train
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
+from mla_gpt.cli.train import train
 summary = train(load_config(sys.argv[1:], TrainConfig, ModelKeys))
 flat = torch.cat([p.detach().flatten() for p in summary["model"].parameters()]).double()
 with open(os.path.join(summary["out_dir"], f"checksum-rank{os.environ['RANK']}.txt"), "w") as f:
@@ -423,8 +430,8 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(data_dir, tmp_path):
     checksums = [(out_dir / f"checksum-rank{r}.txt").read_text() for r in range(2)]
     assert checksums[0] == checksums[1]
     assert "tokens per iteration: 256 (2 process(es) x 1 micro-steps" in result.stdout
-    assert train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)["iter_num"] == 6
-    assert len(train_cli.load_checkpoint(out_dir / CHECKPOINT_NAME)["rng"]) == 2
+    assert load_checkpoint(out_dir / CHECKPOINT_NAME)["iter_num"] == 6
+    assert len(load_checkpoint(out_dir / CHECKPOINT_NAME)["rng"]) == 2
 
 
 def test_cuda_graphs_need_a_cuda_device(data_dir, tmp_path, capsys):
@@ -436,8 +443,8 @@ def test_cuda_graphs_need_a_cuda_device(data_dir, tmp_path, capsys):
 def test_prefetched_batch_is_the_next_one_and_its_state_is_checkpointed(data_dir):
     """The trainer draws batch i + 1 while the device runs batch i: same batches, same saved state."""
     path = Path(data_dir) / "train.bin"
-    plain = train_cli.Batches(path, 3, 8, "cpu", seed=5)
-    ahead = train_cli.Batches(path, 3, 8, "cpu", seed=5)
+    plain = Batches(path, 3, 8, "cpu", seed=5)
+    ahead = Batches(path, 3, 8, "cpu", seed=5)
     for _ in range(3):
         state = ahead.get_state()
         assert torch.equal(state, plain.get_state())
@@ -515,7 +522,7 @@ def test_a_nan_between_loss_reads_is_still_caught(data_dir, tmp_path, monkeypatc
     """One unread step with a NaN loss (the steps after it finite): the read at the next log line
     finds it through the sum of the unread losses and names the iterations it may have been."""
     monkeypatch.setattr(train_cli, "reads_loss_every_step", lambda rt: False)
-    step = train_cli.TrainStep.__call__
+    step = TrainStep.__call__
     calls = []
 
     def one_nan(self):
@@ -523,7 +530,7 @@ def test_a_nan_between_loss_reads_is_still_caught(data_dir, tmp_path, monkeypatc
         calls.append(1)
         return loss * float("nan") if len(calls) == 5 else loss  # iter 4: not a logged iteration
 
-    monkeypatch.setattr(train_cli.TrainStep, "__call__", one_nan)
+    monkeypatch.setattr(TrainStep, "__call__", one_nan)
     with pytest.raises(TrainingDiverged, match=r"loss was NaN or inf in one of iters 4\.\.6; stopping"):
         run_train(tiny_args(data_dir, str(tmp_path), log_interval=3))
 
@@ -532,9 +539,9 @@ def test_mfu_peak_is_matched_by_whole_model_names(monkeypatch):
     for name, expected in (("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA L4", 121e12),
                            ("NVIDIA L40", None), ("NVIDIA A100-SXM4-80GB", 312e12)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        peak = train_cli.bf16_peak("cuda")
+        peak = bf16_peak("cuda")
         assert (None if peak is None else peak[1]) == expected, name
-    assert train_cli.bf16_peak("cpu") is None
+    assert bf16_peak("cpu") is None
 
 
 MODEL_ARGS = {"use_svd": False}
@@ -542,23 +549,23 @@ MODEL_ARGS = {"use_svd": False}
 
 @pytest.mark.parametrize("compile_model", [True, False], ids=["compile", "eager"])
 def test_cuda_graphs_default_captures_the_step_on_one_cuda_process(compile_model):
-    single = train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
-    ddp = train_cli.Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)
-    cpu = train_cli.Runtime("cpu", "cpu", torch.float32, False, 0, 0, 1)
+    single = Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
+    ddp = Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)
+    cpu = Runtime("cpu", "cpu", torch.float32, False, 0, 0, 1)
     auto = {"cuda_graphs": None}
-    assert train_cli.use_cuda_graphs(auto, single, compile_model, MODEL_ARGS) == "step"
-    assert train_cli.use_cuda_graphs(auto, ddp, compile_model, MODEL_ARGS) == "off"
-    assert train_cli.use_cuda_graphs(auto, cpu, compile_model, MODEL_ARGS) == "off"
+    assert use_cuda_graphs(auto, single, compile_model, MODEL_ARGS) == "step"
+    assert use_cuda_graphs(auto, ddp, compile_model, MODEL_ARGS) == "off"
+    assert use_cuda_graphs(auto, cpu, compile_model, MODEL_ARGS) == "off"
 
 
 def test_cuda_graphs_default_falls_back_where_the_step_cannot_be_captured():
     """SVD or float16: the compiler's graphs when compiling, else none."""
-    single = train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
-    fp16 = train_cli.Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1)
+    single = Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
+    fp16 = Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1)
     auto = {"cuda_graphs": None}
-    assert train_cli.use_cuda_graphs(auto, single, True, {"use_svd": True}) == "compiler"
-    assert train_cli.use_cuda_graphs(auto, single, False, {"use_svd": True}) == "off"
-    assert train_cli.use_cuda_graphs(auto, fp16, True, MODEL_ARGS) == "compiler"
+    assert use_cuda_graphs(auto, single, True, {"use_svd": True}) == "compiler"
+    assert use_cuda_graphs(auto, single, False, {"use_svd": True}) == "off"
+    assert use_cuda_graphs(auto, fp16, True, MODEL_ARGS) == "compiler"
 
 
 @pytest.mark.parametrize("mode, runtime, compile_model, model_args, message", [
@@ -570,23 +577,23 @@ def test_cuda_graphs_default_falls_back_where_the_step_cannot_be_captured():
     ("True", "single", True, MODEL_ARGS, r"cuda_graphs must be one of 'step', 'compiler', 'off' or None; got 'True'"),
 ], ids=["step-ddp", "compiler-eager", "step-svd", "step-fp16", "bool-word"])
 def test_cuda_graphs_refusals_name_the_reason(mode, runtime, compile_model, model_args, message):
-    rt = {"single": train_cli.Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1),
-          "fp16": train_cli.Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1),
-          "ddp": train_cli.Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)}[runtime]
+    rt = {"single": Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1),
+          "fp16": Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1),
+          "ddp": Runtime("cuda:0", "cuda", torch.bfloat16, True, 0, 0, 2)}[runtime]
     with pytest.raises(ConfigError, match=message):
-        train_cli.use_cuda_graphs({"cuda_graphs": mode}, rt, compile_model, model_args)
+        use_cuda_graphs({"cuda_graphs": mode}, rt, compile_model, model_args)
 
 
 def test_learning_rate_is_set_in_place_once_it_is_a_tensor():
     """A captured optimizer step reads its learning rate from the tensor's memory: fill it, never rebind."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    train_cli.set_learning_rate(optimizer, 2e-3)
+    set_learning_rate(optimizer, 2e-3)
     assert optimizer.param_groups[0]["lr"] == 2e-3
-    train_cli.capturable_optimizer(optimizer, "cpu")
+    capturable_optimizer(optimizer, "cpu")
     lr_tensor = optimizer.param_groups[0]["lr"]
     assert optimizer.param_groups[0]["capturable"] and lr_tensor.item() == pytest.approx(2e-3)
-    train_cli.set_learning_rate(optimizer, 5e-4)
+    set_learning_rate(optimizer, 5e-4)
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(5e-4)
 
 
@@ -594,9 +601,9 @@ def test_checkpointed_optimizer_state_is_plain_after_a_graphed_run():
     """A graphed run's tensor learning rate and capturable flag are not saved: a CPU run resumes it."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    train_cli.capturable_optimizer(optimizer, "cpu")
-    train_cli.set_learning_rate(optimizer, 4e-4)
-    state = train_cli.portable_optimizer_state(optimizer)
+    capturable_optimizer(optimizer, "cpu")
+    set_learning_rate(optimizer, 4e-4)
+    state = portable_optimizer_state(optimizer)
     assert state["param_groups"][0]["lr"] == pytest.approx(4e-4) and type(state["param_groups"][0]["lr"]) is float
     assert state["param_groups"][0]["capturable"] is False
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # the live optimizer is untouched

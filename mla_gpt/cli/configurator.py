@@ -128,15 +128,14 @@ def load_config(argv, *dataclasses):
     return config
 
 
-def help_text(prog, usage, *dataclasses, extra_help=None):
-    """Usage line and one line per key: name, type, default and help (field metadata, else extra_help[name])."""
-    extra_help = extra_help or {}
+def help_text(prog, usage, *dataclasses):
+    """Usage line and one line per key: name, type, default and help (the field's metadata)."""
     lines = [f"usage: {prog} {usage}", "", "keys (--key=value; defaults shown):"]
     for cls in dataclasses:
         lines.append(f"  [{cls.__name__}]")
         for name, key in config_schema(cls).items():
             setting = f"--{name}={key.default!r}"
             lines.append(
-                f"    {setting:<34} {type_name(key.type):<14} {key.help or extra_help.get(name, '')}".rstrip()
+                f"    {setting:<34} {type_name(key.type):<14} {key.help}".rstrip()
             )
     return "\n".join(lines)

@@ -17,15 +17,9 @@ from typing import Optional
 
 import torch
 
+from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
-from mla_gpt.cli.train import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_device,
-    resolve_dtype,
-)
+from mla_gpt.cli.runtime import resolve_device, resolve_dtype
 
 
 @dataclass

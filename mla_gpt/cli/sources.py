@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from mla_gpt.cli.configurator import ConfigError
-from mla_gpt.cli.train import (
+from mla_gpt.cli.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     check_checkpoint,
     model_from_checkpoint,
     read_checkpoint_file,
 )
+from mla_gpt.cli.configurator import ConfigError
 
 FORMATS = "this project's out_dir (ckpt.pt), a nanoGPT out_dir (ckpt.pt with model_args and model), " \
           "or a Hugging Face GPT-2 folder (config.json and model.safetensors or pytorch_model.bin)"

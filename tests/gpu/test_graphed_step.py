@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from mla_gpt.cli.train import Batches, Runtime, TrainStep, capturable_optimizer, set_learning_rate
+from mla_gpt.cli.data import Batches
+from mla_gpt.cli.runtime import Runtime
+from mla_gpt.cli.step import TrainStep, capturable_optimizer, set_learning_rate
 from mla_gpt.model import GPT, GPTConfig
 
 ITERS = TrainStep.CAPTURE_AFTER_ITERS + 4
