@@ -28,7 +28,7 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # small whol
 @triton.jit
 def _project_append_kernel(
     X, W, BIAS, Q, KC, VC, POS,
-    pos_value, M, T, C, QUERY_DIM, KEY_COLS, VALUE_COLS, R, RV,
+    pos_value, stride_pos, M, T, C, QUERY_DIM, KEY_COLS, VALUE_COLS, R, RV,
     stride_xm, stride_wn, stride_qm,
     stride_kb, stride_kg, stride_kl,
     stride_vb, stride_vg, stride_vl,
@@ -67,8 +67,11 @@ def _project_append_kernel(
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = acc.to(Q.dtype.element_ty)
 
-    pos = tl.load(POS).to(tl.int32) if POS_FROM_TENSOR else pos_value
     b = offs_m // T
+    if POS_FROM_TENSOR:  # per sequence (stride_pos 1), or one for all (stride_pos 0)
+        pos = tl.load(POS + b * stride_pos, mask=m_ok, other=0).to(tl.int32)  # (BLOCK_M,)
+    else:
+        pos = pos_value
     slot = pos + offs_m % T  # cache position of each row's token
 
     is_q = offs_n < QUERY_DIM
@@ -123,9 +126,11 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     if B > max_batch:
         raise ValueError(f"x has batch {B}, the cache holds max_batch={max_batch}")
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dim() != 0 or cache_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cache_seqlens as a tensor must be a 0-dim int32/int64, got {cache_seqlens.dtype} "
-                             f"shape {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.shape not in ((), (B,)) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cache_seqlens as a tensor must be int32/int64 of shape () or ({B},), got "
+                             f"{cache_seqlens.dtype} shape {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.dim() and cache_seqlens.stride(0) != 1:
+            raise ValueError("cache_seqlens of shape (B,) must be contiguous")
     elif not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool):
         raise TypeError(f"cache_seqlens must be an int or a 0-dim integer tensor, got {type(cache_seqlens).__name__}")
     elif cache_seqlens < 0 or cache_seqlens + T > max_seq:
@@ -143,9 +148,10 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_s
     q = torch.empty(M, query_dim, device=x.device, dtype=x.dtype)  # (B T, query_dim)
     from_tensor = isinstance(cache_seqlens, torch.Tensor)
     pos_tensor = cache_seqlens if from_tensor else q  # unread placeholder when the position is an int
+    pos_stride = 1 if from_tensor and cache_seqlens.dim() == 1 else 0  # one start per row, or one for all
     value_buf = v_cache if value_cols else k_cache  # a joint latent's empty v_cache may have no storage
     args = (x2, weight, weight if bias is None else bias, q, k_cache, value_buf, pos_tensor,
-            0 if from_tensor else cache_seqlens, M, T, C, query_dim, key_cols, value_cols, r, max(rv, 1),
+            0 if from_tensor else cache_seqlens, pos_stride, M, T, C, query_dim, key_cols, value_cols, r, max(rv, 1),
             x2.stride(0), weight.stride(0), max(query_dim, 1),
             k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),  # (batch, group, position)
             v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
@@ -189,12 +195,13 @@ def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     k_cache: (max_batch, max_seq, g, r), v_cache: (max_batch, max_seq, g, rv), rv = 0 when
       joint: the layout `latent_decode` reads, any strides but a contiguous last dim (a
       `LatentKVCache`'s `.k` / `.v`); in x's dtype, on x's device.
-    cache_seqlens: tokens already in each row's cache, the same for every row, so the new
-      tokens go to positions cache_seqlens, cache_seqlens + 1, ...: an int (checked against
-      max_seq), or a 0-dim integer tensor on the device (not checked: that would synchronize;
-      static-shape decode steps and CUDA graphs pass it this way).
-    Writes k_cache[b, cache_seqlens + t] and v_cache[b, cache_seqlens + t] for b < B, t < T,
-    nothing else. Returns q' (B, T, query_dim). On CPU tensors without TRITON_INTERPRET=1 it runs
+    cache_seqlens: tokens already in each row's cache, so row b's new tokens go to positions
+      cache_seqlens[b], cache_seqlens[b] + 1, ...: an int (the same for every row, checked
+      against max_seq), or an integer tensor on the device of shape () (the same for every
+      row) or (B,) (one per row: batches of prompts of different lengths); tensors are not
+      checked (that would synchronize; static-shape decode steps and CUDA graphs pass them).
+    Writes k_cache[b, cache_seqlens[b] + t] and v_cache[b, cache_seqlens[b] + t] for b < B,
+    t < T, nothing else. Returns q' (B, T, query_dim). On CPU tensors without TRITON_INTERPRET=1 it runs
     `mla_kernels.reference.project_append_ref` instead.
     """
     _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)

@@ -56,6 +56,17 @@ class LatentKVCache(nn.Module):
         """Bytes one cached position of one sequence takes."""
         return self.nbytes // (self.max_batch * self.max_seq)
 
+    def keep_rows(self, rows):
+        """Move rows (a 1-D index tensor, in the order wanted) to the front of the cache.
+
+        For batches whose sequences finish at different steps: the rows still generating then
+        fill rows 0 .. len(rows) - 1, and the finished ones stop costing work.
+        """
+        n = rows.numel()
+        self.k_cache[:n] = self.k_cache[rows]
+        if not self.joint:
+            self.v_cache[:n] = self.v_cache[rows]
+
     def project_update(self, cache_seqlens, x, weight, bias, query_dim):
         """Project the new tokens and write their latents in one kernel (`mla_kernels.append`).
 
@@ -76,9 +87,9 @@ class LatentKVCache(nn.Module):
     def update(self, cache_seqlens, k_new, v_new=None):
         """Write the latents of new tokens at positions cache_seqlens.. and return the cache.
 
-        cache_seqlens: tokens already in each row's cache (the same for every row), where the
-          first new token goes: an int, or a 0-dim integer tensor on the cache's device for
-          static-shape decode steps (CUDA graphs).
+        cache_seqlens: tokens already in each row's cache, where its first new token goes: an
+          int (the same for every row), or an integer tensor on the cache's device of shape ()
+          (static-shape decode steps, CUDA graphs) or (B,) (rows at different positions).
         k_new: (B, T, n_groups, key_dim); v_new: (B, T, n_groups, value_dim), None when joint.
         Returns (k, v): with an int cache_seqlens, views (B, cache_seqlens + T, n_groups, dim) of
         the filled prefix; with a tensor, the whole buffers (B, max_seq, n_groups, dim), whose
@@ -96,8 +107,11 @@ class LatentKVCache(nn.Module):
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         if (v_new is None) != self.joint:
             raise ValueError(f"v_new must be {'None' if self.joint else 'given'} for this cache")
-        positions = (cache_seqlens + torch.arange(T, device=k_new.device) if static
-                     else slice(cache_seqlens, cache_seqlens + T))
+        if static:  # (B, T) slots: each row from its own start
+            rows = torch.arange(B, device=k_new.device)[:, None]  # (B, 1)
+            slots = (rows, cache_seqlens.expand(B)[:, None] + torch.arange(T, device=k_new.device))
+        else:
+            slots = (slice(0, B), slice(cache_seqlens, cache_seqlens + T))
         for name, new, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
             if new is None:
                 continue
@@ -108,5 +122,5 @@ class LatentKVCache(nn.Module):
             expected = (B, T, buf.shape[2], buf.shape[3])
             if tuple(new.shape) != expected:
                 raise ValueError(f"{name} must be {expected}, got {tuple(new.shape)}")
-            buf[:B, positions] = new
+            buf[slots] = new
         return self._filled(B, T, cache_seqlens)

@@ -116,9 +116,10 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
 
     x: (B, T, C); weight: (query_dim + g r + g rv, C); bias: (same,) or None;
     k_cache: (max_batch, max_seq, g, r), v_cache: (max_batch, max_seq, g, rv), rv = 0 for a
-    joint latent; cache_seqlens: an int or a 0-dim integer tensor, the tokens already cached
-    (token 0 goes to that position). Writes k_cache[:B, cache_seqlens + t] and v_cache
-    likewise, in the caches' dtype. Returns q' (B, T, query_dim) in x's dtype.
+    joint latent; cache_seqlens: the tokens already cached (token 0 goes to that position), an
+    int or an integer tensor of shape () or (B,) (per row). Writes k_cache[b, cache_seqlens[b]
+    + t] and v_cache likewise for b < B, in the caches' dtype. Returns q' (B, T, query_dim) in
+    x's dtype.
     """
     B, T, _ = x.shape
     g, r, rv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
@@ -127,10 +128,12 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
     if bias is not None:
         y = y + bias.to(cdt)
     q, c_k, c_v = y.split([query_dim, g * r, g * rv], dim=-1)
-    positions = int(cache_seqlens) + torch.arange(T, device=x.device)
-    k_cache[:B, positions] = c_k.reshape(B, T, g, r).to(k_cache.dtype)
+    starts = torch.as_tensor(cache_seqlens, device=x.device).expand(B)  # (B,)
+    rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+    positions = starts[:, None] + torch.arange(T, device=x.device)  # (B, T)
+    k_cache[rows, positions] = c_k.reshape(B, T, g, r).to(k_cache.dtype)
     if rv:
-        v_cache[:B, positions] = c_v.reshape(B, T, g, rv).to(v_cache.dtype)
+        v_cache[rows, positions] = c_v.reshape(B, T, g, rv).to(v_cache.dtype)
     return q.to(x.dtype)
 
 

@@ -44,25 +44,36 @@ def _assert_close(out, ref, atol, rtol, what):
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
+def _positions(kind, B, T, pos):
+    """cache_seqlens as the op takes it: an int, a 0-dim tensor, or one start per row (all in range)."""
+    if kind == "int":
+        return pos
+    if kind == "tensor":
+        return torch.tensor(pos)
+    return torch.tensor([(pos + 5 * b) % (MAX_SEQ - T + 1) for b in range(B)])  # rows at different positions
+
+
 @pytest.mark.parametrize("dtype", list(TOLS), ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("tensor_pos", [False, True], ids=["int-pos", "tensor-pos"])
+@pytest.mark.parametrize("positions", ["int", "tensor", "per-row"], ids=lambda k: f"{k}-pos")
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference_and_writes_only_new_slots(case, tensor_pos, dtype):
+def test_matches_reference_and_writes_only_new_slots(case, positions, dtype):
     B, T, C, qd, g, r, rv, bias, pos = case
     x, weight, b, k_cache, v_cache = _inputs(B, T, C, qd, g, r, rv, bias, dtype)
+    cache_seqlens = _positions(positions, B, T, pos)
     k_ref, v_ref = k_cache.double(), v_cache.double()
-    q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref, pos)
+    q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref,
+                               cache_seqlens)
 
-    cache_seqlens = torch.tensor(pos) if tensor_pos else pos
     q = project_append(x, weight, b, qd, k_cache, v_cache, cache_seqlens)
     atol, rtol = TOLS[dtype]
     assert q.shape == (B, T, qd) and q.dtype == dtype
     _assert_close(q, q_ref, atol, rtol, "query columns")
     _assert_close(k_cache, k_ref, atol, rtol, "key latent cache")  # NaN everywhere it was not written
     _assert_close(v_cache, v_ref, atol, rtol, "value latent cache")
-    written = k_cache[:B, pos : pos + T]
-    assert not written.isnan().any(), "a new slot was not written"
-    assert k_cache.isnan().sum() == k_cache.numel() - written.numel(), "a slot outside the new tokens was written"
+    starts = torch.as_tensor(cache_seqlens).expand(B).tolist()
+    for row, start in enumerate(starts):
+        assert not k_cache[row, start : start + T].isnan().any(), f"a new slot of row {row} was not written"
+    assert k_cache.isnan().sum() == k_cache.numel() - B * T * g * r, "a slot outside the new tokens was written"
 
 
 def test_cache_method_returns_prefix_views_like_update():
@@ -92,7 +103,7 @@ def _valid_args():
     (dict(cache_seqlens=8), ValueError, r"cache overflow: positions \[8, 9\) do not fit max_seq=8"),
     (dict(cache_seqlens=-1), ValueError, "cache overflow"),
     (dict(cache_seqlens=2.0), TypeError, "cache_seqlens must be an int or a 0-dim integer tensor, got float"),
-    (dict(cache_seqlens=torch.tensor([3])), ValueError, "0-dim"),
+    (dict(cache_seqlens=torch.tensor([3, 4, 5])), ValueError, r"shape \(\) or \(2,\), got torch.int64 shape \(3,\)"),
     (dict(weight=torch.randn(90, 24)), ValueError, r"weight must be .* = \(96, 24\), got \(90, 24\)"),
     (dict(bias=torch.randn(95)), ValueError, r"bias must be \(96,\)"),
     (dict(x=torch.randn(3, 1, 24)), ValueError, "batch 3, the cache holds max_batch=2"),
@@ -100,7 +111,7 @@ def _valid_args():
     (dict(k_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), TypeError, "k_cache dtype torch.float16 differs"),
     (dict(v_cache=torch.zeros(2, 7, 2, 16)), ValueError, r"v_cache must be \(2, 8, 2, rv\)"),
     (dict(query_dim=-1), ValueError, "query_dim must be an int >= 0, got -1"),
-], ids=["pos-past-end", "pos-negative", "pos-float", "pos-1d", "weight-rows", "bias-shape", "batch",
+], ids=["pos-past-end", "pos-negative", "pos-float", "pos-shape", "weight-rows", "bias-shape", "batch",
         "x-dtype", "cache-dtype", "cache-shapes", "query-dim"])
 def test_bad_input_is_a_clear_error(change, error, match):
     args = {**_valid_args(), **change}

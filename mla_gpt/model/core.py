@@ -25,6 +25,7 @@ def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
     """PyTorch's fused attention on flash-attention's layout, causal mask aligned at q_offset.
 
     q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv); g < nh through enable_gqa.
+    q_offset: keys before query 0, an int, a 0-dim tensor, or a (B,) tensor (one per row).
     """
     Tq, Tk = q.size(1), k.size(1)
     d_qk, d_v = q.size(-1), v.size(-1)
@@ -37,8 +38,11 @@ def sdpa_attention(q, k, v, softmax_scale, q_offset, dropout_p=0.0):
     if isinstance(q_offset, int) and q_offset == 0 and Tq == Tk:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
     else:
-        q_pos = torch.arange(Tq, device=q.device)[:, None] + q_offset
-        mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (Tq, Tk)
+        per_row = isinstance(q_offset, torch.Tensor) and q_offset.dim() == 1
+        q_pos = torch.arange(Tq, device=q.device)[:, None] + (q_offset[:, None, None] if per_row else q_offset)
+        mask = torch.arange(Tk, device=q.device) <= q_pos  # (Tq, Tk), or (B, Tq, Tk) per row
+        if per_row:
+            mask = mask[:, None]  # (B, 1, Tq, Tk): one mask for every head of a row
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
     return y[..., :d_v].transpose(1, 2)  # (B, Tq, nh, Dv)
 

@@ -92,14 +92,16 @@ class GPT(nn.Module):
         elif isinstance(module, LatentExpansion):
             module.reset_parameters()
 
-    def forward(self, idx, targets=None, caches=None, input_pos=0):
+    def forward(self, idx, targets=None, caches=None, input_pos=0, logits_at=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, vocab) and the mean cross-entropy (-1 ignored).
-        Without: logits of the last position only (B, 1, vocab), loss None.
+        Without: logits of the last position only (B, 1, vocab), loss None; or of position
+        logits_at[b] in row b, with logits_at a (B,) tensor (rows of different lengths).
         caches: one LatentKVCache per layer (from `setup_caches`); idx then holds the tokens at
         positions input_pos .. input_pos + T - 1. input_pos may be a 0-dim tensor on the device
-        (static shapes for CUDA graphs); the caller then keeps it inside block_size. Passing
+        (static shapes for CUDA graphs), or a (B,) tensor, one position per row (prompts of
+        different lengths); the caller then keeps it inside block_size. Passing
         caches asks for generation, whose kernels (the fused cache append, the decode kernel)
         have no backward: call it under torch.no_grad() or torch.inference_mode().
         """
@@ -113,7 +115,9 @@ class GPT(nn.Module):
                 f"sequence of length {input_pos + t} (input_pos={input_pos} + {t} tokens) exceeds "
                 f"block_size={self.config.block_size}"
             )
-        pos = input_pos + torch.arange(t, dtype=torch.long, device=idx.device)  # (t,)
+        steps = torch.arange(t, dtype=torch.long, device=idx.device)  # (t,)
+        per_row = isinstance(input_pos, torch.Tensor) and input_pos.dim() == 1
+        pos = input_pos[:, None] + steps if per_row else input_pos + steps  # (t,), or (b, t) per row
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[i], input_pos)
@@ -122,7 +126,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, -1:, :])  # (b, 1, vocab)
+            last = x[:, -1:, :] if logits_at is None else x[torch.arange(b, device=x.device), logits_at][:, None]
+            logits = self.lm_head(last)  # (b, 1, vocab)
             loss = None
         return logits, loss
 
@@ -200,10 +205,80 @@ class GPT(nn.Module):
             tokens = torch.cat((tokens, next_token), dim=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False):
-        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache (see generate_stream)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph))
-        return torch.cat([idx, *new], dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False, lengths=None,
+                 stop_token=None):
+        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache (see generate_stream).
+
+        Prompts of different lengths, in one batch: idx a list of 1-D token tensors, or a padded
+        (B, T) batch with `lengths` (B,) (tokens past a row's length are ignored). Each row then
+        runs at its own position in the cache (the prompts are prefilled together, right-padded,
+        and each decode step feeds every row's token at that row's position), and the result is
+        a list of 1-D tensors, each prompt followed by its new tokens. A row that samples
+        stop_token ends there (the stop token included); its cache row is dropped from the batch,
+        so finished rows cost no more work. Every prompt plus max_new_tokens must fit block_size.
+        """
+        if isinstance(idx, (list, tuple)):
+            if lengths is not None:
+                raise ValueError("lengths goes with a padded (B, T) batch; a list of prompts carries its own")
+            prompts = list(idx)
+        elif lengths is not None or stop_token is not None:
+            lengths = [idx.size(1)] * idx.size(0) if lengths is None else torch.as_tensor(lengths).tolist()
+            if len(lengths) != idx.size(0) or not all(1 <= n <= idx.size(1) for n in lengths):
+                raise ValueError(f"lengths must hold {idx.size(0)} values in [1, {idx.size(1)}], got {lengths}")
+            prompts = [row[:n] for row, n in zip(idx, lengths)]
+        else:
+            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph))
+            return torch.cat([idx, *new], dim=1)
+        return self._generate_rows(prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token)
+
+    def _generate_rows(self, prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token):
+        """`generate` for prompts of different lengths: a list of 1-D tensors in, the same out."""
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
+        if not all(block.attn.supports_cache for block in self.transformer.h):
+            raise ValueError("prompts of different lengths need a KV cache; svd_mode='activation' keeps none")
+        lengths = [p.numel() for p in prompts]
+        max_seq = max(lengths) + max_new_tokens
+        if max_seq > self.config.block_size:
+            raise ValueError(f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"must fit block_size={self.config.block_size}")
+        device = prompts[0].device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got prompts on {device}")
+        B = len(prompts)
+        padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)  # (B, T), right-padded
+        for row, prompt in enumerate(prompts):
+            padded[row, : prompt.numel()] = prompt
+        positions = torch.tensor(lengths, device=device)  # (B,) where each row's next token goes
+        caches = self.setup_caches(B, max_seq)
+        logits, _ = self(padded, caches=caches, input_pos=0, logits_at=positions - 1)  # (B, 1, vocab)
+        rows = torch.arange(B, device=device)  # which prompt each cache row holds
+        new_tokens = []  # (row indices, tokens) per step
+        steps = {}  # decode step per batch size
+        for i in range(max_new_tokens):
+            token = _sample(logits[:, -1, :], temperature, top_k)  # (n, 1)
+            new_tokens.append((rows, token[:, 0]))
+            if i == max_new_tokens - 1:
+                break
+            if stop_token is not None:
+                going = token[:, 0] != stop_token  # (n,)
+                if not bool(going.all()):  # one sync per step, only when stopping is asked for
+                    keep = going.nonzero()[:, 0]  # (n',)
+                    if keep.numel() == 0:
+                        break
+                    for cache in caches:
+                        cache.keep_rows(keep)
+                    rows, positions, token = rows[keep], positions[keep], token[keep]
+            n = rows.numel()
+            if n not in steps:
+                steps[n] = _DecodeStep(self, caches, token, cuda_graph, positions)
+            logits = steps[n](token, positions)
+            positions = positions + 1
+        out = [[prompt] for prompt in prompts]
+        for step_rows, step_tokens in new_tokens:
+            for row, token in zip(step_rows.tolist(), step_tokens.split(1)):
+                out[row].append(token)
+        return [torch.cat(parts) for parts in out]
 
 
 class _DecodeStep:
@@ -212,14 +287,17 @@ class _DecodeStep:
     Plain: the position is an int and each layer attends over the filled prefix. With
     cuda_graph: static shapes (the position lives in a device tensor, attention reads the whole
     cache with its valid length), captured once as a CUDA graph and replayed every step.
+    positions: a (B,) tensor for rows at different positions (one per row, `generate` with
+    prompts of different lengths); the step then takes (B,) positions, not an int.
     """
 
-    def __init__(self, model, caches, token, cuda_graph):
+    def __init__(self, model, caches, token, cuda_graph, positions=None):
         self.model, self.caches, self.graph = model, caches, None
         if not cuda_graph:
             return
         self.token = token.clone()  # (B, 1)
-        self.position = torch.zeros((), dtype=torch.long, device=token.device)
+        shape = () if positions is None else positions.shape
+        self.position = torch.zeros(shape, dtype=torch.long, device=token.device)
         self.position.fill_(caches[0].max_seq - 1)  # warm up on the last slot: overwritten before it is read
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -234,7 +312,10 @@ class _DecodeStep:
         if self.graph is None:
             return self.model(token, caches=self.caches, input_pos=position)[0]
         self.token.copy_(token)
-        self.position.fill_(position)
+        if isinstance(position, torch.Tensor):
+            self.position.copy_(position)
+        else:
+            self.position.fill_(position)
         self.graph.replay()
         return self.logits
 
