@@ -225,7 +225,8 @@ def test_converted_loss_matches_at_full_rank(standard, tmp_path):
 def test_cli_errors(standard, tmp_path, capsys):
     _, in_dir = standard
     cases = [
-        ([f"--in_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'o'}"], "(found: no such folder); accepted: this project's out_dir"),
+        ([f"--in_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'o'}"],
+         "(found: no such folder); accepted: this project's out_dir"),
         ([f"--in_dir={in_dir}", f"--out_dir={tmp_path / 'o'}", "--mla_latent_dim=0"], "mla_latent_dim must be in"),
         ([f"--in_dir={in_dir}", f"--out_dir={tmp_path / 'o'}", "--mla_latent_dim=17"], "[1, 16]"),
         ([f"--in_dir={in_dir}", f"--out_dir={in_dir}"], "out_dir must differ from in_dir"),

@@ -35,8 +35,9 @@ Group j of the g latent groups holds heads j nh/g .. (j + 1) nh/g - 1 (their col
 Factorizations run batched over all layers and groups through `mla_kernels.svd.randomized_svd`
 (the Triton kernels on CUDA; float32 math) with `svd_oversample` extra sketch columns (default 16)
 and `svd_n_iter` power iterations (default 4): on the bench model (bench/convert.py) the error equals
-the exact truncated SVD's to four digits, and tests/test_convert.py holds it within 1% of it. float64 weights go to the float64 reference
-`randomized_svd_ref` instead, since the kernels compute in float32.
+the exact truncated SVD's to four digits, and tests/test_convert.py holds it within 1% of it.
+float64 weights go to the float64 reference `randomized_svd_ref` instead, since the kernels
+compute in float32.
 """
 
 import math
@@ -365,8 +366,9 @@ def convert(cfg, log=print):
         "config": checkpoint.get("config"),
         "meta": checkpoint.get("meta"),
         "rng": [],  # no RNG states: a resumed run draws dropout and batches afresh from its seed
-        "converted_from": {"in_dir": str(cfg["in_dir"]), "format": source.format, "iter_num": checkpoint.get("iter_num"),
-                           "best_val_loss": checkpoint.get("best_val_loss"), "report": report},
+        "converted_from": {"in_dir": str(cfg["in_dir"]), "format": source.format,
+                           "iter_num": checkpoint.get("iter_num"), "best_val_loss": checkpoint.get("best_val_loss"),
+                           "report": report},
     })
     log(f"converted in {report['seconds']:.2f} s on {device}; wrote {out_dir / CHECKPOINT_NAME} "
         f"(fine-tune: python -m mla_gpt.cli.train --init_from=resume --out_dir={out_dir} ...)")

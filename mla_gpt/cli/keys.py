@@ -73,7 +73,8 @@ class TrainConfig:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (bfloat16 on capable GPUs, float16 on others, float32 on CPU), 'float32', 'bfloat16', 'float16'"
+            "help": "'auto' (bfloat16 on capable GPUs, float16 on others, float32 on CPU), 'float32', "
+            "'bfloat16', 'float16'"
         },
     )
     compile: Optional[bool] = field(

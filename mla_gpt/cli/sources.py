@@ -132,7 +132,8 @@ def hf_gpt2_source(name):
         model = GPT2LMHeadModel.from_pretrained(name)
     except OSError as e:
         raise ConfigError(
-            f"could not load {name!r} through transformers (no network and not in its cache?): {str(e).splitlines()[0]}. "
+            f"could not load {name!r} through transformers (no network and not in its cache?): "
+            f"{str(e).splitlines()[0]}. "
             f"On a machine with network: GPT2LMHeadModel.from_pretrained({name!r}).save_pretrained(DIR), "
             f"copy DIR here and use --init_from=hf:DIR") from e
     return hf_gpt2_state(model.config.to_dict(), model.state_dict(), name)
@@ -155,7 +156,8 @@ def pretrained_model(cfg, meta, log):
                           f"{meta['vocab_size']}) are not the model's (vocab {source.model_args['vocab_size']}); "
                           f"use GPT-2's BPE dataset: --dataset=shakespeare")
     if cfg["block_size"] > source.model_args["block_size"]:
-        raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's {source.model_args['block_size']} positions")
+        positions = source.model_args["block_size"]
+        raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's {positions} positions")
     model = model_from_checkpoint({"model_args": source.model_args, "model": source.state_dict}, dropout=cfg["dropout"])
     model_args = {f.name: getattr(model.config, f.name) for f in fields(model.config)}  # every key, as checkpoints hold
     if cfg["block_size"] < model_args["block_size"]:
