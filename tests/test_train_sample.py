@@ -376,6 +376,28 @@ def test_checkpoint_to_sample(trained, tmp_path, capsys):
     assert texts == again and texts[0].startswith("HAMLET:\n")  # seeded
 
 
+def test_sample_batch_generates_every_prompt_line_together(trained, tmp_path, capsys):
+    """--batch: each non-empty line is a prompt; prompts of different lengths in one batch, greedy
+    equal to each prompt sampled alone."""
+    out_dir, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\n\nKING:\nO\n")  # the tiny model has block_size 16
+    args = dict(start=f"FILE:{prompts}", num_samples=1, max_new_tokens=9, temperature=0)
+    assert sample_cli.main([*sample_args(out_dir, **args), "--batch"]) == 0
+    captured = capsys.readouterr()
+    batch = captured.out.split("\n---------------\n")[:-1]
+    assert "3 samples (3 prompts x 1) in one batch" in captured.err
+    for line, text in zip(["ROMEO:", "KING:", "O"], batch):
+        alone = sample_cli.sample(load_config(sample_args(out_dir, **{**args, "start": line}), sample_cli.SampleConfig))
+        assert text == alone[0] and len(text) == len(line) + 9
+
+
+def test_bool_keys_stand_alone_on_the_command_line():
+    assert load_config(["--batch"], sample_cli.SampleConfig)["batch"] is True
+    with pytest.raises(ConfigError, match=r"'--num_samples' must be written --key=value \(only bool keys"):
+        load_config(["--num_samples"], sample_cli.SampleConfig)
+
+
 def test_sample_errors(trained, tmp_path, capsys):
     out_dir, _ = trained
     assert sample_cli.main(sample_args(str(tmp_path / "none"))) == 2

@@ -110,7 +110,8 @@ def read_config_file(path, schema):
 def load_config(argv, *dataclasses):
     """Merge defaults, config files and --key=value overrides (in argv order) into one dict.
 
-    argv: command-line arguments without the program name. Positional arguments are config files.
+    argv: command-line arguments without the program name. Positional arguments are config files;
+    a bool key given alone (--batch) means --batch=True.
     Returns a dict holding every key of the dataclasses.
     """
     schema = config_schema(*dataclasses)
@@ -120,10 +121,12 @@ def load_config(argv, *dataclasses):
             config.update(read_config_file(arg, schema))
             continue
         key, sep, text = arg[2:].partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} must be written --key=value (or name a config file)")
         if key not in schema:
             raise unknown_key_error(key, schema, "command line")
+        if not sep:
+            if bool not in annotation_options(schema[key].type):
+                raise ConfigError(f"argument {arg!r} must be written --key=value (only bool keys stand alone)")
+            text = "True"
         config[key] = parse_value(key, text, schema[key].type)
     return config
 

@@ -3,6 +3,7 @@
     python -m mla_gpt.cli.sample --out_dir=out-mla-test
     python -m mla_gpt.cli.sample --out_dir=out-mla --start="ROMEO:" --num_samples=2 --max_new_tokens=300
     python -m mla_gpt.cli.sample --out_dir=out-mla --start=FILE:prompt.txt --temperature=0.9 --top_k=50
+    python -m mla_gpt.cli.sample --out_dir=out-mla --start=FILE:prompts.txt --batch   # one prompt per line
 
 `--help` lists every key. Samples go to stdout; timings (tokens/s) to stderr.
 """
@@ -26,7 +27,14 @@ from mla_gpt.cli.runtime import resolve_device, resolve_dtype
 class SampleConfig:
     out_dir: str = field(default="out", metadata={"help": "folder holding ckpt.pt"})
     start: str = field(default="\n", metadata={"help": "prompt text, or FILE:path to read it from a file"})
-    num_samples: int = field(default=3, metadata={"help": "samples to draw, one after the other"})
+    num_samples: int = field(
+        default=3, metadata={"help": "samples to draw, one after the other (per prompt with batch)"}
+    )
+    batch: bool = field(
+        default=False,
+        metadata={"help": "every non-empty line of start is a prompt, and all of them (num_samples each) are "
+                          "generated together in one batch, each row at its own position in the cache"},
+    )
     max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
     temperature: float = field(
         default=0.8, metadata={"help": "1.0 as trained, lower is more conservative, 0 greedy"}
@@ -128,13 +136,15 @@ def sample(cfg, out=None, err=None):
     )
 
     prompt = read_start(cfg["start"])
+    torch.manual_seed(cfg["seed"])
+    if device_type == "cuda":
+        torch.cuda.manual_seed(cfg["seed"])
+    if cfg["batch"]:
+        return sample_batch(cfg, model, tokenizer, prompt, device, autocast, cuda_graph, out, err)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("start: the prompt encodes to no tokens; give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
-    torch.manual_seed(cfg["seed"])
-    if device_type == "cuda":
-        torch.cuda.manual_seed(cfg["seed"])
     texts, total_tokens, total_time = [], 0, 0.0
     for k in range(cfg["num_samples"]):
         decode = tokenizer.stream_decoder()
@@ -167,7 +177,39 @@ def sample(cfg, out=None, err=None):
     return texts
 
 
-USAGE = "--out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N] [--key=value ...]"
+def sample_batch(cfg, model, tokenizer, text, device, autocast, cuda_graph, out, err):
+    """cfg['batch']: each non-empty line of text is a prompt; all (num_samples each) in one batch.
+
+    Writes each sample once the batch is done, prompt included, then the batch's rate to `err`.
+    Returns the sample texts.
+    """
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("start: with batch=True every non-empty line is a prompt, and there is none")
+    rows = []
+    for line in prompts:
+        ids = tokenizer.encode(line)
+        rows += [torch.tensor(ids, dtype=torch.long, device=device)] * cfg["num_samples"]
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast:
+        generated = model.generate(rows, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
+                                   cuda_graph=cuda_graph)
+    new_tokens = [tokens[prompt.numel():].tolist() for tokens, prompt in zip(generated, rows)]  # reads the device
+    dt = time.perf_counter() - t0
+    texts = []
+    for k, tokens in enumerate(new_tokens):
+        decode = tokenizer.stream_decoder()
+        texts.append(prompts[k // cfg["num_samples"]] + "".join(decode(t) for t in tokens))
+        out.write(texts[-1] + "\n---------------\n")
+    out.flush()
+    total = sum(len(tokens) for tokens in new_tokens)
+    err.write(f"{len(rows)} samples ({len(prompts)} prompts x {cfg['num_samples']}) in one batch: {total} tokens "
+              f"in {dt:.2f} s, {total / dt:.1f} tokens/s ({device})\n")
+    return texts
+
+
+USAGE = ("--out_dir=DIR [--start=TEXT|FILE:path] [--batch] [--num_samples=N] [--max_new_tokens=N] "
+         "[--key=value ...]")
 
 
 def main(argv=None):
