@@ -3,6 +3,8 @@
     PYTHONPATH=. python -m pytest tests/gpu        # on a machine with an NVIDIA GPU
     python -m pytest tests -m "not cuda"           # everything else
 """
+import gc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)
         if no_gpu and item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(autouse=True)
+def fresh_gpu(request):
+    """A seed of its own for each test (fresh inputs, reproducible), its GPU memory freed afterwards."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -23,8 +23,6 @@ l <= 64, at most 2^20 elements per matrix), tiled products with the in-kernel Ch
 
 DEVICE is the only device setting; a CPU dry run may set it to "cpu" with TRITON_INTERPRET=1.
 """
-import gc
-import zlib
 
 import pytest
 import torch
@@ -70,14 +68,6 @@ def deficient_id(case):
     batch, m, n, rank, true_rank, dtype = case
     return f"B{'x'.join(map(str, batch))}-M{m}-N{n}-R{rank}-exact{true_rank}-{dtype_name(dtype)}"
 
-
-@pytest.fixture(autouse=True)
-def fresh_gpu(request):
-    """A seed of its own for each test (fresh inputs, reproducible); its GPU memory freed afterwards."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    yield
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def make_matrix(batch, m, n, true_rank=None):
