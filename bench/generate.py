@@ -12,7 +12,10 @@ Rows (key `table`: speed or check):
   writes the latents into the cache (mla_kernels.append);
 - standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
   cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
-- mla-recompute: nanoGPT's generation, the whole context through the model every step.
+- mla-recompute: nanoGPT's generation, the whole context through the model every step;
+- ...-ragged: the batch's prompts cut to different lengths (half the prompt to all of it, spread
+  over the rows) and generated together, each row at its own cache position (`GPT.generate`
+  with a list of prompts); tokens/s counts the same batch x new tokens.
 Eager rows run only up to --eager_max_batch: each step launches every kernel from Python
 (and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
@@ -31,7 +34,7 @@ from mla_gpt.model import GPT, GPTConfig
 
 WARMUP_TOKENS = 4
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
-GPU_SETTINGS = dict(batch_sizes=[1, 32], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
+GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
 CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=4, n_embd=128)
 
 
@@ -41,6 +44,13 @@ def recompute_generate(model, idx, new_tokens):
         logits, _ = model(idx[:, -model.config.block_size:])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
+
+
+def ragged_prompts(prompt):
+    """The rows of prompt (B, T) cut to lengths spread from T // 2 to T: a list of 1-D prompts."""
+    B, T = prompt.shape
+    lengths = torch.linspace(T // 2, T, B).round().long().tolist() if B > 1 else [T]
+    return [row[:n] for row, n in zip(prompt, lengths)]
 
 
 def unfused_generate(model, idx, new_tokens):
@@ -113,14 +123,18 @@ def parse_args():
 def generation_runs(models, prompt, batch, eager_max_batch, gpu):
     """name -> fn(n) generating n tokens after the prompt, for one batch."""
     mla, standard = models["mla"], models["standard"]
+    ragged = ragged_prompts(prompt)
     runs = {"mla-recompute": lambda n: recompute_generate(mla, prompt, n)}
     if batch <= eager_max_batch:
         runs["mla-latent-cache"] = lambda n: mla.generate(prompt, n, top_k=1)
         runs["standard-kv-cache"] = lambda n: standard.generate(prompt, n, top_k=1)
+        runs["mla-latent-cache-ragged"] = lambda n: mla.generate(ragged, n, top_k=1)
     if gpu:
         runs["mla-latent-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True)
         runs["mla-latent-cache-graph-unfused"] = lambda n: unfused_generate(mla, prompt, n)
         runs["standard-kv-cache-graph"] = lambda n: standard.generate(prompt, n, top_k=1, cuda_graph=True)
+        runs["mla-latent-cache-graph-ragged"] = lambda n: mla.generate(ragged, n, top_k=1, cuda_graph=True)
+        runs["standard-kv-cache-graph-ragged"] = lambda n: standard.generate(ragged, n, top_k=1, cuda_graph=True)
     return runs
 
 
@@ -141,7 +155,7 @@ def bench_batch(models, batch, args, device, dtype):
     checked = min(args.check_tokens, args.new_tokens)
     reference_tokens = models["mla_reference"].generate(prompt, checked, top_k=1)[:, args.prompt:]
     for name, tokens in outputs.items():
-        if name.startswith("mla"):
+        if name.startswith("mla") and not name.endswith("ragged"):  # tests/test_ragged_generation.py checks those
             same = (tokens[:, args.prompt : args.prompt + checked] == reference_tokens).float().mean().item()
             print(f"B {batch:>3}  {name:<30} first {checked} tokens equal to the {dtype} reference path: "
                   f"{100 * same:.1f}%")
