@@ -33,7 +33,7 @@ from mla_kernels._dispatch import (
     traced_or_eager,
 )
 from mla_kernels._tiles import LOG2E, tile_dim
-from mla_kernels.reference import latent_decode_ref
+from mla_kernels.reference import FP8_DTYPE, latent_decode_ref
 
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned logsumexp
 MAX_BLOCK_M = 64  # packed (head, query) rows per program; more rows go to more programs
@@ -53,20 +53,27 @@ PARTIAL_BYTES = 4  # the splits' partial outputs are float32
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, SEQLENS, O, LSE,
+    Q, K, V, KS, VS, SEQLENS, O, LSE,
     sm_scale_log2,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kl, stride_kg,
     stride_vb, stride_vl, stride_vg,
+    stride_ksb, stride_ksl, stride_ksg,
+    stride_vsb, stride_vsl, stride_vsg,
     stride_ob, stride_ot, stride_oh, stride_os,
     stride_lb, stride_lh, stride_lt, stride_ls,
     NH, G, TQ, D_K, D_V, NUM_SPLITS, NUM_M_BLOCKS,
     HPG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, SCALED: tl.constexpr,
 ):
     """One (row, group, query block, split): online softmax over its KV chunk.
+
+    SCALED: K and V hold float8 latents with one float32 scale per (row, position, group) in
+    KS / VS; each tile is widened to q's dtype in registers and the scales applied to the
+    scores (K) and the probabilities (V), so the cache is read once, in fp8, and never
+    dequantized in memory.
 
     SPLIT false: O is the final output (B, Tq, nh, rv) in q's dtype, LSE (B, nh, Tq)
     natural log. SPLIT true: O is float32 (B, Tq, nh, S, rv) holding this split's
@@ -101,6 +108,8 @@ def _decode_partial_kernel(
 
     k_base = K + b * stride_kb + grp * stride_kg
     v_base = V + b * stride_vb + grp * stride_vg
+    ks_base = KS + b * stride_ksb + grp * stride_ksg
+    vs_base = VS + b * stride_vsb + grp * stride_vsg
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -109,10 +118,15 @@ def _decode_partial_kernel(
         n_ok = offs_n < hi
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_dk[None, :],
                     mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DK)
+        if SCALED:
+            k = k.to(q.dtype)  # fp8 values are exact in 16- and 32-bit floats
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         else:
             s = tl.dot(q, tl.trans(k))
+        if SCALED:
+            k_scale = tl.load(ks_base + offs_n * stride_ksl, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            s = s * k_scale[None, :]
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -125,10 +139,17 @@ def _decode_partial_kernel(
         else:
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :],
                         mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        pv = p
+        if SCALED:
+            if JOINT:
+                pv = p * k_scale[None, :]
+            else:
+                v = v.to(q.dtype)
+                pv = p * tl.load(vs_base + offs_n * stride_vsl, mask=n_ok, other=0.0)[None, :]
         if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -210,7 +231,7 @@ def _prune_configs(configs, named_args, **meta):
 
 _decode_partial_tuned = triton.autotune(
     configs=_PARTIAL_CONFIGS,
-    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT"],
+    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_decode_partial_kernel)
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
@@ -255,7 +276,30 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
     return min(candidates, key=lambda splits: (busiest_bytes(splits), splits))
 
 
-def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens):
+def _check_scales(cache_k, cache_v, k_scale, v_scale):
+    """An fp8 cache comes with its (B, L, g) float32 scales; a 16/32-bit one with none."""
+    fp8 = cache_k.dtype == FP8_DTYPE
+    if cache_v is not None and (cache_v.dtype == FP8_DTYPE) != fp8:
+        raise TypeError(f"cache_k is {cache_k.dtype} and cache_v {cache_v.dtype}: both fp8 or neither")
+    wanted = {"k_scale": k_scale} | ({} if cache_v is None else {"v_scale": v_scale})
+    for name, scale in wanted.items():
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{name} is only for a {FP8_DTYPE} cache; this one is {cache_k.dtype}")
+            continue
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"a {FP8_DTYPE} cache needs {name}, a (B, L, g) float32 tensor; got {type(scale).__name__}")
+        if tuple(scale.shape) != tuple(cache_k.shape[:3]) or scale.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape {tuple(cache_k.shape[:3])} (B, L, g), got "
+                             f"{scale.dtype} {tuple(scale.shape)}")
+        if scale.device != cache_k.device:
+            raise ValueError(f"{name} is on {scale.device} but cache_k is on {cache_k.device}")
+    if cache_v is None and v_scale is not None:
+        raise ValueError("v_scale goes with cache_v; a joint latent's values share k_scale")
+
+
+def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens, k_scale,
+                  v_scale):
     latents = {"q_lat": q_lat, "cache_k": cache_k} | ({} if cache_v is None else {"cache_v": cache_v})
     check_tensors(**latents, cache_seqlens=cache_seqlens)
     check_ndim("q_lat", q_lat, "(B, Tq, nh, r)")
@@ -276,7 +320,11 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
             raise ValueError(f"{name} is {d}; allowed {MIN_LATENT_DIM}..{MAX_LATENT_DIM}")
     if Tq < 1:
         raise ValueError(f"q_lat needs at least one query (Tq >= 1), got Tq={Tq}")
-    check_dtypes(**latents)
+    _check_scales(cache_k, cache_v, k_scale, v_scale)
+    if cache_k.dtype == FP8_DTYPE:
+        check_dtypes(q_lat=q_lat)
+    else:
+        check_dtypes(**latents)
     if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be ({B},), got shape {tuple(cache_seqlens.shape)}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
@@ -295,7 +343,7 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
                              f"got min {lo}, max {hi}")
 
 
-def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale):
     """Launch the partial (and, with splits, the merge) kernel. Shapes as in `latent_decode`."""
     B, Tq, nh, r = q_lat.shape
     L, g = cache_k.shape[1], cache_k.shape[2]
@@ -307,8 +355,10 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     hpg = nh // g
     block_m = min(max(triton.next_power_of_2(hpg * Tq), MIN_BLOCK_M), MAX_BLOCK_M)
     m_blocks = triton.cdiv(hpg * Tq, block_m)
+    scaled = k_scale is not None
     if num_splits is None:
-        row_bytes = (r if joint else r + rv) * q_lat.element_size()
+        scale_bytes = 0 if not scaled else (4 if joint else 8)  # float32 scale(s) per position and group
+        row_bytes = (r if joint else r + rv) * cache_k.element_size() + scale_bytes
         num_splits = num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, _num_sms(q_lat.device))
     num_splits = max(1, min(num_splits, L))
     split = num_splits > 1
@@ -328,17 +378,21 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     block_dk = tile_dim(r)
     block_dv = block_dk if joint else tile_dim(rv)
     grid = (num_splits, B * g * m_blocks)
+    ks = k_scale if scaled else seqlens  # an unread placeholder without scales
+    vs = (k_scale if joint else v_scale) if scaled else seqlens
+    scale_strides = (*ks.stride(), *vs.stride()) if scaled else (0,) * 6
     args = (
-        q_lat, cache_k, v, seqlens, o_dst, l_dst,
+        q_lat, cache_k, v, ks, vs, seqlens, o_dst, l_dst,
         softmax_scale * LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        *scale_strides,
         *o_strides, *l_strides,
         nh, g, Tq, r, rv, num_splits, m_blocks,
     )
     meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
-                IEEE_DOT=q_lat.dtype == torch.float32)
+                IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled)
     if interpreting():
         _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
     else:
@@ -356,23 +410,26 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     return out, lse
 
 
-def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale=None,
+                        v_scale=None):
     if not on_kernel_device(q_lat):
-        out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)
+        out, lse = latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, k_scale, v_scale)
         return out, lse.to(torch.float32)
-    return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+    return _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale,
+                                 v_scale)
 
 
 @torch.library.custom_op("mla_kernels::latent_decode", mutates_args=())
 def _latent_decode_op(
     q_lat: torch.Tensor, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor], cache_seqlens: torch.Tensor,
-    softmax_scale: float, num_splits: Optional[int],
+    softmax_scale: float, num_splits: Optional[int], k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits)
+    return _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale)
 
 
 @_latent_decode_op.register_fake
-def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
+def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale):
     B, Tq, nh, r = q_lat.shape
     rv = r if cache_v is None else cache_v.shape[3]
     out = q_lat.new_empty(B, Tq, nh, rv)  # (B, Tq, nh, rv)
@@ -380,13 +437,19 @@ def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits):
     return out, lse
 
 
-def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None, check_seqlens=True):
+def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None, check_seqlens=True,
+                  k_scale=None, v_scale=None):
     """Attention of the Tq newest absorbed queries of each row over its latent KV cache.
 
     q_lat: (B, Tq, nh, r) absorbed queries q'_h = q_h W_uk^h^T, float16 / bfloat16 / float32;
       Tq is small (1 for plain decode, a few for speculative or chunked steps).
     cache_k: (B, L, g, r) K latents, nh % g == 0, head h reads group h // (nh // g).
     cache_v: (B, L, g, rv) V latents, or None for a joint latent (V = cache_k, rv = r).
+      In q_lat's dtype, or float8_e4m3fn with their scales:
+    k_scale, v_scale: (B, L, g) float32, one scale per cached position and group, so that
+      latent = fp8 value * scale (`mla_kernels.reference.quantize_fp8`); a joint latent passes
+      k_scale only. The kernel reads the fp8 bytes and applies the scales in registers (to the
+      scores and the probabilities): no dequantized copy is ever written.
     cache_seqlens: (B,) int32 / int64, valid cached length of each row with the new
       tokens included, in [Tq, L]: query i of row b sits at position
       cache_seqlens[b] - Tq + i and sees positions <= that one (causal among the new
@@ -402,6 +465,7 @@ def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
     with check_seqlens=False, for callers that built cache_seqlens themselves (the model's
     decode step), where a sync per layer and token would stall the launch queue.
     """
-    _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens)
+    _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens, k_scale,
+                  v_scale)
     op = traced_or_eager(_latent_decode_op, _latent_decode_impl)
-    return op(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits)
+    return op(q_lat, cache_k, cache_v, cache_seqlens, float(softmax_scale), num_splits, k_scale, v_scale)

@@ -85,7 +85,29 @@ def mla_attention_absorbed_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_of
     return out, lse
 
 
-def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale):
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(x):
+    """x (..., d) -> (values (..., d) float8_e4m3fn, scales (...) float32), x ~ values * scales.
+
+    One scale per vector of the last dim, amax / FP8_MAX, so every vector uses fp8's whole range
+    (3 mantissa bits: a relative error up to 2^-4 per value). An all-zero vector gets scale 1.
+    """
+    amax = x.detach().abs().amax(dim=-1).float()  # (...)
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    values = (x.float() / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return values, scales
+
+
+def dequantize_fp8(values, scales, dtype):
+    """values (..., d) float8 and scales (...) -> values * scales in dtype (float32 math, or float64)."""
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (values.to(math_dtype) * scales[..., None].to(math_dtype)).to(dtype)
+
+
+def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, k_scale=None, v_scale=None):
     """New absorbed queries over a latent KV cache with per-row lengths.
 
     q_lat: (B, Tq, nh, r) absorbed queries of the Tq newest tokens of each row;
@@ -94,9 +116,15 @@ def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale):
     cache_seqlens: (B,) integers, valid cached length of each row, the new tokens
       included: query i of row b sits at position cache_seqlens[b] - Tq + i and sees
       positions <= that one. Slots at or beyond cache_seqlens[b] are never read.
+    k_scale, v_scale: (B, L, g) scales of an fp8 cache (`quantize_fp8`); the latents are
+      dequantized to q_lat's dtype first. A joint fp8 latent passes k_scale only.
     Returns o_lat (B, Tq, nh, rv) in q_lat's dtype and logsumexp (B, nh, Tq).
     """
     B, Tq = q_lat.shape[:2]
+    if k_scale is not None:
+        cache_k = dequantize_fp8(cache_k, k_scale, q_lat.dtype)
+        if cache_v is not None:
+            cache_v = dequantize_fp8(cache_v, v_scale, q_lat.dtype)
     if cache_v is None:
         cache_v = cache_k
     outs, lses = [], []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mla_kernels.decode import latent_decode, num_splits_heuristic
-from mla_kernels.reference import latent_decode_ref
+from mla_kernels.reference import FP8_DTYPE, dequantize_fp8, latent_decode_ref, quantize_fp8
 
 SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
 L_CACHE = 320  # cache capacity; the longest row uses 300, so every row has NaN-filled slots
@@ -69,6 +69,81 @@ def test_matches_reference(case, dtype, atol, rtol):
     torch.manual_seed(CASES.index(case))
     seqlens = [max(Tq, 1), 17, 300]
     _check(*_make_inputs(B, Tq, nh, g, r, rv, joint, dtype, seqlens), num_splits, atol, rtol)
+
+
+FP8_CASES = [case for case in CASES if case[1] * case[2] <= 64]  # one query block each: the interpreter is slow
+FP8_VALUE_ERROR = 2.0**-4  # e4m3: 3 mantissa bits, a relative rounding error of at most 2^-4 per value
+
+
+def _fp8_inputs(case, dtype):
+    """The case's inputs with the caches quantized to fp8 per (row, position, group); NaN past each length."""
+    B, Tq, nh, g, r, rv, joint, _ = case
+    q, ck, cv, lens = _make_inputs(B, Tq, nh, g, r, rv, joint, torch.float32, [max(Tq, 1), 17, 300])
+    ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))  # (B, L, g, r), (B, L, g)
+    cv8, v_scale = (None, None) if cv is None else quantize_fp8(cv.nan_to_num(0.0))
+    for b, n in enumerate(lens.tolist()):  # poison what no row may read: values and scales
+        ck8[b, n:] = float("nan")
+        k_scale[b, n:] = float("nan")
+        if cv8 is not None:
+            cv8[b, n:] = float("nan")
+            v_scale[b, n:] = float("nan")
+    return q.to(dtype), (ck, ck8, k_scale), (cv, cv8, v_scale), lens
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLS, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
+def test_fp8_cache_matches_reference_on_the_dequantized_values(case, dtype, atol, rtol):
+    """The kernel applies the scales in registers: exactly the reference over the dequantized latents,
+    up to accumulation order."""
+    torch.manual_seed(100 + CASES.index(case))
+    q, (_, ck8, k_scale), (_, cv8, v_scale), lens = _fp8_inputs(case, dtype)
+    out, lse = latent_decode(q, ck8, cv8, lens, SCALE, num_splits=case[-1], k_scale=k_scale, v_scale=v_scale)
+    ck64 = dequantize_fp8(ck8, k_scale, torch.float64)
+    cv64 = None if cv8 is None else dequantize_fp8(cv8, v_scale, torch.float64)
+    ref_out, ref_lse = latent_decode_ref(q.double(), ck64, cv64, lens, SCALE)
+    _assert_close(out, ref_out, atol, rtol, "o_lat")
+    _assert_close(lse, ref_lse, 1e-4, 1e-5, "lse")
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
+def test_fp8_cache_error_is_bounded_by_fp8_precision(case):
+    """Against the unquantized cache: each latent is off by at most 2^-4 relatively, so the output,
+    a convex mix of values under slightly moved weights, is off by a small multiple of it."""
+    torch.manual_seed(200 + CASES.index(case))
+    q, (ck, ck8, k_scale), (cv, cv8, v_scale), lens = _fp8_inputs(case, torch.float32)
+    out, _ = latent_decode(q, ck8, cv8, lens, SCALE, num_splits=case[-1], k_scale=k_scale, v_scale=v_scale)
+    exact, _ = latent_decode_ref(q.double(), ck.double(), None if cv is None else cv.double(), lens, SCALE)
+    rel = (out.double() - exact).norm() / exact.norm()
+    assert rel <= 4 * FP8_VALUE_ERROR, f"relative error {rel:.3g} against the unquantized cache"
+    assert rel > 0, "the fp8 path read the unquantized values"
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: {**a, "k_scale": None}, TypeError, "needs k_scale"),
+    (lambda a: {**a, "v_scale": a["v_scale"][:, :5]}, ValueError, r"v_scale must be float32 of shape \(2, 32, 2\)"),
+    (lambda a: {**a, "cache_v": a["cache_v"].float()}, TypeError, "both fp8 or neither"),
+    (lambda a: {**a, "k_scale": a["k_scale"].half()}, ValueError, "k_scale must be float32"),
+], ids=["no-scale", "scale-shape", "mixed-dtypes", "scale-dtype"])
+def test_fp8_cache_inputs_are_checked(mutate, exc, match):
+    torch.manual_seed(5)
+    q, ck, cv, lens = _make_inputs(2, 1, 4, 2, 16, 16, False, torch.float32, [1, 30], L=32)
+    ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))
+    cv8, v_scale = quantize_fp8(cv.nan_to_num(0.0))
+    args = mutate(dict(q_lat=q, cache_k=ck8, cache_v=cv8, cache_seqlens=lens, softmax_scale=SCALE,
+                       k_scale=k_scale, v_scale=v_scale))
+    with pytest.raises(exc, match=match):
+        latent_decode(**args)
+
+
+def test_quantize_fp8_round_trip():
+    x = torch.randn(5, 7, 33) * torch.logspace(-3, 3, 33)  # vectors over six decades
+    values, scales = quantize_fp8(x)
+    assert values.dtype == FP8_DTYPE and scales.shape == (5, 7) and scales.dtype == torch.float32
+    back = dequantize_fp8(values, scales, torch.float64)
+    amax = x.abs().amax(-1, keepdim=True).double()
+    assert ((back - x.double()).abs() <= FP8_VALUE_ERROR * amax).all()  # within fp8's step at the vector's top
+    zeros, zero_scales = quantize_fp8(torch.zeros(3, 8))
+    assert (zero_scales == 1).all() and (zeros.float() == 0).all()
 
 
 @pytest.mark.parametrize("num_splits", [1, 7], ids=["S1", "S7"])
