@@ -97,7 +97,7 @@ def test_generate(tmp_path):
     run_script("generate", "--prompt", 8, "--new_tokens", 4, "--check_tokens", 4, "--out", out)
     rows = read_rows(out)
     speed = {row["provider"] for row in rows if row["table"] == "speed"}
-    assert speed == {"mla-recompute", "mla-latent-cache", "standard-kv-cache"}
+    assert speed == {"mla-recompute", "mla-latent-cache", "standard-kv-cache", "mla-latent-cache-ragged"}
     assert all(row["fraction"] == 1.0 for row in rows if row["table"] == "check")
     assert (tmp_path / "generate.png").stat().st_size > 0
 
