@@ -1,6 +1,21 @@
 """LatentKVCache: a preallocated per-layer KV cache that stores latents, never expanded K/V."""
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+from mla_kernels.reference import FP8_DTYPE, dequantize_fp8, quantize_fp8
+
+
+class QuantizedLatents(NamedTuple):
+    """What an fp8 cache hands out: float8_e4m3fn values (B, L, g, d) and their float32 scales
+    (B, L, g), one per position and group; latent = value * scale."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self, dtype):
+        return dequantize_fp8(self.values, self.scales, dtype)
 
 
 class LatentKVCache(nn.Module):
@@ -12,6 +27,10 @@ class LatentKVCache(nn.Module):
     SVD rank. Standard attention is the degenerate case n_groups = n_head,
     key_dim = value_dim = head_size (its K and V themselves).
     Rows are written by `update` in place; nothing grows by concatenation.
+
+    dtype=torch.float8_e4m3fn stores the latents in fp8 with one float32 scale per (row,
+    position, group) (`mla_kernels.reference.quantize_fp8`), quantized as they are written;
+    `update` then hands out `QuantizedLatents`, which `latent_decode` reads directly.
 
     Storage is group-major, (max_batch, n_groups, max_seq, dim), handed out as (batch, seqlen,
     g, dim) views (`k`, `v`), the layout every op of this package takes: the decode kernel's
@@ -35,6 +54,11 @@ class LatentKVCache(nn.Module):
         value_shape = (*shape, 0 if self.joint else value_dim)
         self.register_buffer("v_cache", torch.zeros(value_shape, dtype=dtype, device=device),
                              persistent=False)
+        self.quantized = dtype == FP8_DTYPE
+        if self.quantized:  # one float32 scale per (row, group, position) of each latent
+            self.register_buffer("k_scale", torch.ones(shape, device=device), persistent=False)
+            self.register_buffer("v_scale", torch.ones(shape if not self.joint else (0, 0, 0), device=device),
+                                 persistent=False)
 
     @property
     def k(self):
@@ -48,8 +72,8 @@ class LatentKVCache(nn.Module):
 
     @property
     def nbytes(self):
-        """Bytes the cache holds: every preallocated slot, keys and values."""
-        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
+        """Bytes the cache holds: every preallocated slot, keys and values, and an fp8 cache's scales."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     @property
     def bytes_per_token(self):
@@ -63,9 +87,9 @@ class LatentKVCache(nn.Module):
         fill rows 0 .. len(rows) - 1, and the finished ones stop costing work.
         """
         n = rows.numel()
-        self.k_cache[:n] = self.k_cache[rows]
-        if not self.joint:
-            self.v_cache[:n] = self.v_cache[rows]
+        for buf in self.buffers():  # values, and an fp8 cache's scales
+            if buf.numel():
+                buf[:n] = buf[rows]
 
     def project_update(self, cache_seqlens, x, weight, bias, query_dim):
         """Project the new tokens and write their latents in one kernel (`mla_kernels.append`).
@@ -76,13 +100,22 @@ class LatentKVCache(nn.Module):
         """
         from mla_kernels.append import project_append
 
+        if self.quantized:
+            raise ValueError("project_update writes 16- or 32-bit latents; an fp8 cache is written by update, "
+                             "which quantizes them")
         q = project_append(x, weight, bias, query_dim, self.k, self.v, cache_seqlens)
         return (q, *self._filled(x.shape[0], x.shape[1], cache_seqlens))
 
     def _filled(self, B, T, cache_seqlens):
-        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor cache_seqlens."""
+        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor
+        cache_seqlens; `QuantizedLatents` of such views and their (B, end, g) scales when fp8."""
         end = self.max_seq if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens + T
-        return self.k[:B, :end], None if self.joint else self.v[:B, :end]  # (B, end, g, dim) each
+        k, v = self.k[:B, :end], None if self.joint else self.v[:B, :end]  # (B, end, g, dim) each
+        if not self.quantized:
+            return k, v
+        k_scale = self.k_scale.transpose(1, 2)[:B, :end]  # (B, end, g)
+        v_scale = None if self.joint else self.v_scale.transpose(1, 2)[:B, :end]
+        return QuantizedLatents(k, k_scale), None if self.joint else QuantizedLatents(v, v_scale)
 
     def update(self, cache_seqlens, k_new, v_new=None):
         """Write the latents of new tokens at positions cache_seqlens.. and return the cache.
@@ -115,6 +148,11 @@ class LatentKVCache(nn.Module):
         for name, new, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
             if new is None:
                 continue
+            if self.quantized:  # fp8 values and their scales, written side by side
+                if new.device != buf.device:
+                    raise ValueError(f"{name} is on {new.device}, the cache on {buf.device}")
+                new, scales = quantize_fp8(new)  # (B, T, g, dim), (B, T, g)
+                (self.k_scale if name == "k_new" else self.v_scale).transpose(1, 2)[slots] = scales
             if new.dtype != buf.dtype or new.device != buf.device:
                 raise ValueError(
                     f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"

@@ -392,6 +392,14 @@ def test_sample_batch_generates_every_prompt_line_together(trained, tmp_path, ca
         assert text == alone[0] and len(text) == len(line) + 9
 
 
+def test_sample_with_an_fp8_cache(trained, capsys):
+    out_dir, _ = trained
+    assert sample_cli.main(sample_args(out_dir, cache_dtype="fp8", num_samples=1, max_new_tokens=10)) == 0
+    assert len(capsys.readouterr().out.split("\n---------------\n")[0]) == len("ROMEO:") + 10
+    assert sample_cli.main(sample_args(out_dir, cache_dtype="int4")) == 2
+    assert "cache_dtype must be None (the activations' dtype) or 'fp8', got 'int4'" in capsys.readouterr().err
+
+
 def test_bool_keys_stand_alone_on_the_command_line():
     assert load_config(["--batch"], sample_cli.SampleConfig)["batch"] is True
     with pytest.raises(ConfigError, match=r"'--num_samples' must be written --key=value \(only bool keys"):

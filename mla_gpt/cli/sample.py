@@ -21,6 +21,7 @@ import torch
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
 from mla_gpt.cli.runtime import resolve_device, resolve_dtype
+from mla_kernels.reference import FP8_DTYPE
 
 
 @dataclass
@@ -54,6 +55,11 @@ class SampleConfig:
     )
     attn_backend: Optional[str] = field(
         default=None, metadata={"help": "override the checkpoint's attention backend"}
+    )
+    cache_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "KV cache dtype: None -> the activations' dtype; 'fp8': float8_e4m3fn latents with a "
+                          "float32 scale per position and group, read as stored by the decode kernel"},
     )
     cuda_graph: Optional[bool] = field(
         default=None,
@@ -135,12 +141,15 @@ def sample(cfg, out=None, err=None):
         else torch.amp.autocast(device_type, dtype=dtype, cache_enabled=not cuda_graph)
     )
 
+    if cfg["cache_dtype"] not in (None, "fp8"):
+        raise ConfigError(f"cache_dtype must be None (the activations' dtype) or 'fp8', got {cfg['cache_dtype']!r}")
+    cache_dtype = FP8_DTYPE if cfg["cache_dtype"] == "fp8" else None
     prompt = read_start(cfg["start"])
     torch.manual_seed(cfg["seed"])
     if device_type == "cuda":
         torch.cuda.manual_seed(cfg["seed"])
     if cfg["batch"]:
-        return sample_batch(cfg, model, tokenizer, prompt, device, autocast, cuda_graph, out, err)
+        return sample_batch(cfg, model, tokenizer, prompt, device, autocast, cuda_graph, cache_dtype, out, err)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("start: the prompt encodes to no tokens; give at least one character")
@@ -155,7 +164,7 @@ def sample(cfg, out=None, err=None):
         with torch.no_grad(), autocast:
             for token in model.generate_stream(
                 x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
-                cuda_graph=cuda_graph,
+                cuda_graph=cuda_graph, cache_dtype=cache_dtype,
             ):
                 piece = decode(int(token[0, 0]))
                 pieces.append(piece)
@@ -177,7 +186,7 @@ def sample(cfg, out=None, err=None):
     return texts
 
 
-def sample_batch(cfg, model, tokenizer, text, device, autocast, cuda_graph, out, err):
+def sample_batch(cfg, model, tokenizer, text, device, autocast, cuda_graph, cache_dtype, out, err):
     """cfg['batch']: each non-empty line of text is a prompt; all (num_samples each) in one batch.
 
     Writes each sample once the batch is done, prompt included, then the batch's rate to `err`.
@@ -193,7 +202,7 @@ def sample_batch(cfg, model, tokenizer, text, device, autocast, cuda_graph, out,
     t0 = time.perf_counter()
     with torch.no_grad(), autocast:
         generated = model.generate(rows, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                   cuda_graph=cuda_graph)
+                                   cuda_graph=cuda_graph, cache_dtype=cache_dtype)
     new_tokens = [tokens[prompt.numel():].tolist() for tokens, prompt in zip(generated, rows)]  # reads the device
     dt = time.perf_counter() - t0
     texts = []

@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla_gpt.model.core import DECODE_MAX_QUERIES, cached_attention, causal_attention, resolve_backend, sdpa_attention
+from mla_gpt.model.core import (
+    DECODE_MAX_QUERIES,
+    cached_attention,
+    causal_attention,
+    dequantized,
+    resolve_backend,
+    sdpa_attention,
+)
 from mla_gpt.model.costs import mla_path_costs
 from mla_gpt.model.memory import KVCacheReport
 from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
@@ -66,7 +73,8 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, .): the filled prefix, or all of it
         if self.backend == "auto" or backend == "sdpa":  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
-            y = sdpa_attention(q, k, v, self.softmax_scale, input_pos, dropout_p)
+            y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, input_pos,
+                               dropout_p)
         elif cache is not None:
             y = cached_attention(q, k, v, input_pos, self.softmax_scale, backend)
         else:
@@ -320,7 +328,8 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
+        fused = (cache is not None and not cache.quantized and backend == "triton" and self.fused_cache_append
+                 and T <= DECODE_MAX_QUERIES)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_kernels import reference as ref
+from mla_kernels.cache import QuantizedLatents
 
 # The decode kernel packs the new queries of a step with the heads of a group into the rows of
 # one tile; longer chunks (prefill) go to the flash kernel, whose query blocks fit them better.
@@ -58,18 +59,35 @@ def causal_attention(q, k, v, softmax_scale, q_offset, backend):
     return ref.attention_ref(q, k, v, softmax_scale, q_offset)[0]
 
 
+def dequantized(latents, dtype):
+    """An fp8 cache's `QuantizedLatents` as a tensor in dtype; anything else unchanged."""
+    return latents.dequantize(dtype) if isinstance(latents, QuantizedLatents) else latents
+
+
 def cached_attention(q, k, v, input_pos, softmax_scale, backend):
     """New queries over a cache: q (B, T, nh, D); k (B, Tk, g, D); v (B, Tk, g, Dv), or None when
-    the latent is joint (v = k). Returns (B, T, nh, Dv).
+    the latent is joint (v = k); k and v are `QuantizedLatents` when the cache is fp8. Returns
+    (B, T, nh, Dv).
 
-    A tensor input_pos (static-shape decode) passes the whole cache with its valid length as
-    cache_seqlens; so do short chunks on the kernels, which the decode kernel serves best.
+    A tensor input_pos (static-shape decode, or one position per row) passes the whole cache
+    with its valid length as cache_seqlens; so do short chunks on the kernels, which the decode
+    kernel serves best. Only the decode kernel reads fp8 latents as they are stored; every
+    other path attends over a dequantized copy.
     """
     B, T = q.shape[:2]
+    kernels = backend == "triton"
+    decode = backend != "sdpa" and (isinstance(input_pos, torch.Tensor) or (kernels and T <= DECODE_MAX_QUERIES))
+    if decode and kernels and isinstance(k, QuantizedLatents):
+        from mla_kernels.decode import latent_decode
+
+        seqlens = torch.full((B,), T, dtype=torch.int32, device=q.device) + input_pos  # (B,) int32
+        v_values, v_scale = (None, None) if v is None else v
+        return latent_decode(q, k.values, v_values, seqlens, softmax_scale, check_seqlens=False, k_scale=k.scales,
+                             v_scale=v_scale)[0]
+    k, v = dequantized(k, q.dtype), dequantized(v, q.dtype)
     if backend == "sdpa":  # with a tensor input_pos its causal mask also hides the unfilled cache tail
         return sdpa_attention(q, k, k if v is None else v, softmax_scale, input_pos)
-    kernels = backend == "triton"
-    if isinstance(input_pos, torch.Tensor) or (kernels and T <= DECODE_MAX_QUERIES):
+    if decode:
         seqlens = torch.full((B,), T, dtype=torch.int32, device=q.device) + input_pos  # (B,) int32
         if kernels:
             from mla_kernels.decode import latent_decode

@@ -169,7 +169,7 @@ class GPT(nn.Module):
         return [block.attn.make_cache(max_batch, max_seq, dtype, device) for block in self.transformer.h]
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False, cache_dtype=None):
         """Yield max_new_tokens sampled tokens, each (B, 1), continuing idx (B, T).
 
         temperature 0 or top_k 1 is greedy. The prompt is prefilled into the caches once, then
@@ -177,6 +177,9 @@ class GPT(nn.Module):
         each further step recomputes the last block_size tokens. svd_mode='activation' is not
         causal and keeps no cache: every step recomputes the whole context.
         cuda_graph: capture the one-token step once (static shapes) and replay it (CUDA only).
+        cache_dtype: the caches' dtype, by default the activations'; torch.float8_e4m3fn keeps the
+        latents in fp8 with a float32 scale per position and group (half of bf16's bytes plus
+        the scales), read as they are by the decode kernel.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -191,7 +194,7 @@ class GPT(nn.Module):
                           "context at every step, without a KV cache", stacklevel=2)
         caches = step = None
         if cached:
-            caches = self.setup_caches(idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
+            caches = self.setup_caches(idx.size(0), min(block_size, idx.size(1) + max_new_tokens), cache_dtype)
         tokens = idx
         for i in range(max_new_tokens):
             if i > 0 and cached and tokens.size(1) <= block_size:
@@ -206,7 +209,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False, lengths=None,
-                 stop_token=None):
+                 stop_token=None, cache_dtype=None):
         """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache (see generate_stream).
 
         Prompts of different lengths, in one batch: idx a list of 1-D token tensors, or a padded
@@ -216,6 +219,7 @@ class GPT(nn.Module):
         a list of 1-D tensors, each prompt followed by its new tokens. A row that samples
         stop_token ends there (the stop token included); its cache row is dropped from the batch,
         so finished rows cost no more work. Every prompt plus max_new_tokens must fit block_size.
+        cache_dtype: as in `generate_stream`.
         """
         if isinstance(idx, (list, tuple)):
             if lengths is not None:
@@ -227,11 +231,11 @@ class GPT(nn.Module):
                 raise ValueError(f"lengths must hold {idx.size(0)} values in [1, {idx.size(1)}], got {lengths}")
             prompts = [row[:n] for row, n in zip(idx, lengths)]
         else:
-            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph))
+            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph, cache_dtype))
             return torch.cat([idx, *new], dim=1)
-        return self._generate_rows(prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token)
+        return self._generate_rows(prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token, cache_dtype)
 
-    def _generate_rows(self, prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token):
+    def _generate_rows(self, prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token, cache_dtype):
         """`generate` for prompts of different lengths: a list of 1-D tensors in, the same out."""
         if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
@@ -250,7 +254,7 @@ class GPT(nn.Module):
         for row, prompt in enumerate(prompts):
             padded[row, : prompt.numel()] = prompt
         positions = torch.tensor(lengths, device=device)  # (B,) where each row's next token goes
-        caches = self.setup_caches(B, max_seq)
+        caches = self.setup_caches(B, max_seq, cache_dtype)
         logits, _ = self(padded, caches=caches, input_pos=0, logits_at=positions - 1)  # (B, 1, vocab)
         rows = torch.arange(B, device=device)  # which prompt each cache row holds
         new_tokens = []  # (row indices, tokens) per step

@@ -1,0 +1,87 @@
+"""An fp8 latent cache in the model: written quantized, read as stored by the decode kernel.
+
+CPU, float32 model, kernels through the Triton interpreter. Teacher-forced logits through an fp8
+cache stay within fp8's precision of the full-precision cache's; the memory report counts the
+scales.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from mla_gpt.model import GPT, GPTConfig
+from mla_kernels.cache import LatentKVCache, QuantizedLatents
+from mla_kernels.reference import FP8_DTYPE
+
+SMALL = dict(n_embd=64, n_head=4, n_layer=2, block_size=32, vocab_size=53, bias=True, dropout=0.0)
+MODELS = {
+    "mla-kernels": dict(use_mla=True, attn_backend="triton"),
+    "mla-g1-joint-kernels": dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=24,
+                                 attn_backend="triton"),
+    "mla-reference": dict(use_mla=True, attn_backend="reference"),
+    "mla-sdpa": dict(use_mla=True, attn_backend="sdpa"),
+    "standard-sdpa": dict(use_mla=False),
+}
+LOGIT_BOUND = 0.05  # relative: latents off by <= 2^-4 each, through two layers
+
+
+def _model(kwargs):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**SMALL, **kwargs)).eval()
+
+
+@torch.no_grad()
+def _teacher_forced_logits(model, tokens, cache_dtype, positions_as_tensor):
+    """Prefill 5 tokens, then feed the rest one at a time through the caches: (T - 5, vocab) logits."""
+    caches = model.setup_caches(1, tokens.size(1), cache_dtype)
+    logits = [model(tokens[:, :5], caches=caches, input_pos=0)[0][:, -1]]
+    for pos in range(5, tokens.size(1) - 1):
+        input_pos = torch.tensor(pos) if positions_as_tensor else pos
+        logits.append(model(tokens[:, pos : pos + 1], caches=caches, input_pos=input_pos)[0][:, -1])
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("positions_as_tensor", [False, True], ids=["int-pos", "tensor-pos"])
+@pytest.mark.parametrize("kwargs", MODELS.values(), ids=list(MODELS))
+def test_fp8_cache_logits_within_fp8_precision(kwargs, positions_as_tensor):
+    model = _model(kwargs)
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(3))
+    full = _teacher_forced_logits(model, tokens, None, positions_as_tensor)
+    fp8 = _teacher_forced_logits(model, tokens, FP8_DTYPE, positions_as_tensor)
+    rel = ((fp8 - full).norm() / full.norm()).item()
+    assert 0 < rel <= LOGIT_BOUND, f"relative logit error {rel:.3g} of the fp8 cache"
+
+
+def test_generate_with_an_fp8_cache_for_one_and_many_prompts():
+    model = _model(MODELS["mla-kernels"])
+    prompt = torch.randint(0, SMALL["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, 5, temperature=0, cache_dtype=FP8_DTYPE)
+    assert out.shape == (2, 11) and torch.equal(out[:, :6], prompt)
+    rows = model.generate([prompt[0], prompt[1, :3]], 5, temperature=0, cache_dtype=FP8_DTYPE)
+    assert [r.numel() for r in rows] == [11, 8]
+
+
+def test_memory_report_counts_the_scales():
+    model = _model(MODELS["mla-kernels"])  # r 8 (head size 16 / 2), 4 groups, separate K and V latents
+    layer = model.transformer.h[0].attn
+    bf16 = layer.memory_report(dtype=torch.bfloat16)
+    fp8 = layer.memory_report(dtype=FP8_DTYPE)
+    assert bf16["mla_bytes_per_token"] == layer.kv_cache_elements_per_token() * 2
+    assert fp8["mla_bytes_per_token"] == layer.kv_cache_elements_per_token() + 2 * layer.n_groups * 4
+    assert fp8["standard_bytes_per_token"] == 2 * SMALL["n_embd"] + 2 * SMALL["n_head"] * 4
+
+
+def test_fp8_cache_holds_values_and_scales_and_counts_both():
+    bf16 = LatentKVCache(2, 16, 3, 32, 32, dtype=torch.bfloat16, device="cpu")
+    fp8 = LatentKVCache(2, 16, 3, 32, 32, dtype=FP8_DTYPE, device="cpu")
+    assert fp8.bytes_per_token == 3 * 32 * 2 + 3 * 4 * 2  # fp8 keys and values, a float32 scale per group each
+    assert fp8.bytes_per_token < 0.6 * bf16.bytes_per_token
+    k_new, v_new = torch.randn(2, 4, 3, 32), torch.randn(2, 4, 3, 32)
+    k, v = fp8.update(5, k_new, v_new)
+    assert isinstance(k, QuantizedLatents) and k.values.shape == (2, 9, 3, 32) and k.scales.shape == (2, 9, 3)
+    back = k.dequantize(torch.float32)[:, 5:]
+    assert ((back - k_new).abs() <= 2**-4 * k_new.abs().amax(-1, keepdim=True)).all()
+    with pytest.raises(ValueError, match="an fp8 cache is written by update"):
+        fp8.project_update(0, torch.randn(2, 1, 8), torch.randn(4 * 32 + 6 * 32, 8), None, 4 * 32)
