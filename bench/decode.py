@@ -6,6 +6,8 @@ Providers:
                 ours_S<n> the same with num_splits pinned to n (--splits)
   ours_eager    the public `latent_decode` called eagerly (host length check: one device sync)
   ours_token_major  the kernel over the cache's first layout, token-major (B, L, g, r)
+  ours_fp8      the kernel over the same cache in fp8 (e4m3) with a float32 scale per position and
+                group, read as stored (its GB/s counts the fp8 bytes and the scales)
   sdpa_cudnn    SDPA over the equivalent expanded cache (B, nh, L, hs), cuDNN backend
   sdpa_flash    the same, flash backend
   torch_latent  the same latent decode in plain PyTorch: absorbed query, SDPA with enable_gqa over the
@@ -36,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mla_kernels import decode as dec
 from mla_kernels.cache import LatentKVCache
-from mla_kernels.reference import latent_decode_ref
+from mla_kernels.reference import latent_decode_ref, quantize_fp8
 
 NH, HS = 12, 64  # GPT-2 small's attention: C = 768
 MODES = {  # name -> (g, r, joint)
@@ -144,17 +146,40 @@ def time_ours(q, ck, cv, seqlens, splits, heuristic, add):
     op = torch.ops.mla_kernels.latent_decode
     L = ck.shape[1]
     for s in sorted({*[s for s in splits if s <= max(1, L // dec.SPLIT_OVERHEAD_TOKENS)], heuristic}):
-        op(q, ck, cv, seqlens, SCALE, s)  # autotune outside the graph
-        add(f"ours_S{s}", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, s), graph=True), num_splits=s)
-    op(q, ck, cv, seqlens, SCALE, None)
-    add("ours", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, None), graph=True), num_splits=heuristic)
+        op(q, ck, cv, seqlens, SCALE, s, None, None)  # autotune outside the graph
+        add(f"ours_S{s}", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, s, None, None), graph=True),
+            num_splits=s)
+    op(q, ck, cv, seqlens, SCALE, None, None, None)
+    add("ours", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, None, None, None), graph=True),
+        num_splits=heuristic)
     add("ours_eager", harness.median_ms(lambda: dec.latent_decode(q, ck, cv, seqlens, SCALE)), num_splits=heuristic)
     # the first layout of the cache, token-major (B, L, g, r): each (row, group) program reads
     # r-wide pieces strided by g r; kept as a row to show what the group-major storage bought
     ck_tm, cv_tm = ck.contiguous(), None if cv is None else cv.contiguous()
-    op(q, ck_tm, cv_tm, seqlens, SCALE, None)
-    add("ours_token_major", harness.median_ms(lambda: op(q, ck_tm, cv_tm, seqlens, SCALE, None), graph=True),
-        num_splits=heuristic)
+    op(q, ck_tm, cv_tm, seqlens, SCALE, None, None, None)
+    add("ours_token_major", harness.median_ms(lambda: op(q, ck_tm, cv_tm, seqlens, SCALE, None, None, None),
+                                              graph=True), num_splits=heuristic)
+
+
+def fp8_caches(ck, cv):
+    """ck, cv quantized to fp8 in the same group-major storage: ((values, scales) per latent), the
+    values (B, L, g, r) and scales (B, L, g) as views of (B, g, L, .) buffers; cv's None when joint."""
+    def quantize(c):
+        values, scales = quantize_fp8(c.transpose(1, 2))  # (B, g, L, r), (B, g, L): the storage order
+        return values.transpose(1, 2), scales.transpose(1, 2)
+
+    return quantize(ck), None if cv is None else quantize(cv)
+
+
+def time_ours_fp8(q, ck, cv, seqlens, heuristic, add):
+    """Our kernel over the same caches in fp8 with a float32 scale per position and group."""
+    op = torch.ops.mla_kernels.latent_decode
+    (k8, k_scale), v = fp8_caches(ck, cv)
+    v8, v_scale = (None, None) if v is None else v
+    nbytes = sum(t.numel() * t.element_size() for t in (k8, k_scale, v8, v_scale) if t is not None)
+    op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale)  # autotune outside the graph
+    ms = harness.median_ms(lambda: op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale), graph=True)
+    add("ours_fp8", ms, nbytes=nbytes, num_splits=heuristic)
 
 
 def time_torch_latent(q, ck, cv, backends, graph, add):
@@ -209,8 +234,8 @@ def time_shape(B, L, mode, splits, device, gpu):
     latent_bytes = B * L * g * (r if joint else 2 * r) * ELT
     expanded_bytes = 2 * B * L * NH * HS * ELT
 
-    def add(provider, ms, expanded=False, **extra):
-        nbytes = expanded_bytes if expanded else latent_bytes
+    def add(provider, ms, expanded=False, nbytes=None, **extra):
+        nbytes = nbytes or (expanded_bytes if expanded else latent_bytes)
         rows.append(dict(table="timing", B=B, L=L, mode=mode, g=g, r=r, joint=joint, provider=provider,
                          us=ms * 1e3, GBps=nbytes / (ms * 1e-3) / 1e9, tokens_per_s=B / (ms * 1e-3), **extra))
         print(f"  {mode:8s} B{B:<3d} L{L:<7d} {provider:22s} {ms * 1e3:9.1f} us  {rows[-1]['GBps']:7.0f} GB/s",
@@ -223,6 +248,7 @@ def time_shape(B, L, mode, splits, device, gpu):
         heuristic = dec.num_splits_heuristic(B * g, L, (r if joint else 2 * r) * ELT, B * NH, r,
                                              dec._num_sms(device))
         time_ours(q, ck, cv, seqlens, splits, heuristic, add)
+        time_ours_fp8(q, ck, cv, seqlens, heuristic, add)
     time_torch_latent(q, ck, cv, ["cudnn", "flash", "efficient"] if gpu else ["math"], gpu, add)
     # the reference's per-row loop syncs on every length: eager, few runs
     add("reference", harness.median_ms(lambda: latent_decode_ref(q, ck, cv, seqlens, SCALE), warmup=1, rep=20))

@@ -422,14 +422,14 @@ def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, n
 @torch.library.custom_op("mla_kernels::latent_decode", mutates_args=())
 def _latent_decode_op(
     q_lat: torch.Tensor, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor], cache_seqlens: torch.Tensor,
-    softmax_scale: float, num_splits: Optional[int], k_scale: Optional[torch.Tensor],
-    v_scale: Optional[torch.Tensor],
+    softmax_scale: float, num_splits: Optional[int], k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale)
 
 
 @_latent_decode_op.register_fake
-def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale):
+def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale=None, v_scale=None):
     B, Tq, nh, r = q_lat.shape
     rv = r if cache_v is None else cache_v.shape[3]
     out = q_lat.new_empty(B, Tq, nh, rv)  # (B, Tq, nh, rv)

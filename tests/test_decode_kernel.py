@@ -183,6 +183,10 @@ def test_custom_op_registration():
     q, ck, cv, lens = _make_inputs(2, 1, 4, 2, 16, 16, False, torch.float32, [3, 40], L=48)
     torch.library.opcheck(torch.ops.mla_kernels.latent_decode.default, (q, ck, cv, lens, SCALE, 2),
                           test_utils=("test_schema", "test_faketensor"))
+    (k8, k_scale), (v8, v_scale) = quantize_fp8(ck.nan_to_num(0.0)), quantize_fp8(cv.nan_to_num(0.0))
+    # fp8 inputs: the fake implementation only (the schema check compares inputs with CPU ops fp8 lacks)
+    torch.library.opcheck(torch.ops.mla_kernels.latent_decode.default,
+                          (q, k8, v8, lens, SCALE, 2, k_scale, v_scale), test_utils=("test_faketensor",))
 
 
 def test_compiled_call_runs_the_custom_op_and_matches_eager():
