@@ -19,21 +19,38 @@ import triton
 import triton.language as tl
 
 from mla_kernels._dispatch import check_dtypes, check_ndim, check_tensors, interpreting, on_kernel_device
-from mla_kernels.reference import project_append_ref
+from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
+FP8_MAX_C = tl.constexpr(FP8_MAX)
+MAX_FP8_GROUP = 512  # widest latent whose group one fp8 tile holds (DeepSeek-V2's 512)
 MAX_ROW_BUCKET = 64  # tiles are tuned per power-of-two row count up to this, then shared
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # small whole tiles for the CPU
 
 
 @triton.jit
+def _fp8_grid(v):
+    """v (|v| <= 448) rounded to the nearest float8_e4m3fn value, in float32 (3 mantissa bits;
+    below 2^-6 the subnormals' fixed step 2^-9). The cast to fp8 that follows is then exact:
+    Triton's CPU interpreter drops the carry when its own cast rounds up across a power of two
+    (127.5 -> 64), and this keeps its tests meaningful. Ties round away from zero (torch: to even)."""
+    magnitude = tl.abs(v)
+    exponent = tl.maximum(tl.floor(tl.log2(tl.maximum(magnitude, 1e-30))), -6.0)
+    step = tl.exp2(exponent - 3.0)
+    rounded = tl.floor(magnitude / step + 0.5) * step
+    return tl.where(v < 0, -rounded, rounded)
+
+
+@triton.jit
 def _project_append_kernel(
-    X, W, BIAS, Q, KC, VC, POS,
+    X, W, BIAS, Q, KC, VC, KS, VS, POS,
     pos_value, stride_pos, M, T, C, QUERY_DIM, KEY_COLS, VALUE_COLS, R, RV,
     stride_xm, stride_wn, stride_qm,
     stride_kb, stride_kg, stride_kl,
     stride_vb, stride_vg, stride_vl,
+    stride_ksb, stride_ksg, stride_ksl,
+    stride_vsb, stride_vsg, stride_vsl,
     ROW_BUCKET,
-    HAS_BIAS: tl.constexpr, POS_FROM_TENSOR: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POS_FROM_TENSOR: tl.constexpr, IEEE_DOT: tl.constexpr, FP8_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M rows, BLOCK_N columns) tile of x W^T + b, stored to q' or the caches.
@@ -42,6 +59,10 @@ def _project_append_kernel(
     N = QUERY_DIM + KEY_COLS + VALUE_COLS; Q (M, QUERY_DIM); KC (max_batch, L, g, R) and
     VC (max_batch, L, g, RV) through their (batch, group, position) strides; VC unused when
     VALUE_COLS = 0 (joint latent).
+    FP8_GROUP = R (0: no quantization): the caches are fp8, each (token, group) of R latent
+    values quantized by its own amax, its float32 scale stored to KS / VS (max_batch, L, g)
+    through their (batch, group, position) strides. The launcher makes every R columns of a
+    tile one group (BLOCK_N a multiple of R, QUERY_DIM too, RV = R).
     ROW_BUCKET only keys the autotuner.
     """
     pid_m = tl.program_id(0)
@@ -77,19 +98,36 @@ def _project_append_kernel(
     is_q = offs_n < QUERY_DIM
     tl.store(Q + offs_m[:, None] * stride_qm + offs_n[None, :], out, mask=m_ok[:, None] & is_q[None, :])
 
+    latent = out
+    if FP8_GROUP:  # one scale per R columns (a group's latent) of each row
+        grouped = tl.reshape(acc, (BLOCK_M, BLOCK_N // FP8_GROUP, FP8_GROUP))
+        amax = tl.max(tl.abs(grouped), axis=2)  # (BLOCK_M, BLOCK_N // R)
+        scale = tl.where(amax > 0, amax / FP8_MAX_C, 1.0)
+        latent = _fp8_grid(tl.reshape(grouped / scale[:, :, None], (BLOCK_M, BLOCK_N)))
+        chunk_col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // FP8_GROUP) * FP8_GROUP - QUERY_DIM
+        is_kg = (chunk_col >= 0) & (chunk_col < KEY_COLS)
+        k_group = tl.where(is_kg, chunk_col // R, 0)
+        tl.store(KS + b[:, None] * stride_ksb + slot[:, None] * stride_ksl + k_group[None, :] * stride_ksg, scale,
+                 mask=m_ok[:, None] & is_kg[None, :])
+        value_chunk = chunk_col - KEY_COLS
+        is_vg = (value_chunk >= 0) & (value_chunk < VALUE_COLS)
+        v_group = tl.where(is_vg, value_chunk // RV, 0)
+        tl.store(VS + b[:, None] * stride_vsb + slot[:, None] * stride_vsl + v_group[None, :] * stride_vsg, scale,
+                 mask=m_ok[:, None] & is_vg[None, :])
+
     key_col = offs_n - QUERY_DIM
     is_k = (key_col >= 0) & (key_col < KEY_COLS)
     key_col = tl.where(is_k, key_col, 0)
     k_ptrs = (KC + b[:, None] * stride_kb + slot[:, None] * stride_kl
               + (key_col // R)[None, :] * stride_kg + (key_col % R)[None, :])
-    tl.store(k_ptrs, out, mask=m_ok[:, None] & is_k[None, :])
+    tl.store(k_ptrs, latent.to(KC.dtype.element_ty), mask=m_ok[:, None] & is_k[None, :])
 
     value_col = offs_n - QUERY_DIM - KEY_COLS
     is_v = (value_col >= 0) & (value_col < VALUE_COLS)
     value_col = tl.where(is_v, value_col, 0)
     v_ptrs = (VC + b[:, None] * stride_vb + slot[:, None] * stride_vl
               + (value_col // RV)[None, :] * stride_vg + (value_col % RV)[None, :])
-    tl.store(v_ptrs, out, mask=m_ok[:, None] & is_v[None, :])
+    tl.store(v_ptrs, latent.to(VC.dtype.element_ty), mask=m_ok[:, None] & is_v[None, :])
 
 
 _CONFIGS = [
@@ -101,12 +139,25 @@ _project_append_tuned = triton.autotune(configs=_CONFIGS, key=["ROW_BUCKET", "C"
                                                                 "VALUE_COLS"])(_project_append_kernel)
 
 
-def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def fp8_append_supported(query_dim, r, rv):
+    """Whether the kernel can write an fp8 cache for these widths: every group's r latent values in
+    one tile (r a power of two up to MAX_FP8_GROUP, query_dim a multiple of it), values as wide as
+    keys or a joint latent (rv 0)."""
+    return r & (r - 1) == 0 and r <= MAX_FP8_GROUP and query_dim % r == 0 and rv in (0, r)
+
+
+def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
     tensors = {"x": x, "weight": weight, "k_cache": k_cache, "v_cache": v_cache}
     if bias is not None:
         tensors["bias"] = bias
     check_tensors(**tensors)
-    check_dtypes(**tensors)
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if fp8:
+        check_dtypes(**{name: t for name, t in tensors.items() if name not in ("k_cache", "v_cache")})
+        if v_cache.dtype != FP8_DTYPE:
+            raise TypeError(f"k_cache is {FP8_DTYPE} but v_cache {v_cache.dtype}: both fp8 or neither")
+    else:
+        check_dtypes(**tensors)
     check_ndim("x", x, "(B, T, C)")
     B, T, C = x.shape
     check_ndim("k_cache", k_cache, "(max_batch, max_seq, g, r)")
@@ -136,9 +187,22 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
     elif cache_seqlens < 0 or cache_seqlens + T > max_seq:
         raise ValueError(f"cache overflow: positions [{cache_seqlens}, {cache_seqlens + T}) do not fit "
                          f"max_seq={max_seq}")
+    scales = {"k_scale": k_scale} | ({"v_scale": v_scale} if v_cache.shape[3] else {})
+    for name, scale in scales.items():
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{name} is only for an fp8 cache; this one is {k_cache.dtype}")
+            continue
+        if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (max_batch, max_seq, g) or (
+                scale.dtype != torch.float32):
+            got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"an fp8 cache needs {name}: float32 of shape {(max_batch, max_seq, g)}, got {got}")
+    if fp8 and not fp8_append_supported(query_dim, r, v_cache.shape[3]):
+        raise ValueError(f"an fp8 cache is written for r a power of two <= {MAX_FP8_GROUP} dividing query_dim and "
+                         f"rv in (0, r); got r={r}, rv={v_cache.shape[3]}, query_dim={query_dim}")
 
 
-def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
     B, T, C = x.shape
     M, N = B * T, weight.shape[0]
     r, rv = k_cache.shape[3], v_cache.shape[3]
@@ -150,14 +214,26 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_s
     pos_tensor = cache_seqlens if from_tensor else q  # unread placeholder when the position is an int
     pos_stride = 1 if from_tensor and cache_seqlens.dim() == 1 else 0  # one start per row, or one for all
     value_buf = v_cache if value_cols else k_cache  # a joint latent's empty v_cache may have no storage
-    args = (x2, weight, weight if bias is None else bias, q, k_cache, value_buf, pos_tensor,
+    fp8 = k_scale is not None
+    ks = k_scale if fp8 else q  # unread placeholders without scales
+    vs = (v_scale if value_cols else k_scale) if fp8 else q
+    scale_strides = (ks.stride(0), ks.stride(2), ks.stride(1), vs.stride(0), vs.stride(2), vs.stride(1)) if fp8 \
+        else (0,) * 6
+    args = (x2, weight, weight if bias is None else bias, q, k_cache, value_buf, ks, vs, pos_tensor,
             0 if from_tensor else cache_seqlens, pos_stride, M, T, C, query_dim, key_cols, value_cols, r, max(rv, 1),
             x2.stride(0), weight.stride(0), max(query_dim, 1),
             k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),  # (batch, group, position)
             v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+            *scale_strides,
             min(triton.next_power_of_2(M), MAX_ROW_BUCKET))
-    meta = dict(HAS_BIAS=bias is not None, POS_FROM_TENSOR=from_tensor, IEEE_DOT=x.dtype == torch.float32)
-    if interpreting():
+    meta = dict(HAS_BIAS=bias is not None, POS_FROM_TENSOR=from_tensor, IEEE_DOT=x.dtype == torch.float32,
+                FP8_GROUP=r if fp8 else 0)
+    if fp8:  # one tile shape, every group of r columns inside one tile (not tuned yet)
+        blocks = {"BLOCK_M": 16, "BLOCK_N": max(r, INTERPRETER_BLOCKS["BLOCK_N"] if interpreting() else 64),
+                  "BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"] if interpreting() else 64}
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+        _project_append_kernel[grid](*args, **meta, **blocks)
+    elif interpreting():
         blocks = INTERPRETER_BLOCKS
         grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
         _project_append_kernel[grid](*args, **meta, **blocks)
@@ -167,26 +243,27 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_s
     return q.view(B, T, query_dim)
 
 
-def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
     if not on_kernel_device(x):
-        return project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
-    return _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
+        return project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
+    return _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
 
 
-@torch.library.custom_op("mla_kernels::project_append", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("mla_kernels::project_append", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def _project_append_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], query_dim: int,
     k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
+    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
 
 
 @_project_append_op.register_fake
-def _(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def _(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
     return x.new_empty(x.shape[0], x.shape[1], query_dim)  # (B, T, query_dim)
 
 
-def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
     """y = x weight^T + bias; y's query columns are returned, its latent columns are cached.
 
     x: (B, T, C) float16 / bfloat16 / float32, the new tokens of each row.
@@ -194,18 +271,23 @@ def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
       [q' (query_dim) | c^k (g r, group-major) | c^v (g rv)], rv = 0 for a joint latent.
     k_cache: (max_batch, max_seq, g, r), v_cache: (max_batch, max_seq, g, rv), rv = 0 when
       joint: the layout `latent_decode` reads, any strides but a contiguous last dim (a
-      `LatentKVCache`'s `.k` / `.v`); in x's dtype, on x's device.
+      `LatentKVCache`'s `.k` / `.v`); in x's dtype, or float8_e4m3fn with
+    k_scale, v_scale: (max_batch, max_seq, g) float32 (`.k_scales` / `.v_scales`): each new
+      (token, group) latent is quantized by its own amax (`mla_kernels.reference.quantize_fp8`)
+      in the kernel, and its scale stored beside it (v_scale None when joint). Needs
+      `fp8_append_supported(query_dim, r, rv)`.
     cache_seqlens: tokens already in each row's cache, so row b's new tokens go to positions
       cache_seqlens[b], cache_seqlens[b] + 1, ...: an int (the same for every row, checked
       against max_seq), or an integer tensor on the device of shape () (the same for every
       row) or (B,) (one per row: batches of prompts of different lengths); tensors are not
       checked (that would synchronize; static-shape decode steps and CUDA graphs pass them).
     Writes k_cache[b, cache_seqlens[b] + t] and v_cache[b, cache_seqlens[b] + t] for b < B,
-    t < T, nothing else. Returns q' (B, T, query_dim). On CPU tensors without TRITON_INTERPRET=1 it runs
-    `mla_kernels.reference.project_append_ref` instead.
+    t < T (and their scales), nothing else. Returns q' (B, T, query_dim). On CPU tensors without
+    TRITON_INTERPRET=1 it runs `mla_kernels.reference.project_append_ref` instead.
     """
-    _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
+    _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
     if torch.compiler.is_compiling():
         pos = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.tensor(cache_seqlens, device=x.device)
-        return torch.ops.mla_kernels.project_append(x, weight, bias, query_dim, k_cache, v_cache, pos)
-    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens)
+        return torch.ops.mla_kernels.project_append(x, weight, bias, query_dim, k_cache, v_cache, pos, k_scale,
+                                                    v_scale)
+    return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)

@@ -71,6 +71,16 @@ class LatentKVCache(nn.Module):
         return self.v_cache.transpose(1, 2)
 
     @property
+    def k_scales(self):
+        """(max_batch, max_seq, n_groups) view of an fp8 cache's key scales (None otherwise)."""
+        return self.k_scale.transpose(1, 2) if self.quantized else None
+
+    @property
+    def v_scales(self):
+        """(max_batch, max_seq, n_groups) view of an fp8 cache's value scales (None otherwise or joint)."""
+        return self.v_scale.transpose(1, 2) if self.quantized and not self.joint else None
+
+    @property
     def nbytes(self):
         """Bytes the cache holds: every preallocated slot, keys and values, and an fp8 cache's scales."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -96,14 +106,12 @@ class LatentKVCache(nn.Module):
 
         x: (B, T, C); weight: (query_dim + g key_dim + g value_dim, C), bias: (same,) or None,
         output columns [query | key latent | value latent] (no value columns when joint).
-        Returns (q, k, v): q (B, T, query_dim), and k, v as `update` returns them.
+        Returns (q, k, v): q (B, T, query_dim), and k, v as `update` returns them. An fp8 cache
+        is quantized in the kernel (`mla_kernels.append.fp8_append_supported` says for which widths).
         """
         from mla_kernels.append import project_append
 
-        if self.quantized:
-            raise ValueError("project_update writes 16- or 32-bit latents; an fp8 cache is written by update, "
-                             "which quantizes them")
-        q = project_append(x, weight, bias, query_dim, self.k, self.v, cache_seqlens)
+        q = project_append(x, weight, bias, query_dim, self.k, self.v, cache_seqlens, self.k_scales, self.v_scales)
         return (q, *self._filled(x.shape[0], x.shape[1], cache_seqlens))
 
     def _filled(self, B, T, cache_seqlens):
@@ -113,8 +121,8 @@ class LatentKVCache(nn.Module):
         k, v = self.k[:B, :end], None if self.joint else self.v[:B, :end]  # (B, end, g, dim) each
         if not self.quantized:
             return k, v
-        k_scale = self.k_scale.transpose(1, 2)[:B, :end]  # (B, end, g)
-        v_scale = None if self.joint else self.v_scale.transpose(1, 2)[:B, :end]
+        k_scale = self.k_scales[:B, :end]  # (B, end, g)
+        v_scale = None if self.joint else self.v_scales[:B, :end]
         return QuantizedLatents(k, k_scale), None if self.joint else QuantizedLatents(v, v_scale)
 
     def update(self, cache_seqlens, k_new, v_new=None):
@@ -152,7 +160,7 @@ class LatentKVCache(nn.Module):
                 if new.device != buf.device:
                     raise ValueError(f"{name} is on {new.device}, the cache on {buf.device}")
                 new, scales = quantize_fp8(new)  # (B, T, g, dim), (B, T, g)
-                (self.k_scale if name == "k_new" else self.v_scale).transpose(1, 2)[slots] = scales
+                (self.k_scales if name == "k_new" else self.v_scales)[slots] = scales
             if new.dtype != buf.dtype or new.device != buf.device:
                 raise ValueError(
                     f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"

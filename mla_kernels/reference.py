@@ -139,7 +139,7 @@ def latent_decode_ref(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, k_s
     return torch.cat(outs), torch.cat(lses)
 
 
-def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens):
+def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
     """y = x weight^T + bias split into [q' | c^k | c^v]; the latents are written into the cache.
 
     x: (B, T, C); weight: (query_dim + g r + g rv, C); bias: (same,) or None;
@@ -147,7 +147,8 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
     joint latent; cache_seqlens: the tokens already cached (token 0 goes to that position), an
     int or an integer tensor of shape () or (B,) (per row). Writes k_cache[b, cache_seqlens[b]
     + t] and v_cache likewise for b < B, in the caches' dtype. Returns q' (B, T, query_dim) in
-    x's dtype.
+    x's dtype. fp8 caches: each (token, group) latent is quantized (`quantize_fp8`) and its
+    scale written to k_scale / v_scale (max_batch, max_seq, g) at the same place.
     """
     B, T, _ = x.shape
     g, r, rv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
@@ -159,9 +160,13 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
     starts = torch.as_tensor(cache_seqlens, device=x.device).expand(B)  # (B,)
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
     positions = starts[:, None] + torch.arange(T, device=x.device)  # (B, T)
-    k_cache[rows, positions] = c_k.reshape(B, T, g, r).to(k_cache.dtype)
-    if rv:
-        v_cache[rows, positions] = c_v.reshape(B, T, g, rv).to(v_cache.dtype)
+    for cache, scale, latent, dim in ((k_cache, k_scale, c_k, r), (v_cache, v_scale, c_v, rv)):
+        if not dim:
+            continue
+        latent = latent.reshape(B, T, g, dim)  # (B, T, g, dim)
+        if cache.dtype == FP8_DTYPE:
+            latent, scale[rows, positions] = quantize_fp8(latent)
+        cache[rows, positions] = latent.to(cache.dtype)
     return q.to(x.dtype)
 
 

@@ -6,9 +6,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
-from mla_kernels.append import project_append
+from mla_kernels.append import fp8_append_supported, project_append
 from mla_kernels.cache import LatentKVCache
-from mla_kernels.reference import project_append_ref
+from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
 MAX_BATCH, MAX_SEQ = 4, 40  # the cache has room for more rows and positions than a step writes
 
@@ -74,6 +74,50 @@ def test_matches_reference_and_writes_only_new_slots(case, positions, dtype):
     for row, start in enumerate(starts):
         assert not k_cache[row, start : start + T].isnan().any(), f"a new slot of row {row} was not written"
     assert k_cache.isnan().sum() == k_cache.numel() - B * T * g * r, "a slot outside the new tokens was written"
+
+
+FP8_CASES = [case for case in CASES if fp8_append_supported(case[3], case[5], case[6])]  # power-of-two r, rv 0 or r
+
+
+@pytest.mark.parametrize("positions", ["int", "per-row"], ids=lambda k: f"{k}-pos")
+@pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
+def test_fp8_cache_is_quantized_in_the_kernel(case, positions):
+    """fp8 caches: each new (token, group) latent quantized by its own amax, its scale beside it;
+    against the reference quantizing the float64 projection: scales to float32 rounding, values
+    within one fp8 step; nothing else written."""
+    B, T, C, qd, g, r, rv, bias, pos = case
+    x, weight, b, _, _ = _inputs(B, T, C, qd, g, r, rv, bias, torch.float32)
+    caches = {dtype: [torch.full((MAX_BATCH, g, MAX_SEQ, d), float("nan"), dtype=dtype).transpose(1, 2)
+                      for d in (r, rv)] for dtype in (FP8_DTYPE, torch.float64)}
+    scales = {dtype: [torch.full((MAX_BATCH, g, MAX_SEQ), float("nan")).transpose(1, 2) for _ in range(2)]
+              for dtype in (FP8_DTYPE, torch.float64)}
+    cache_seqlens = _positions(positions, B, T, pos)
+    (k8, v8), (ks, vs) = caches[FP8_DTYPE], scales[FP8_DTYPE]
+    q = project_append(x, weight, b, qd, k8, v8, cache_seqlens, ks, vs if rv else None)
+    (k_ref, v_ref), (ks_ref, vs_ref) = [t.to(FP8_DTYPE) for t in caches[torch.float64]], scales[torch.float64]
+    q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref,
+                               cache_seqlens, ks_ref, vs_ref if rv else None)
+    _assert_close(q, q_ref, 1e-5, 1e-5, "query columns")
+    for name, got, want, got_scale, want_scale in (("keys", k8, k_ref, ks, ks_ref), ("values", v8, v_ref, vs, vs_ref)):
+        if not got.shape[-1]:
+            continue
+        torch.testing.assert_close(got_scale, want_scale, rtol=1e-5, atol=0, equal_nan=True, msg=name)
+        written = ~got_scale.isnan()  # (max_batch, max_seq, g)
+        assert int(written.sum()) == B * T * g, f"{name}: scales written outside the new tokens"
+        step = 2**-3 * (want_scale[written] * FP8_MAX)[:, None]  # one fp8 step at each group's top
+        got_values = got.float()[written] * got_scale[written][:, None]  # (B T g, dim)
+        diff = got_values - want.float()[written] * want_scale[written][:, None]
+        assert (diff.abs() <= step).all(), f"{name}: a value off by more than one fp8 step"
+        assert got.float()[~written].isnan().all(), f"{name}: a slot outside the new tokens was written"
+
+
+def test_fp8_cache_of_unsupported_widths_is_refused():
+    args = _valid_args()
+    k8 = torch.zeros(2, 8, 2, 16, dtype=FP8_DTYPE)
+    v8 = torch.zeros(2, 8, 2, 8, dtype=FP8_DTYPE)  # rv 8 != r 16
+    weight = torch.randn(32 + 2 * 16 + 2 * 8, 24)
+    with pytest.raises(ValueError, match=r"r a power of two <= 512 dividing query_dim and rv in \(0, r\)"):
+        project_append(args["x"], weight, None, 32, k8, v8, 3, torch.ones(2, 8, 2), torch.ones(2, 8, 2))
 
 
 def test_cache_method_returns_prefix_views_like_update():

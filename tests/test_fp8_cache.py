@@ -83,5 +83,11 @@ def test_fp8_cache_holds_values_and_scales_and_counts_both():
     assert isinstance(k, QuantizedLatents) and k.values.shape == (2, 9, 3, 32) and k.scales.shape == (2, 9, 3)
     back = k.dequantize(torch.float32)[:, 5:]
     assert ((back - k_new).abs() <= 2**-4 * k_new.abs().amax(-1, keepdim=True)).all()
-    with pytest.raises(ValueError, match="an fp8 cache is written by update"):
-        fp8.project_update(0, torch.randn(2, 1, 8), torch.randn(4 * 32 + 6 * 32, 8), None, 4 * 32)
+    x, weight = torch.randn(2, 1, 8), torch.randn(4 * 32 + 6 * 32, 8)  # 4 query heads of width 32, 3 groups
+    q, k, v = fp8.project_update(9, x, weight, None, 4 * 32)  # quantized inside the fused kernel
+    y = x @ weight.T
+    torch.testing.assert_close(q, y[..., : 4 * 32], atol=1e-5, rtol=1e-5)
+    for got, want in ((k, y[..., 128:224]), (v, y[..., 224:])):
+        want = want.reshape(2, 1, 3, 32)
+        assert ((got.dequantize(torch.float32)[:, 9:10] - want).abs() <= 2**-4 * want.abs().amax(-1, keepdim=True)
+                + 1e-6).all()

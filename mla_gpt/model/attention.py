@@ -328,8 +328,11 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = (cache is not None and not cache.quantized and backend == "triton" and self.fused_cache_append
-                 and T <= DECODE_MAX_QUERIES)
+        fused = cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
+        if fused and cache.quantized:  # the kernel quantizes a group's latent within one tile
+            from mla_kernels.append import fp8_append_supported
+
+            fused = fp8_append_supported(nh * r, r, 0 if self.caches_joint_latent else self.value_dim)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)
