@@ -15,7 +15,9 @@ Rows (key `table`: speed or check):
 - mla-recompute: nanoGPT's generation, the whole context through the model every step;
 - ...-ragged: the batch's prompts cut to different lengths (half the prompt to all of it, spread
   over the rows) and generated together, each row at its own cache position (`GPT.generate`
-  with a list of prompts); tokens/s counts the same batch x new tokens.
+  with a list of prompts); tokens/s counts the same batch x new tokens;
+- mla-fp8-cache-graph: the graphed MLA step over an fp8 latent cache (a float32 scale per position
+  and group), written by the fused append and read as stored by the decode kernel.
 Eager rows run only up to --eager_max_batch: each step launches every kernel from Python
 (and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
@@ -134,6 +136,8 @@ def generation_runs(models, prompt, batch, eager_max_batch, gpu):
         runs["mla-latent-cache-graph-unfused"] = lambda n: unfused_generate(mla, prompt, n)
         runs["standard-kv-cache-graph"] = lambda n: standard.generate(prompt, n, top_k=1, cuda_graph=True)
         runs["mla-latent-cache-graph-ragged"] = lambda n: mla.generate(ragged, n, top_k=1, cuda_graph=True)
+        runs["mla-fp8-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True,
+                                                             cache_dtype=torch.float8_e4m3fn)
         runs["standard-kv-cache-graph-ragged"] = lambda n: standard.generate(ragged, n, top_k=1, cuda_graph=True)
     return runs
 

@@ -30,8 +30,8 @@ for section in $sections; do
         # shellcheck disable=SC2086  # DECODE_SPLITS is a list of words
         run 200 decode_h200.log python bench/decode.py --shapes 64x4096 16x32768 1x131072 --modes default joint \
             --splits ${DECODE_SPLITS:-1 2 3 4 5 8 16 17 22 32 64 128 256} --out "$out/decode_h200.json" ;;
-    generate)  # B 1 and B 32: CUDA-graph steps fused / unfused, standard cache, recompute
-        run 150 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 \
+    generate)  # B 1, 32, 128: CUDA-graph steps fused / unfused / fp8 / ragged, standard cache, recompute
+        run 240 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 128 \
             --out "$out/generate_h200.json" ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
