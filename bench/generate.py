@@ -7,9 +7,9 @@ greedily; without a GPU a 2-layer, 128-wide one generates a few tokens (the numb
 Rows (key `table`: speed or check):
 - mla-latent-cache: MLA (default r = hs/2) with its latent cache, one token per step;
 - mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed
-  (standard-kv-cache-graph likewise); mla-latent-cache-graph-unfused: the same with the
-  latent projection as a cuBLAS GEMM followed by a cache copy, instead of one kernel that
-  writes the latents into the cache (mla_kernels.append);
+  (standard-kv-cache-graph likewise). What writing the latents from the projection kernel itself
+  is worth against a cuBLAS GEMM and a cache copy is measured per op by bench/append.py (and,
+  end to end, 8-11% in bench/NOTES.md, from the run before the model lost its switch for it);
 - standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
   cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
 - mla-recompute: nanoGPT's generation, the whole context through the model every step;
@@ -53,18 +53,6 @@ def ragged_prompts(prompt):
     B, T = prompt.shape
     lengths = torch.linspace(T // 2, T, B).round().long().tolist() if B > 1 else [T]
     return [row[:n] for row, n in zip(prompt, lengths)]
-
-
-def unfused_generate(model, idx, new_tokens):
-    """CUDA-graph generation with each layer's latents projected by cuBLAS, then copied into the cache."""
-    layers = [block.attn for block in model.transformer.h]
-    for layer in layers:
-        layer.fused_cache_append = False
-    try:
-        return model.generate(idx, new_tokens, top_k=1, cuda_graph=True)
-    finally:
-        for layer in layers:
-            layer.fused_cache_append = True
 
 
 def timed(fn, new_tokens):
@@ -133,7 +121,6 @@ def generation_runs(models, prompt, batch, eager_max_batch, gpu):
         runs["mla-latent-cache-ragged"] = lambda n: mla.generate(ragged, n, top_k=1)
     if gpu:
         runs["mla-latent-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True)
-        runs["mla-latent-cache-graph-unfused"] = lambda n: unfused_generate(mla, prompt, n)
         runs["standard-kv-cache-graph"] = lambda n: standard.generate(prompt, n, top_k=1, cuda_graph=True)
         runs["mla-latent-cache-graph-ragged"] = lambda n: mla.generate(ragged, n, top_k=1, cuda_graph=True)
         runs["mla-fp8-cache-graph"] = lambda n: mla.generate(prompt, n, top_k=1, cuda_graph=True,

@@ -161,9 +161,6 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self._absorbed_memo = None  # (parameter stamp, composed weights), see _absorbed_weights
-        # decode steps on the kernels project straight into the cache; bench/generate.py turns
-        # this off to time the unfused step (cuBLAS GEMM, then LatentKVCache.update)
-        self.fused_cache_append = True
 
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
@@ -328,7 +325,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = cache is not None and backend == "triton" and self.fused_cache_append and T <= DECODE_MAX_QUERIES
+        fused = cache is not None and backend == "triton" and T <= DECODE_MAX_QUERIES
         if fused and cache.quantized:  # the kernel quantizes a group's latent within one tile
             from mla_kernels.append import fp8_append_supported
 
