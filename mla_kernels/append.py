@@ -135,8 +135,10 @@ _CONFIGS = [
     for bm, bn, bk, w, s in [(16, 32, 128, 4, 3), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3),
                              (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 ]
-_project_append_tuned = triton.autotune(configs=_CONFIGS, key=["ROW_BUCKET", "C", "QUERY_DIM", "KEY_COLS",
-                                                                "VALUE_COLS"])(_project_append_kernel)
+_project_append_tuned = triton.autotune(
+    configs=_CONFIGS, key=["ROW_BUCKET", "C", "QUERY_DIM", "KEY_COLS", "VALUE_COLS"],
+    cache_results=True,  # on disk: a later process on this GPU skips the search
+)(_project_append_kernel)
 
 
 def fp8_append_supported(query_dim, r, rv):

@@ -71,7 +71,9 @@ INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32,
 def _autotuning():
     """MLA_ATTENTION_AUTOTUNE=0 skips the search: the first candidate that fits is used
     (saves compile time where many shapes run once, as in the GPU correctness check).
-    A shape first seen inside a CUDA-graph capture also takes the first candidate."""
+    A shape first seen inside a CUDA-graph capture also takes the first candidate.
+    A search's result is kept in Triton's on-disk cache (`cache_results`), so a later process
+    on the same GPU and Triton takes the winner without timing the candidates again."""
     return os.environ.get("MLA_ATTENTION_AUTOTUNE", "1") != "0"
 
 
@@ -142,7 +144,7 @@ def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.autotune(_configs("fwd"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DO_P", "DK_P", "DV_P", "EXPAND"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
@@ -242,7 +244,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 
 @triton.autotune(_configs("dkdv"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P", "REP"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
@@ -319,7 +321,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.autotune(_configs("dq"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,

@@ -233,6 +233,7 @@ _decode_partial_tuned = triton.autotune(
     configs=_PARTIAL_CONFIGS,
     key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_decode_partial_kernel)
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
 
