@@ -33,9 +33,11 @@ import harness  # first: it puts the repository root on sys.path
 import torch
 
 from mla_gpt.cli import convert as convert_cli
-from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mla_gpt.cli.configurator import load_config
 from mla_gpt.cli.convert import attention_input_moments, convert_model, convert_state_dict
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
+from mla_gpt.cli.train import train
 from mla_gpt.model import GPT, GPTConfig
 
 FINE_TUNE_FRACTIONS = (0.05, 0.10)
@@ -63,7 +65,7 @@ def base_args(out_dir, iters, eval_iters, **overrides):
 def run_train(args):
     """Train (or only evaluate) through the trainer: (val loss, seconds)."""
     t0 = time.perf_counter()
-    result = train_cli.train(load_config(args, train_cli.TrainConfig, train_cli.ModelKeys))
+    result = train(load_config(args, TrainConfig, ModelKeys))
     return result["val_loss"], time.perf_counter() - t0
 
 
@@ -77,10 +79,10 @@ def fine_tune(converted_dir, out_dir, steps, eval_iters):
 
 def finished_checkpoint(directory, steps):
     """The checkpoint of an earlier run in `directory` that trained `steps` steps, or None."""
-    path = directory / train_cli.CHECKPOINT_NAME
+    path = directory / CHECKPOINT_NAME
     if not path.exists():
         return None
-    ckpt = train_cli.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     return ckpt if ckpt["iter_num"] == steps else None
 
 
@@ -112,7 +114,7 @@ def quality_report(opts):
         base_loss, base_time = ckpt["best_val_loss"], float("nan")
     else:
         base_loss, base_time = run_train(base_args(str(standard_dir), iters, eval_iters))
-        ckpt = train_cli.load_checkpoint(standard_dir / train_cli.CHECKPOINT_NAME)
+        ckpt = load_checkpoint(standard_dir / CHECKPOINT_NAME)
     print(f"standard: val loss {base_loss:.4f} after {iters} steps ({base_time:.0f} s)", flush=True)
     hs = ckpt["model_args"]["n_embd"] // ckpt["model_args"]["n_head"]
 

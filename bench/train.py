@@ -43,7 +43,9 @@ import harness  # first: it puts the repository root on sys.path
 import numpy as np
 import torch
 
-from mla_gpt.cli.train import Batches, Runtime, TrainStep, capturable_optimizer, compile_for_training
+from mla_gpt.cli.data import Batches
+from mla_gpt.cli.runtime import Runtime
+from mla_gpt.cli.step import TrainStep, capturable_optimizer, compile_for_training
 from mla_gpt.model import GPT, GPTConfig
 
 VARIANTS = {

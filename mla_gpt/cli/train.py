@@ -33,7 +33,7 @@ from mla_gpt.cli.init_from import initial_model
 from mla_gpt.cli.keys import ModelKeys, TrainConfig, check_train_config
 from mla_gpt.cli.metrics import Metrics
 from mla_gpt.cli.rng import gather_rng, restore_rng, seed_everything
-from mla_gpt.cli.runtime import Runtime, bf16_peak, resolve_runtime
+from mla_gpt.cli.runtime import bf16_peak, resolve_runtime
 from mla_gpt.cli.step import (
     TrainStep,
     capturable_optimizer,
@@ -41,11 +41,6 @@ from mla_gpt.cli.step import (
     set_learning_rate,
     use_cuda_graphs,
 )
-
-# The names imported from here: bench/train.py times the trainer's step with Batches, Runtime,
-# TrainStep, capturable_optimizer and compile_for_training; bench/convert.py trains and reads back.
-__all__ = ["CHECKPOINT_NAME", "Batches", "ModelKeys", "Runtime", "TrainConfig", "TrainStep", "TrainingDiverged",
-           "capturable_optimizer", "compile_for_training", "load_checkpoint", "main", "train"]
 
 EVAL_NOTICE_S = 30  # an eval projected to take longer than this is announced, with how to shorten it
 MFU_WARMUP_ITERS = 5  # the first iterations include allocator and compile warm-up; nanoGPT skips them too
