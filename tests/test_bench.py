@@ -1,6 +1,7 @@
 """Every bench/ script on a CPU at its smallest settings: it runs, writes its rows where --out says
 (and, without --out, to the temp folder, never into bench/results/), and keeps its row keys."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,3 +147,14 @@ def test_train(tmp_path):
 @pytest.mark.parametrize("script", ["run_h200.sh", "run_train_h200.sh"])
 def test_run_scripts_parse(script):
     subprocess.run(["bash", "-n", str(REPO / "bench" / script)], check=True)
+
+
+def test_finetune_converted(tmp_path):
+    out = tmp_path / "finetune.json"
+    run_script("finetune_converted", "--iters", 6, "--ft_steps", 2, "--eval_iters", 1, "--work_dir", tmp_path / "w",
+               "--out", out)
+    rows = read_rows(out)
+    assert [row["variant"] for row in rows] == ["r16", "r8", "r4", "g1-joint-r64"]
+    assert all(math.isfinite(row["finetuned_val_loss"]) and math.isfinite(row["standard_finetuned_val_loss"])
+               for row in rows)
+    assert (tmp_path / "finetune.png").stat().st_size > 0
