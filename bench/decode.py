@@ -257,30 +257,34 @@ def time_shape(B, L, mode, splits, device, gpu):
     return rows
 
 
-def measured_bytes_per_token(g, dk, dv, device):
+def measured_bytes_per_token(g, dk, dv, dtype, device):
     """Bytes per cached token of a LatentKVCache of MEMORY_SHAPE, and how they were measured."""
     B, L = MEMORY_SHAPE
     if device.type != "cuda":
-        cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)
+        cache = LatentKVCache(B, L, g, dk, dv, dtype=dtype, device=device)
         return cache.bytes_per_token, "LatentKVCache.bytes_per_token (CPU: no allocator counter)"
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
-    cache = LatentKVCache(B, L, g, dk, dv, dtype=torch.bfloat16, device=device)  # noqa: F841 - held while measured
+    cache = LatentKVCache(B, L, g, dk, dv, dtype=dtype, device=device)  # noqa: F841 - held while measured
     return (torch.cuda.memory_allocated(device) - before) / (B * L), "torch.cuda.memory_allocated delta"
 
 
 def memory_report(device, budget_gb, layers):
     """Cache bytes per token per layer (analytic vs measured) and what fits in the budget."""
-    layouts = {  # name -> (groups, key dim, value dim or None for joint)
-        "MHA (expanded K, V)": (NH, HS, HS),
-        "MLA default (g 12, r 32, K+V)": (12, 32, 32),
-        "MLA joint (g 1, r 256)": (1, 256, None),
+    fp8 = torch.float8_e4m3fn
+    layouts = {  # name -> (groups, key dim, value dim or None for joint, dtype)
+        "MHA (expanded K, V)": (NH, HS, HS, torch.bfloat16),
+        "MLA default (g 12, r 32, K+V)": (12, 32, 32, torch.bfloat16),
+        "MLA joint (g 1, r 256)": (1, 256, None, torch.bfloat16),
+        "MLA default, fp8": (12, 32, 32, fp8),
+        "MLA joint, fp8": (1, 256, None, fp8),
     }
     budget = budget_gb * 1e9
     rows = []
-    for name, (g, dk, dv) in layouts.items():
-        analytic = g * (dk + (dv or 0)) * ELT
-        measured, how = measured_bytes_per_token(g, dk, dv, device)
+    for name, (g, dk, dv, dtype) in layouts.items():
+        scale_bytes = 4 * g * (1 if dv is None else 2) if dtype == fp8 else 0  # a float32 scale per group and latent
+        analytic = g * (dk + (dv or 0)) * torch.empty((), dtype=dtype).element_size() + scale_bytes
+        measured, how = measured_bytes_per_token(g, dk, dv, dtype, device)
         per_token_model = analytic * layers
         rows.append(dict(table="memory", layout=name, bytes_per_token_layer_analytic=analytic,
                          bytes_per_token_layer_measured=measured, measured_by=how,
