@@ -70,7 +70,9 @@ def test_decode(tmp_path):
     rows = read_rows(out)
     providers = {row["provider"] for row in rows if row["table"] == "timing"}
     assert providers == {"torch_latent_math", "torch_latent", "reference"}
-    assert len([row for row in rows if row["table"] == "memory"]) == 3
+    memory = {row["layout"]: row for row in rows if row["table"] == "memory"}
+    assert len(memory) == 5
+    assert memory["MLA default, fp8"]["bytes_per_token_layer_measured"] == 12 * 64 + 12 * 2 * 4  # values + scales
     for suffix in ("_timings.csv", "_memory.csv", ".png"):
         assert (tmp_path / f"decode{suffix}").stat().st_size > 0
 
