@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_kernels._dispatch import check_dtypes, check_ndim, check_tensors, interpreting, on_kernel_device
+from mla_kernels._dispatch import (
+    autocast_inputs,
+    check_dtypes,
+    check_ndim,
+    check_tensors,
+    interpreting,
+    on_kernel_device,
+)
 from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
@@ -286,7 +293,13 @@ def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, 
     Writes k_cache[b, cache_seqlens[b] + t] and v_cache[b, cache_seqlens[b] + t] for b < B,
     t < T (and their scales), nothing else. Returns q' (B, T, query_dim). On CPU tensors without
     TRITON_INTERPRET=1 it runs `mla_kernels.reference.project_append_ref` instead.
+    Under `torch.autocast` x, weight and bias are first cast to its dtype, as `F.linear` casts
+    them (the caches are not: they hold what they were made with).
     """
+    check_tensors(x=x, weight=weight)
+    x, weight = autocast_inputs(x, weight)
+    if isinstance(bias, torch.Tensor):
+        (bias,) = autocast_inputs(bias)
     _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
     if torch.compiler.is_compiling():
         pos = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.tensor(cache_seqlens, device=x.device)

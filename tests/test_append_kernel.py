@@ -120,6 +120,21 @@ def test_fp8_cache_of_unsupported_widths_is_refused():
         project_append(args["x"], weight, None, 32, k8, v8, 3, torch.ones(2, 8, 2), torch.ones(2, 8, 2))
 
 
+def test_follows_autocast_like_f_linear():
+    """float32 weights and bias meet a float16 x under float16 autocast, as in F.linear."""
+    B, T, C, qd, g, r, rv, bias, pos = CASES[0]
+    x = torch.randn(B, T, C)
+    weight, b = torch.randn(qd + g * (r + rv), C) / C**0.5, torch.randn(qd + g * (r + rv))
+    k16, v16 = (torch.full((MAX_BATCH, MAX_SEQ, g, d), float("nan"), dtype=torch.float16) for d in (r, rv))
+    with torch.autocast("cpu", dtype=torch.float16):
+        q = project_append(x, weight, b, qd, k16, v16, pos)
+    k_ref, v_ref = k16.double(), v16.double()
+    q_ref = project_append_ref(x.half().double(), weight.half().double(), b.half().double(), qd, k_ref, v_ref, pos)
+    assert q.dtype == torch.float16
+    _assert_close(q, q_ref, *TOLS[torch.float16], "query columns")
+    _assert_close(k16, k_ref, *TOLS[torch.float16], "key latent cache")
+
+
 def test_cache_method_returns_prefix_views_like_update():
     B, T, C, g, r, rv = 2, 3, 40, 2, 16, 8
     qd = 4 * r
