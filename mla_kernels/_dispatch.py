@@ -50,6 +50,30 @@ def check_ndim(name, t, layout):
         raise ValueError(f"{name} must have {layout.count(',') + 1} dims {layout}, got shape {tuple(t.shape)}")
 
 
+def check_fp8_scales(k_cache, v_cache, k_scale, v_scale):
+    """A float8_e4m3fn cache comes with float32 scales, one per (row, position, group), shaped like
+    k_cache's first three dims; a 16/32-bit cache with none. v_cache None or 0 wide: a joint latent,
+    whose values share k_scale (no v_scale)."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    joint = v_cache is None or v_cache.shape[-1] == 0
+    if v_cache is not None and (v_cache.dtype == torch.float8_e4m3fn) != fp8:
+        raise TypeError(f"k_cache is {k_cache.dtype} and v_cache {v_cache.dtype}: both fp8 or neither")
+    if joint and v_scale is not None:
+        raise ValueError("v_scale goes with a value cache; a joint latent's values share k_scale")
+    shape = tuple(k_cache.shape[:3])
+    for name, scale in {"k_scale": k_scale, **({} if joint else {"v_scale": v_scale})}.items():
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{name} is only for an fp8 cache; this one is {k_cache.dtype}")
+            continue
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"an fp8 cache needs {name}, a float32 tensor of shape {shape}; got {type(scale).__name__}")
+        if tuple(scale.shape) != shape or scale.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape {shape}, got {scale.dtype} {tuple(scale.shape)}")
+        if scale.device != k_cache.device:
+            raise ValueError(f"{name} is on {scale.device} but k_cache is on {k_cache.device}")
+
+
 def autocast_inputs(*tensors):
     """The tensors as a matmul-like op sees them under autocast on their device.
 

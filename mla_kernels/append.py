@@ -21,6 +21,7 @@ import triton.language as tl
 from mla_kernels._dispatch import (
     autocast_inputs,
     check_dtypes,
+    check_fp8_scales,
     check_ndim,
     check_tensors,
     interpreting,
@@ -161,10 +162,8 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k
         tensors["bias"] = bias
     check_tensors(**tensors)
     fp8 = k_cache.dtype == FP8_DTYPE
-    if fp8:
+    if fp8:  # the caches' own dtypes are checked with their scales
         check_dtypes(**{name: t for name, t in tensors.items() if name not in ("k_cache", "v_cache")})
-        if v_cache.dtype != FP8_DTYPE:
-            raise TypeError(f"k_cache is {FP8_DTYPE} but v_cache {v_cache.dtype}: both fp8 or neither")
     else:
         check_dtypes(**tensors)
     check_ndim("x", x, "(B, T, C)")
@@ -196,16 +195,7 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k
     elif cache_seqlens < 0 or cache_seqlens + T > max_seq:
         raise ValueError(f"cache overflow: positions [{cache_seqlens}, {cache_seqlens + T}) do not fit "
                          f"max_seq={max_seq}")
-    scales = {"k_scale": k_scale} | ({"v_scale": v_scale} if v_cache.shape[3] else {})
-    for name, scale in scales.items():
-        if not fp8:
-            if scale is not None:
-                raise ValueError(f"{name} is only for an fp8 cache; this one is {k_cache.dtype}")
-            continue
-        if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (max_batch, max_seq, g) or (
-                scale.dtype != torch.float32):
-            got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-            raise ValueError(f"an fp8 cache needs {name}: float32 of shape {(max_batch, max_seq, g)}, got {got}")
+    check_fp8_scales(k_cache, v_cache, k_scale, v_scale)
     if fp8 and not fp8_append_supported(query_dim, r, v_cache.shape[3]):
         raise ValueError(f"an fp8 cache is written for r a power of two <= {MAX_FP8_GROUP} dividing query_dim and "
                          f"rv in (0, r); got r={r}, rv={v_cache.shape[3]}, query_dim={query_dim}")

@@ -153,14 +153,14 @@ class LatentKVCache(nn.Module):
             slots = (rows, cache_seqlens.expand(B)[:, None] + torch.arange(T, device=k_new.device))
         else:
             slots = (slice(0, B), slice(cache_seqlens, cache_seqlens + T))
-        for name, new, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
+        for name, new, buf, scale_buf in (("k_new", k_new, self.k, self.k_scales),
+                                          ("v_new", v_new, self.v, self.v_scales)):
             if new is None:
                 continue
             if self.quantized:  # fp8 values and their scales, written side by side
                 if new.device != buf.device:
                     raise ValueError(f"{name} is on {new.device}, the cache on {buf.device}")
-                new, scales = quantize_fp8(new)  # (B, T, g, dim), (B, T, g)
-                (self.k_scales if name == "k_new" else self.v_scales)[slots] = scales
+                new, scale_buf[slots] = quantize_fp8(new)  # (B, T, g, dim), (B, T, g)
             if new.dtype != buf.dtype or new.device != buf.device:
                 raise ValueError(
                     f"{name} is {new.dtype} on {new.device}, the cache holds {buf.dtype} on {buf.device}"

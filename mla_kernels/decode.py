@@ -26,6 +26,7 @@ import triton.language as tl
 
 from mla_kernels._dispatch import (
     check_dtypes,
+    check_fp8_scales,
     check_ndim,
     check_tensors,
     interpreting,
@@ -277,28 +278,6 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
     return min(candidates, key=lambda splits: (busiest_bytes(splits), splits))
 
 
-def _check_scales(cache_k, cache_v, k_scale, v_scale):
-    """An fp8 cache comes with its (B, L, g) float32 scales; a 16/32-bit one with none."""
-    fp8 = cache_k.dtype == FP8_DTYPE
-    if cache_v is not None and (cache_v.dtype == FP8_DTYPE) != fp8:
-        raise TypeError(f"cache_k is {cache_k.dtype} and cache_v {cache_v.dtype}: both fp8 or neither")
-    wanted = {"k_scale": k_scale} | ({} if cache_v is None else {"v_scale": v_scale})
-    for name, scale in wanted.items():
-        if not fp8:
-            if scale is not None:
-                raise ValueError(f"{name} is only for a {FP8_DTYPE} cache; this one is {cache_k.dtype}")
-            continue
-        if not isinstance(scale, torch.Tensor):
-            raise TypeError(f"a {FP8_DTYPE} cache needs {name}, a (B, L, g) float32 tensor; got {type(scale).__name__}")
-        if tuple(scale.shape) != tuple(cache_k.shape[:3]) or scale.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 of shape {tuple(cache_k.shape[:3])} (B, L, g), got "
-                             f"{scale.dtype} {tuple(scale.shape)}")
-        if scale.device != cache_k.device:
-            raise ValueError(f"{name} is on {scale.device} but cache_k is on {cache_k.device}")
-    if cache_v is None and v_scale is not None:
-        raise ValueError("v_scale goes with cache_v; a joint latent's values share k_scale")
-
-
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens, k_scale,
                   v_scale):
     latents = {"q_lat": q_lat, "cache_k": cache_k} | ({} if cache_v is None else {"cache_v": cache_v})
@@ -321,7 +300,7 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
             raise ValueError(f"{name} is {d}; allowed {MIN_LATENT_DIM}..{MAX_LATENT_DIM}")
     if Tq < 1:
         raise ValueError(f"q_lat needs at least one query (Tq >= 1), got Tq={Tq}")
-    _check_scales(cache_k, cache_v, k_scale, v_scale)
+    check_fp8_scales(cache_k, cache_v, k_scale, v_scale)
     if cache_k.dtype == FP8_DTYPE:
         check_dtypes(q_lat=q_lat)
     else:

@@ -77,14 +77,8 @@ def cached_attention(q, k, v, input_pos, softmax_scale, backend):
     B, T = q.shape[:2]
     kernels = backend == "triton"
     decode = backend != "sdpa" and (isinstance(input_pos, torch.Tensor) or (kernels and T <= DECODE_MAX_QUERIES))
-    if decode and kernels and isinstance(k, QuantizedLatents):
-        from mla_kernels.decode import latent_decode
-
-        seqlens = torch.full((B,), T, dtype=torch.int32, device=q.device) + input_pos  # (B,) int32
-        v_values, v_scale = (None, None) if v is None else v
-        return latent_decode(q, k.values, v_values, seqlens, softmax_scale, check_seqlens=False, k_scale=k.scales,
-                             v_scale=v_scale)[0]
-    k, v = dequantized(k, q.dtype), dequantized(v, q.dtype)
+    if not (decode and kernels):
+        k, v = dequantized(k, q.dtype), dequantized(v, q.dtype)
     if backend == "sdpa":  # with a tensor input_pos its causal mask also hides the unfilled cache tail
         return sdpa_attention(q, k, k if v is None else v, softmax_scale, input_pos)
     if decode:
@@ -92,6 +86,9 @@ def cached_attention(q, k, v, input_pos, softmax_scale, backend):
         if kernels:
             from mla_kernels.decode import latent_decode
 
-            return latent_decode(q, k, v, seqlens, softmax_scale, check_seqlens=False)[0]
+            k, k_scale = k if isinstance(k, QuantizedLatents) else (k, None)
+            v, v_scale = v if isinstance(v, QuantizedLatents) else (v, None)
+            return latent_decode(q, k, v, seqlens, softmax_scale, check_seqlens=False, k_scale=k_scale,
+                                 v_scale=v_scale)[0]
         return ref.latent_decode_ref(q, k, v, seqlens, softmax_scale)[0]
     return causal_attention(q, k, k if v is None else v, softmax_scale, input_pos, backend)
