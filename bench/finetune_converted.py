@@ -3,9 +3,10 @@
     python bench/finetune_converted.py [--iters 2000] [--ft_steps 300] [--out PATH.json]
 
 On a GPU: a GPT-2-small-shaped model (12 layers, 12 heads, 768 wide, context 256) trains on the
-bundled Shakespeare corpus for --iters steps (the trainer's defaults: bf16, compiled, the step
-captured as a CUDA graph). GPT-2's own weights cannot be downloaded on the machines this project
-runs on, and neither can tiktoken's GPT-2 encoding, so the corpus is the character-level one.
+bundled Shakespeare corpus for --iters steps (bf16, the whole step captured as a CUDA graph, not
+compiled: the report makes ten short runs, and compiling each would take longer than it trains).
+GPT-2's own weights cannot be downloaded on the machines this project runs on, and neither can
+tiktoken's GPT-2 encoding, so the corpus is the character-level one.
 The checkpoint is then converted (`mla_gpt.cli.convert`, plain weight SVD) at r = hs, hs/2, hs/4
 and to one joint latent of r 256 (g 1, DeepSeek-V2's layout), each scored right after conversion
 and after --ft_steps steps of fine-tuning; the unconverted model fine-tuned for the same steps
@@ -28,7 +29,8 @@ from mla_gpt.cli.configurator import load_config
 from mla_gpt.cli.keys import ModelKeys, TrainConfig
 from mla_gpt.cli.train import train
 
-GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=32, dropout=0.0)
+GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=32, dropout=0.0,
+                 compile=False)
 CPU_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=4, dropout=0.0, device="cpu",
                  compile=False, dtype="float32")
 GPU_SETTINGS = dict(iters=2000, ft_steps=300, eval_iters=40)

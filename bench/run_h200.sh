@@ -19,7 +19,7 @@ run() {  # run SECONDS LOG COMMAND...: one capped measurement, its exit status o
     local seconds=$1 log=$2
     shift 2
     timeout "$seconds" "$@" > "$out/$log" 2>&1
-    echo "$log rc $?"
+    echo "$log rc $? after ${SECONDS}s"
 }
 
 for section in $sections; do

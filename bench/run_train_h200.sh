@@ -32,9 +32,9 @@ for section in "$@"; do
         gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
-        char-graphs) train_rows 220 --shapes char --modes step_graph eager_step_graph ;;
-        gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph ;;
-        gpt2s-4k-graphs) train_rows 200 --shapes gpt2s --T 4096 --modes step_graph ;;
+        char-graphs) train_rows 200 --shapes char --modes step_graph --device_table 25 ;;
+        gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph --device_table 25 ;;
+        gpt2s-4k-graphs) train_rows 200 --shapes gpt2s --T 4096 --modes step_graph --device_table 25 ;;
         gpt2s-8k-graphs) train_rows 200 --shapes gpt2s --T 8192 --modes step_graph ;;
         profile)  # where the graphed char step of MLA on the kernels spends host time, against MLA on SDPA
             run 240 train_profile.log env TORCH_LOGS=perf_hints TRITON_PRINT_AUTOTUNING=1 \
