@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end training measurements on the H200, each capped in time, results in $OUT.
 #   bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
-# Sections: launch (host time per attention call, $OUT/launch_overhead_h200.json), gputests (tests/gpu kernels, compiled launch),
+# Sections: launch (host time per attention call, $OUT/launch_overhead_h200.json), gputests-kernels and gputests-model
+# (tests/gpu but the configs: about 10 minutes, one device call),
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
 # CLI in one step mode), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
 # (bench/train.py rows, merged into $OUT/train_h200.json). One device call holds about 9 minutes
-# of them: char + launch + gputests, then the gpt2s lengths, then the configs in two calls.
+# of them: gputests-kernels + gputests-model, then char + launch, then the gpt2s lengths, then the configs in two calls.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
@@ -20,16 +21,25 @@ run() {  # run SECONDS LOG COMMAND...: one capped measurement, appended to its l
     echo "$log rc $? after ${SECONDS}s"
 }
 
+# --timeout is pytest-timeout (installed on the device); the flags are split into words where used
+PYTEST_GPU_FLAGS="-v -rA --durations=20 --timeout=150"
+
 train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one results file
     local seconds=$1
     shift
     run "$seconds" train.log python bench/train.py --out "$out/train_h200.json" "$@"
 }
 
+# shellcheck disable=SC2086  # PYTEST_GPU_FLAGS is a list of words
 for section in "$@"; do
     case $section in
         launch) run 90 launch_overhead.log python bench/launch_overhead.py --out "$out/launch_overhead_h200.json" ;;
-        gputests) run 240 pytest_gpu.log python -m pytest tests/gpu -q -rA --ignore=tests/gpu/test_train_configs.py ;;
+        gputests-kernels)  # each kernel against float64 (~5 minutes); a test running past --timeout fails alone
+            run 300 pytest_gpu.log python -m pytest tests/gpu/test_{append,attention,decode}_bf16.py \
+                tests/gpu/test_svd_float32.py tests/gpu/test_compiled_launch.py $PYTEST_GPU_FLAGS ;;
+        gputests-model)  # the whole GPT: bf16 loss and generation, the graphed step, the fp8 cache (~5 minutes)
+            run 300 pytest_gpu.log python -m pytest tests/gpu/test_model_bf16.py tests/gpu/test_graphed_step.py \
+                tests/gpu/test_fp8_cache_model.py $PYTEST_GPU_FLAGS ;;
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
         char-graphs) train_rows 200 --shapes char --modes step_graph --device_table 25 ;;
