@@ -257,16 +257,19 @@ class GPT(nn.Module):
         caches = self.setup_caches(B, max_seq, cache_dtype)
         logits, _ = self(padded, caches=caches, input_pos=0, logits_at=positions - 1)  # (B, 1, vocab)
         rows = torch.arange(B, device=device)  # which prompt each cache row holds
-        new_tokens = []  # (row indices, tokens) per step
+        generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (B, max_new_tokens)
+        n_generated = [max_new_tokens] * B  # per prompt; a row that stops early has fewer
         steps = {}  # decode step per batch size
         for i in range(max_new_tokens):
             token = _sample(logits[:, -1, :], temperature, top_k)  # (n, 1)
-            new_tokens.append((rows, token[:, 0]))
+            generated[rows, i] = token[:, 0]  # on the device: no host work per row and token
             if i == max_new_tokens - 1:
                 break
             if stop_token is not None:
                 going = token[:, 0] != stop_token  # (n,)
                 if not bool(going.all()):  # one sync per step, only when stopping is asked for
+                    for row in rows[~going].tolist():
+                        n_generated[row] = i + 1  # its stop token included
                     keep = going.nonzero()[:, 0]  # (n',)
                     if keep.numel() == 0:
                         break
@@ -278,11 +281,7 @@ class GPT(nn.Module):
                 steps[n] = _DecodeStep(self, caches, token, cuda_graph, positions)
             logits = steps[n](token, positions)
             positions = positions + 1
-        out = [[prompt] for prompt in prompts]
-        for step_rows, step_tokens in new_tokens:
-            for row, token in zip(step_rows.tolist(), step_tokens.split(1)):
-                out[row].append(token)
-        return [torch.cat(parts) for parts in out]
+        return [torch.cat([prompt, generated[row, :n]]) for row, (prompt, n) in enumerate(zip(prompts, n_generated))]
 
 
 class _DecodeStep:
