@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
 #   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
-# Sections (default: all, in this order): append decode generate convert attention svd finetune model_check.
+# Sections (default: all, in this order): append decode generate convert attention svd finetune fp8_scales model_check.
 # All of them take about 15 minutes, more than one device call allows: split them over two calls.
 # Each writes $OUT/<name>_h200.json (CSV and PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
@@ -11,7 +11,7 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
-sections=${*:-append decode generate convert attention svd finetune model_check}
+sections=${*:-append decode generate convert attention svd finetune fp8_scales model_check}
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/env.txt"
 
@@ -43,9 +43,11 @@ for section in $sections; do
     finetune)  # a GPT-2-small-shaped model converted to MLA and fine-tuned (the bring-your-own-model report)
         run 540 finetune_converted_h200.log python bench/finetune_converted.py \
             --out "$out/finetune_converted_h200.json" ;;
+    fp8_scales)  # fp8 latent cache: val loss per scale granularity on two trained GPT-2-small-shaped models
+        run 300 fp8_scales_h200.log python bench/fp8_scales.py --out "$out/fp8_scales_h200.json" ;;
     model_check)  # the whole GPT on the kernels against float64, and its fullgraph compile
         run 150 model_check_h200.log python bench/model_check.py --out "$out/model_check_h200.json" ;;
-    *) echo "unknown section $section (allowed: append decode generate convert attention svd finetune model_check)"
+    *) echo "unknown section $section (allowed: append decode generate convert attention svd finetune fp8_scales model_check)"
        exit 2 ;;
     esac
 done

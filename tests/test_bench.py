@@ -160,3 +160,21 @@ def test_finetune_converted(tmp_path):
     assert all(math.isfinite(row["finetuned_val_loss"]) and math.isfinite(row["standard_finetuned_val_loss"])
                for row in rows)
     assert (tmp_path / "finetune.png").stat().st_size > 0
+
+
+def test_fp8_scales(tmp_path):
+    out = tmp_path / "fp8_scales.json"
+    run_script("fp8_scales", "--iters", 4, "--windows", 2, "--work_dir", tmp_path / "w", "--out", out)
+    rows = read_rows(out)
+    by_layout = {layout: [r for r in rows if r["layout"] == layout] for layout in ("default", "joint")}
+    # the CPU model: n_embd 128, 4 heads (hs 32): default r 16 in 4 groups, joint r 64 in one
+    assert [r["granularity"] for r in by_layout["default"]] == ["bf16", "position-16", "tile-16", "tile-64"]
+    assert [r["granularity"] for r in by_layout["joint"]] == ["bf16", "position-64", "position-32", "position-16",
+                                                              "tile-16", "tile-64"]
+    bytes_of = {(r["layout"], r["granularity"]): r["bytes_per_token_layer"] for r in rows}
+    assert bytes_of["default", "bf16"] == 2 * 2 * 4 * 16 and bytes_of["default", "position-16"] == 128 + 4 * 2 * 4
+    assert bytes_of["joint", "position-32"] == 64 + 4 * 2 and bytes_of["joint", "tile-64"] == 64 + 4 / 64
+    for row in rows:
+        assert math.isfinite(row["val_loss"]) and 0 < row["latent_rel_err"] < (1e-2 if row["granularity"] == "bf16"
+                                                                                else 0.1)
+    assert (tmp_path / "fp8_scales.png").stat().st_size > 0
