@@ -33,9 +33,9 @@ class LatentKVCache(nn.Module):
     `update` then hands out `QuantizedLatents`, which `latent_decode` reads directly. Why this
     granularity (`bench/fp8_scales.py`): a position's latent is complete when it is written, so
     its scale never changes (a scale per tile of positions would have to rescale a tile's older
-    positions whenever a new one raised its amax), and on trained models it kept the val loss
-    within 0.01% of a bf16 cache's, as finer scales per 16-32 latent columns did for up to 18%
-    more bytes.
+    positions whenever a new one raised its amax), and on the small trained models of that
+    script's CPU run it kept the val loss within 0.01% of a bf16 cache's, as finer scales per
+    16-32 latent columns did for up to 18% more bytes.
 
     Storage is group-major, (max_batch, n_groups, max_seq, dim), handed out as (batch, seqlen,
     g, dim) views (`k`, `v`), the layout every op of this package takes: the decode kernel's
