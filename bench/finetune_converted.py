@@ -169,10 +169,8 @@ def main():
     if not harness.on_gpu():
         print("no GPU: a 2-layer model for a few steps; these numbers say nothing")
     rows = report(opts)
-    path = harness.write_rows(harness.results_path(opts.out, "finetune_converted"), rows,
-                              harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32))
-    plot(rows, harness.beside(path, ".png"))
-    harness.report_written(path, harness.beside(path, ".png"))
+    harness.write_plotted(harness.results_path(opts.out, "finetune_converted"), rows,
+                          harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32), plot)
 
 
 if __name__ == "__main__":

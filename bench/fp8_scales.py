@@ -197,11 +197,8 @@ def main():
                         help="checkpoints of the two models")
     harness.add_out_argument(parser, "fp8_scales")
     opts = parser.parse_args()
-    rows = report(opts)
-    path = harness.write_rows(harness.results_path(opts.out, "fp8_scales"), rows,
-                              harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32))
-    plot(rows, harness.beside(path, ".png"))
-    harness.report_written(path, harness.beside(path, ".png"))
+    harness.write_plotted(harness.results_path(opts.out, "fp8_scales"), report(opts),
+                          harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32), plot)
 
 
 if __name__ == "__main__":

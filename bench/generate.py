@@ -181,9 +181,7 @@ def main():
     for batch in args.batch_sizes:
         rows += bench_batch(models, batch, args, device, dtype)
     env = {**harness.environment(dtype), **shape}
-    path = harness.write_rows(harness.results_path(args.out, "generate"), rows, env)
-    plot(harness.read_rows(path), harness.beside(path, ".png"))
-    harness.report_written(path, harness.beside(path, ".png"))
+    harness.write_plotted(harness.results_path(args.out, "generate"), rows, env, plot)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,15 @@ def write_rows(path, rows, env=None):
     return path
 
 
+def write_plotted(path, rows, env, plot):
+    """write_rows, then plot(the rows as written, the PNG beside them); prints where both went."""
+    write_rows(path, rows, env)
+    png = beside(path, ".png")
+    plot(read_rows(path), png)
+    report_written(path, png)
+    return path
+
+
 def write_csv(path, rows):
     """rows as a CSV table, the columns in the order they first appear."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
