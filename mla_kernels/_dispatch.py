@@ -3,7 +3,8 @@
 Where an op runs (`on_kernel_device`), how its tensor arguments are checked (`check_tensors`,
 `check_dtypes`, `check_ndim`), how autocast reaches it (`autocast_inputs`), and which path a
 call takes (`traced_or_eager`: the registered op while torch.compile traces, the launcher
-itself otherwise). The kernel files keep their own shape rules and their kernels.
+itself otherwise), and whether an autotuned kernel times its tile candidates (`tuned_candidates`).
+The kernel files keep their own shape rules and their kernels.
 """
 import os
 
@@ -15,6 +16,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def interpreting():
     """True when TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tuned_candidates(configs):
+    """The tile candidates an autotuned kernel may time for a new shape: all of them, or only the
+    first when MLA_KERNELS_AUTOTUNE=0 (one compile instead of one per candidate, for runs where
+    many shapes come once, as in the GPU tests) or inside a CUDA-graph capture (the timing runs
+    would be captured). Triton keys its on-disk autotune cache by the candidates it was given,
+    so a choice made without the search never stands in for a searched one."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    searching = os.environ.get("MLA_KERNELS_AUTOTUNE", "1") != "0" and not capturing
+    return configs if searching else configs[:1]
 
 
 def on_kernel_device(t):

@@ -26,6 +26,7 @@ from mla_kernels._dispatch import (
     check_tensors,
     interpreting,
     on_kernel_device,
+    tuned_candidates,
 )
 from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
@@ -145,6 +146,7 @@ _CONFIGS = [
 ]
 _project_append_tuned = triton.autotune(
     configs=_CONFIGS, key=["ROW_BUCKET", "C", "QUERY_DIM", "KEY_COLS", "VALUE_COLS"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **meta: tuned_candidates(configs)},
     cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_project_append_kernel)
 

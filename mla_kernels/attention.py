@@ -26,7 +26,6 @@ both entry points fall back to `mla_kernels.reference`, which autograd different
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -44,6 +43,7 @@ from mla_kernels._dispatch import (
     interpreting,
     on_kernel_device,
     traced_or_eager,
+    tuned_candidates,
 )
 from mla_kernels._tiles import LOG2E, tile_dim
 
@@ -68,15 +68,6 @@ GPU_CONFIGS = {
 INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 
-def _autotuning():
-    """MLA_ATTENTION_AUTOTUNE=0 skips the search: the first candidate that fits is used
-    (saves compile time where many shapes run once, as in the GPU correctness check).
-    A shape first seen inside a CUDA-graph capture also takes the first candidate.
-    A search's result is kept in Triton's on-disk cache (`cache_results`), so a later process
-    on the same GPU and Triton takes the winner without timing the candidates again."""
-    return os.environ.get("MLA_ATTENTION_AUTOTUNE", "1") != "0"
-
-
 def _configs(kind):
     shapes = [INTERPRETER_CONFIGS[kind]] if interpreting() else GPU_CONFIGS[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
@@ -90,10 +81,7 @@ def _prune(configs, named_args, **kwargs):
     if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
         limit = 64 * 32
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
-    # a search inside a CUDA-graph capture would launch its timing runs into the graph
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    searching = _autotuning() and not capturing
-    return kept if searching else kept[:1]
+    return tuned_candidates(kept)
 
 
 # ----------------------------------------------------------------------------- kernels

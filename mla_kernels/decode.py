@@ -32,6 +32,7 @@ from mla_kernels._dispatch import (
     interpreting,
     on_kernel_device,
     traced_or_eager,
+    tuned_candidates,
 )
 from mla_kernels._tiles import LOG2E, tile_dim
 from mla_kernels.reference import FP8_DTYPE, latent_decode_ref
@@ -220,14 +221,15 @@ _FALLBACK_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 
 
 def _prune_configs(configs, named_args, **meta):
-    """Keep configs whose pipelined K / V tiles fit SMEM_BUDGET and whose accumulator fits MAX_ACC_REGS."""
+    """Keep configs whose pipelined K / V tiles fit SMEM_BUDGET and whose accumulator fits MAX_ACC_REGS
+    (only the first of them without a search, see `tuned_candidates`)."""
     elt = named_args["Q"].element_size()
     row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * elt
     acc = meta["BLOCK_M"] * meta["BLOCK_DV"]
     kept = [c for c in configs
             if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= SMEM_BUDGET
             and acc <= MAX_ACC_REGS * 32 * c.num_warps]
-    return kept or [_FALLBACK_CONFIG]
+    return tuned_candidates(kept or [_FALLBACK_CONFIG])
 
 
 _decode_partial_tuned = triton.autotune(

@@ -2,8 +2,13 @@
 
     PYTHONPATH=. python -m pytest tests/gpu        # on a machine with an NVIDIA GPU
     python -m pytest tests -m "not cuda"           # everything else
+
+The kernels take the first tile candidate that fits each shape instead of timing them all
+(MLA_KERNELS_AUTOTUNE=0: one compile per shape, and the suite meets dozens of shapes once);
+MLA_KERNELS_AUTOTUNE=1 in the environment checks the autotuned tiles instead.
 """
 import gc
+import os
 import zlib
 from pathlib import Path
 
@@ -25,8 +30,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def fresh_gpu(request):
-    """A seed of its own for each test (fresh inputs, reproducible), its GPU memory freed afterwards."""
+def fresh_gpu(request, monkeypatch):
+    """A seed of its own for each test (fresh inputs, reproducible), first tile candidates unless
+    the environment asks for the search, its GPU memory freed afterwards."""
+    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", os.environ.get("MLA_KERNELS_AUTOTUNE", "0"))
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
     if torch.cuda.is_available():

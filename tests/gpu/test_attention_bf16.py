@@ -8,12 +8,10 @@ inputs, and so is PyTorch's own bf16 path (SDPA; for the expanded form, `referen
 then SDPA). Error = ||x - ref|| / ||ref||. A tensor passes when ours <= 2 x torch's + 1e-4
 (flash-attention's criterion; the additive term covers tensors where torch's error is near zero).
 
-The kernels run without autotuning (the first fitting tile of each kernel), so that each shape
-compiles once; set MLA_ATTENTION_AUTOTUNE=1 to check the autotuned tiles instead.
+The kernels run without autotuning (the first fitting tile of each kernel, tests/gpu/conftest.py),
+so that each shape compiles once; set MLA_KERNELS_AUTOTUNE=1 to check the autotuned tiles instead.
 """
-import gc
 import math
-import os
 
 import pytest
 import torch
@@ -52,16 +50,6 @@ def core_id(shape):
 def expanded_id(shape):
     B, T, nh, g, hs, r = shape
     return f"B{B}-T{T}-H{nh}-G{g}-hs{hs}-r{r}"
-
-
-@pytest.fixture(autouse=True)
-def fresh_gpu(monkeypatch):
-    """Seed 0, no autotuning unless asked for; free the GPU memory of the test afterwards."""
-    monkeypatch.setenv("MLA_ATTENTION_AUTOTUNE", os.environ.get("MLA_ATTENTION_AUTOTUNE", "0"))
-    torch.manual_seed(0)
-    yield
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def rel_err(x, ref):

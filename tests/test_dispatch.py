@@ -1,0 +1,50 @@
+"""What every kernel of mla_kernels decides the same way (`mla_kernels._dispatch`).
+
+Autotuning: each autotuned kernel (attention forward and backward, decode, fused append) times
+every tile candidate that fits a new shape, or only the first one when MLA_KERNELS_AUTOTUNE=0.
+"""
+import pytest
+import torch
+import triton
+
+from mla_kernels import append, attention, decode
+from mla_kernels._dispatch import tuned_candidates
+
+
+def gpu_candidates(kind):
+    """The attention kernel's GPU candidates as triton.Config, whatever device this runs on."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in attention.GPU_CONFIGS[kind]]
+
+
+PRUNES = {  # kernel -> (its prune hook, the GPU candidates, the named arguments and constexprs it sees)
+    "attention-fwd": (attention._prune, gpu_candidates("fwd"), {},
+                      dict(DQ_P=32, DO_P=32, DK_P=32, DV_P=32, EXPAND=False)),
+    "attention-dkdv": (attention._prune, gpu_candidates("dkdv"), {}, dict(DQ_P=64, DV_P=64)),
+    "decode": (decode._prune_configs, decode._PARTIAL_CONFIGS, {"Q": torch.empty(0, dtype=torch.bfloat16)},
+               dict(BLOCK_DK=32, BLOCK_DV=32, JOINT=False, BLOCK_M=16)),
+    "append": (append._project_append_tuned.early_config_prune, append._CONFIGS, {}, {}),
+}
+
+
+@pytest.mark.parametrize("kernel", PRUNES)
+@pytest.mark.parametrize("setting", ["1", "0", None], ids=["search", "first-only", "unset"])
+def test_autotune_switch_decides_how_many_candidates_are_timed(kernel, setting, monkeypatch):
+    prune, configs, named_args, meta = PRUNES[kernel]
+    if setting is None:
+        monkeypatch.delenv("MLA_KERNELS_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", setting)
+    kept = prune(configs, named_args, **meta)
+    if setting == "0":
+        assert len(kept) == 1 and kept[0] in configs
+    else:
+        assert len(kept) > 1, f"{kernel}: the search keeps {len(kept)} of {len(configs)} candidates"
+
+
+def test_first_candidate_is_the_searchs_first(monkeypatch):
+    candidates = ["first", "second", "third"]
+    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "0")
+    assert tuned_candidates(candidates) == ["first"]
+    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "1")
+    assert tuned_candidates(candidates) == candidates
