@@ -27,7 +27,8 @@ PYTEST_GPU_FLAGS="-v -rA --durations=20 --timeout=150"
 train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one results file
     local seconds=$1
     shift
-    run "$seconds" train.log python bench/train.py --out "$out/train_h200.json" "$@"
+    # the autotuner's pick per kernel and shape: which tile candidates never win (time to the first step)
+    run "$seconds" train.log env TRITON_PRINT_AUTOTUNING=1 python bench/train.py --out "$out/train_h200.json" "$@"
 }
 
 # shellcheck disable=SC2086  # PYTEST_GPU_FLAGS is a list of words
