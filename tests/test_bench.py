@@ -178,3 +178,15 @@ def test_fp8_scales(tmp_path):
         assert math.isfinite(row["val_loss"]) and 0 < row["latent_rel_err"] < (1e-2 if row["granularity"] == "bf16"
                                                                                 else 0.1)
     assert (tmp_path / "fp8_scales.png").stat().st_size > 0
+
+
+def test_decode_sass(tmp_path):
+    """The decode kernel compiled for sm_90 on this machine: its main loop counted per candidate."""
+    out = tmp_path / "decode_sass.json"
+    run_script("decode_sass", "--out", out)
+    rows = read_rows(out)
+    assert {(r["layout"], r["cache"]) for r in rows} == {(layout, cache) for layout in ("default", "joint")
+                                                         for cache in ("bf16", "fp8")}
+    for row in rows:
+        assert row["loop_instructions"] > 0 and 0 < row["warp_instructions_per_byte"] < 10
+        assert 0 < row["registers"] <= 255 and sum(row["top_opcodes"].values()) <= row["loop_instructions"]
