@@ -98,6 +98,7 @@ def report(opts):
     work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     standard = work / "standard"
+    shutil.rmtree(standard, ignore_errors=True)  # its checkpoint must be this run's best, not an older run's
     t0 = time.perf_counter()
     base = run(train_args(str(standard), model, opts.iters, opts.eval_iters, warmup_iters=max(1, opts.iters // 20)))
     base_loss = base["best_val_loss"]  # the checkpoint converted below is the one with this loss

@@ -2,7 +2,7 @@
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
 #   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
 # Sections (default: all, in this order): append decode generate convert attention svd finetune fp8_scales model_check.
-# All of them take about 15 minutes, more than one device call allows: split them over two calls.
+# Their time caps add up to about 33 minutes: split them over four device calls (finetune alone takes one).
 # Each writes $OUT/<name>_h200.json (CSV and PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
 # DECODE_SPLITS=1 (or a list, DECODE_SPLITS='1 4') times only those split counts and the heuristic's

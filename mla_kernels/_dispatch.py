@@ -19,11 +19,13 @@ def interpreting():
 
 
 def tuned_candidates(configs):
-    """The tile candidates an autotuned kernel may time for a new shape: all of them, or only the
-    first when MLA_KERNELS_AUTOTUNE=0 (one compile instead of one per candidate, for runs where
-    many shapes come once, as in the GPU tests) or inside a CUDA-graph capture (the timing runs
-    would be captured). Triton keys its on-disk autotune cache by the candidates it was given,
-    so a choice made without the search never stands in for a searched one."""
+    """The tile candidates an autotuned kernel compiles and times for a new shape: all of them, or
+    only the first when MLA_KERNELS_AUTOTUNE=0 (one compile instead of one per candidate, for
+    runs where many shapes come once, as in the GPU tests) or inside a CUDA-graph capture (fewer
+    timing launches captured; Triton still times a lone candidate once, so callers warm each
+    shape up before capturing). Triton keys its on-disk autotune cache by the candidates it was
+    given, so such a choice is never read back as a searched one by a later process; within a
+    process the first choice for a shape stays."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     searching = os.environ.get("MLA_KERNELS_AUTOTUNE", "1") != "0" and not capturing
     return configs if searching else configs[:1]

@@ -29,11 +29,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def first_tile_candidates():
+    """MLA_KERNELS_AUTOTUNE=0 for the whole GPU session (module fixtures that train included),
+    unless the environment asks for the search."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLA_KERNELS_AUTOTUNE", os.environ.get("MLA_KERNELS_AUTOTUNE", "0"))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def fresh_gpu(request, monkeypatch):
-    """A seed of its own for each test (fresh inputs, reproducible), first tile candidates unless
-    the environment asks for the search, its GPU memory freed afterwards."""
-    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", os.environ.get("MLA_KERNELS_AUTOTUNE", "0"))
+def fresh_gpu(request):
+    """A seed of its own for each test (fresh inputs, reproducible), its GPU memory freed afterwards."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
     if torch.cuda.is_available():
