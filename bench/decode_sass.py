@@ -49,16 +49,11 @@ def argument_values(g, r):
                 NH=NH, G=g, TQ=TQ, D_K=r, D_V=r, NUM_SPLITS=1, NUM_M_BLOCKS=1)
 
 
-def packed_rows(g):
-    """BLOCK_M as the launcher picks it: the group's heads times the new tokens, padded."""
-    return min(max(triton.next_power_of_2(NH // g * TQ), decode.MIN_BLOCK_M), decode.MAX_BLOCK_M)
-
-
 def compile_kernel(g, r, joint, scaled, config):
     """The kernel compiled for TARGET, specialized as the JIT would: pointers and integers that are
     multiples of 16 carry that divisibility, integers equal to 1 become constants."""
-    constants = dict(HPG=NH // g, BLOCK_M=packed_rows(g), BLOCK_DK=r, BLOCK_DV=r, JOINT=joint, SPLIT=False,
-                     IEEE_DOT=False, SCALED=scaled, **config.kwargs)
+    constants = dict(HPG=NH // g, BLOCK_M=decode.packed_block_m(NH // g, TQ), BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
+                     SPLIT=False, IEEE_DOT=False, SCALED=scaled, **config.kwargs)
     ints = argument_values(g, r)
     pointers = {"Q": "*bf16", "K": "*fp8e4nv" if scaled else "*bf16", "V": "*fp8e4nv" if scaled else "*bf16",
                 "KS": "*fp32" if scaled else "*i32", "VS": "*fp32" if scaled else "*i32", "SEQLENS": "*i32",
@@ -106,7 +101,7 @@ def candidates(g, r, joint):
     """The tile candidates the autotuner would time at this shape (its own pruning)."""
     q = torch.empty(0, dtype=torch.bfloat16)
     return decode._prune_configs(decode._PARTIAL_CONFIGS, {"Q": q}, BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
-                                 BLOCK_M=packed_rows(g))
+                                 BLOCK_M=decode.packed_block_m(NH // g, TQ))
 
 
 def report(work_dir):

@@ -241,6 +241,12 @@ _decode_partial_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
 
 
+def packed_block_m(heads_per_group, new_tokens):
+    """BLOCK_M of a decode program: its group's (head, query) rows, padded to a power of two in
+    [MIN_BLOCK_M, MAX_BLOCK_M]."""
+    return min(max(triton.next_power_of_2(heads_per_group * new_tokens), MIN_BLOCK_M), MAX_BLOCK_M)
+
+
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -335,7 +341,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     rv = v.shape[3]
     seqlens = cache_seqlens.to(torch.int32)
     hpg = nh // g
-    block_m = min(max(triton.next_power_of_2(hpg * Tq), MIN_BLOCK_M), MAX_BLOCK_M)
+    block_m = packed_block_m(hpg, Tq)
     m_blocks = triton.cdiv(hpg * Tq, block_m)
     scaled = k_scale is not None
     if num_splits is None:
