@@ -52,7 +52,7 @@ def argument_values(g, r):
 def compile_kernel(g, r, joint, scaled, config):
     """The kernel compiled for TARGET, specialized as the JIT would: pointers and integers that are
     multiples of 16 carry that divisibility, integers equal to 1 become constants."""
-    constants = dict(HPG=NH // g, BLOCK_M=decode.packed_block_m(NH // g, TQ), BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
+    constants = dict(HPG=NH // g, BLOCK_M=decode.packed_block_m(NH // g, TQ, r), BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
                      SPLIT=False, IEEE_DOT=False, SCALED=scaled, **config.kwargs)
     ints = argument_values(g, r)
     pointers = {"Q": "*bf16", "K": "*fp8e4nv" if scaled else "*bf16", "V": "*fp8e4nv" if scaled else "*bf16",
@@ -101,7 +101,7 @@ def candidates(g, r, joint):
     """The tile candidates the autotuner would time at this shape (its own pruning)."""
     q = torch.empty(0, dtype=torch.bfloat16)
     return decode._prune_configs(decode._PARTIAL_CONFIGS, {"Q": q}, BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
-                                 BLOCK_M=decode.packed_block_m(NH // g, TQ))
+                                 BLOCK_M=decode.packed_block_m(NH // g, TQ, r))
 
 
 def report(work_dir):

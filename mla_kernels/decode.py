@@ -218,6 +218,7 @@ _PARTIAL_CONFIGS = [
                      (32, 8, 2), (16, 8, 2), (32, 4, 5), (32, 8, 4), (64, 8, 4)]
 ]
 _FALLBACK_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
+MAX_WARPS = max(c.num_warps for c in [*_PARTIAL_CONFIGS, _FALLBACK_CONFIG])
 
 
 def _prune_configs(configs, named_args, **meta):
@@ -241,10 +242,15 @@ _decode_partial_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
 
 
-def packed_block_m(heads_per_group, new_tokens):
+def packed_block_m(heads_per_group, new_tokens, value_tile):
     """BLOCK_M of a decode program: its group's (head, query) rows, padded to a power of two in
-    [MIN_BLOCK_M, MAX_BLOCK_M]."""
-    return min(max(triton.next_power_of_2(heads_per_group * new_tokens), MIN_BLOCK_M), MAX_BLOCK_M)
+    [MIN_BLOCK_M, MAX_BLOCK_M], and few enough that the (BLOCK_M, value_tile) float32 accumulator
+    fits MAX_ACC_REGS per thread at the widest candidate (MAX_WARPS): at r 576 (tiled as 1024) that
+    is 32 rows, where 64 rows would need 256 KB of shared memory for the accumulator's layout
+    changes alone, more than an H200 SM holds."""
+    rows_that_fit = MAX_ACC_REGS * 32 * MAX_WARPS // value_tile
+    wanted = max(triton.next_power_of_2(heads_per_group * new_tokens), MIN_BLOCK_M)
+    return max(min(wanted, MAX_BLOCK_M, rows_that_fit), MIN_BLOCK_M)
 
 
 def _num_sms(device):
@@ -341,7 +347,9 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     rv = v.shape[3]
     seqlens = cache_seqlens.to(torch.int32)
     hpg = nh // g
-    block_m = packed_block_m(hpg, Tq)
+    block_dk = tile_dim(r)
+    block_dv = block_dk if joint else tile_dim(rv)
+    block_m = packed_block_m(hpg, Tq, block_dv)
     m_blocks = triton.cdiv(hpg * Tq, block_m)
     scaled = k_scale is not None
     if num_splits is None:
@@ -363,8 +371,6 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         o_strides = (*out.stride()[:3], 0)
         l_strides = (*lse.stride(), 0)
 
-    block_dk = tile_dim(r)
-    block_dv = block_dk if joint else tile_dim(rv)
     grid = (num_splits, B * g * m_blocks)
     ks = k_scale if scaled else seqlens  # an unread placeholder without scales
     vs = (k_scale if joint else v_scale) if scaled else seqlens

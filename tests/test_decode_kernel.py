@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
-from mla_kernels.decode import latent_decode, num_splits_heuristic
+from mla_kernels.decode import MAX_ACC_REGS, MAX_WARPS, latent_decode, num_splits_heuristic, packed_block_m
 from mla_kernels.reference import FP8_DTYPE, dequantize_fp8, latent_decode_ref, quantize_fp8
 
 SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
@@ -217,6 +217,21 @@ def test_heuristic_on_the_h200(case):
     nh, sms, elt = 12, 132, 2
     g, row_bytes, rv = (12, 2 * 32 * elt, 32) if mode == "default" else (1, 256 * elt, 256)
     assert num_splits_heuristic(B * g, L, row_bytes, B * nh, rv, sms) == splits
+
+
+@pytest.mark.parametrize("case", [
+    (12, 1, 32, 16),  # GPT-2 small, g 1: 12 rows padded to the 16-row minimum
+    (16, 3, 32, 64),  # 48 packed rows
+    (32, 4, 32, 64),  # 128 rows: two programs of 64
+    (16, 3, 1024, 32),  # r 576 joint, tiled as 1024: 64 rows would need 256 KB of shared memory on an H200
+    (128, 1, 1024, 32),  # DeepSeek-V2's 128 heads over the joint 576 latent
+], ids=lambda c: f"HPG{c[0]}-Tq{c[1]}-DV{c[2]}-M{c[3]}")
+def test_packed_rows_per_program(case):
+    """A program packs (head, query) rows up to MAX_BLOCK_M, fewer where its float32 accumulator
+    would not fit in the registers of the widest tile candidate."""
+    heads_per_group, new_tokens, value_tile, block_m = case
+    assert packed_block_m(heads_per_group, new_tokens, value_tile) == block_m
+    assert block_m * value_tile <= MAX_ACC_REGS * 32 * MAX_WARPS
 
 
 def _valid():

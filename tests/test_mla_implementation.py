@@ -344,21 +344,42 @@ def test_cuda_graph_needs_cuda():
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5)], ids=["mla", "svd-weight"])
-def test_inference_reuses_composed_weights_until_a_parameter_changes(kwargs):
+def test_generation_composes_weights_once_per_cache(kwargs):
     mla = layer(mla_config(mla_path="absorbed", **kwargs)).eval()
     x = torch.randn(2, 5, 96, dtype=torch.float64)
     with torch.no_grad():
-        mla(x)
-        composed = mla._absorbed_memo[1]
-        mla(x)
-        assert mla._absorbed_memo[1] is composed  # nothing changed: composed once
-        for module in (mla.q_proj, mla.k_expand, mla.v_expand, mla.c_proj):
-            module.weight.mul_(1.5)  # in place, as an optimizer step or load_state_dict
-            stale = mla._absorbed_memo[1]
-            without_grad = mla(x)
-            assert mla._absorbed_memo[1] is not stale
-            with torch.enable_grad():  # composes afresh, no memo
-                torch.testing.assert_close(without_grad, mla(x), atol=1e-12, rtol=0)
+        cache = mla.make_cache(2, 8, torch.float64, x.device)
+        mla(x[:, :4], cache, 0)
+        composed = mla._absorbed_memo[cache][1]
+        mla(x[:, 4:], cache, 4)
+        assert mla._absorbed_memo[cache][1] is composed  # one generation: composed once
+        mla(x, None)
+        assert len(mla._absorbed_memo) == 1  # a call without a cache keeps nothing
+        del cache
+        assert len(mla._absorbed_memo) == 0  # gone with its cache
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5)], ids=["mla", "svd-weight"])
+def test_weights_changed_without_a_version_bump_are_seen(kwargs):
+    """A replayed CUDA graph (the trainer's captured step) updates parameters without moving their
+    version counters, as writes through `.data` do here: evals and generations after it must see
+    the new weights."""
+    torch.manual_seed(0)
+    model = GPT(mla_config(mla_path="absorbed", **kwargs)).double().eval()
+    tokens = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        model(tokens, tokens)  # an eval before the update
+        model.generate(tokens, 3, top_k=1)  # and a generation
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p) * 0.1)  # no version bump
+        model.eval()  # svd 'weight' recomputes its basis on entering eval, whatever the versions say
+        fresh = GPT(mla_config(mla_path="absorbed", **kwargs)).double()
+        fresh.load_state_dict(model.state_dict())
+        fresh.eval()
+        torch.testing.assert_close(model(tokens, tokens), fresh(tokens, tokens), atol=1e-12, rtol=0)
+        caches, fresh_caches = model.setup_caches(2, 8), fresh.setup_caches(2, 8)
+        torch.testing.assert_close(model(tokens, caches=caches)[0], fresh(tokens, caches=fresh_caches)[0],
+                                   atol=1e-12, rtol=0)
 
 
 def test_generation_uses_one_token_per_step():

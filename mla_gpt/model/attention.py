@@ -9,6 +9,7 @@ kernel), 'reference' runs `mla_kernels.reference`, 'auto' picks the kernels on C
 elsewhere (CausalSelfAttention: PyTorch's SDPA everywhere, nanoGPT's fast path).
 """
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         self.v_expand = LatentExpansion(nh, self.latent_dim, self.head_size)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self._absorbed_memo = None  # (parameter stamp, composed weights), see _absorbed_weights
+        self._absorbed_memo = weakref.WeakKeyDictionary()  # cache -> (dtype, composed weights)
 
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
@@ -255,7 +256,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
         return torch.einsum("hrk,hrd->hkd", head_basis, self.v_expand.weight)  # (nh, k, hs)
 
-    def _absorbed_weights(self, basis, dtype=None):
+    def _absorbed_weights(self, basis, cache, dtype=None):
         """The composed weights of the absorbed form: (weight_in, bias_in, weight_out).
 
         weight_in (nh r + g r + g rv, C): q_proj composed with W_uk, then the key latent's
@@ -263,16 +264,19 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         none for a cached joint latent); bias_in its bias or None; weight_out (C, nh rv):
         W_uv composed with c_proj. dtype: cast them to it (autocast's dtype for the fused
         cache append), None keeps the parameters' dtype.
-        Without autograd (generation) they are composed once and reused while no parameter has
-        changed (storage and version counter), instead of at every step in every layer.
+        A generation (a cache, no autograd) composes them at its first call and reuses them for
+        as long as its cache lives: weights do not change while a model generates. Every other
+        call composes them afresh. Nothing is reused across calls on the strength of parameter
+        version counters: a replayed CUDA graph (the trainer's captured step) updates weights
+        without moving them.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compose_absorbed_weights(basis, dtype)
-        tensors = [*self.parameters(), *([] if basis is None else [basis])]
-        stamp = (dtype, *((t.data_ptr(), t._version) for t in tensors))
-        if self._absorbed_memo is None or self._absorbed_memo[0] != stamp:
-            self._absorbed_memo = (stamp, self._compose_absorbed_weights(basis, dtype))
-        return self._absorbed_memo[1]
+        memo = self._absorbed_memo.get(cache)
+        if memo is None or memo[0] != dtype:
+            memo = (dtype, self._compose_absorbed_weights(basis, dtype))
+            self._absorbed_memo[cache] = memo
+        return memo[1]
 
     def _compose_absorbed_weights(self, basis, dtype):
         C, nh, hs, r, g = self.n_embd, self.n_head, self.head_size, self.latent_dim, self.n_groups
@@ -332,12 +336,12 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             fused = fp8_append_supported(nh * r, r, 0 if self.caches_joint_latent else self.value_dim)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis, dtype)
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, dtype)
             q_lat, c_k, c_v = cache.project_update(input_pos, x if dtype is None else x.to(dtype),
                                                    weight_in, bias_in, nh * r)  # c_k, c_v: (B, Tk, g, .)
             q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
         else:
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis)
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache)
             projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
             q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
             c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)

@@ -54,22 +54,23 @@ class WeightSVDValues:
         self._basis_stamp = None  # (storage, version) of the source parameter the basis came from
 
     def train(self, mode=True):
-        """Entering eval freezes the value basis from the current weights (svd 'weight')."""
+        """Entering eval freezes the value basis from the current weights (svd 'weight'), always
+        recomputed: weights updated by a replayed CUDA graph keep their version counters."""
         super().train(mode)
         if not mode and self.svd_mode == "weight":
-            self._refresh_value_basis()
+            self._refresh_value_basis(always=True)
         return self
 
     @torch.compiler.disable  # reads parameter versions; the randomized SVD runs outside graphs
-    def _refresh_value_basis(self):
+    def _refresh_value_basis(self, always=False):
         """Recompute the basis into its buffer if the source weights changed since the last time.
 
-        A parameter's version counter moves with every in-place update (optimizer steps,
-        load_state_dict), so micro-steps of one accumulated step and repeated evals share one SVD.
+        A parameter's version counter moves with every eager in-place update (optimizer steps,
+        load_state_dict), so micro-steps of one accumulated step share one SVD.
         """
         weight = self._value_source()
         stamp = (weight.data_ptr(), weight._version)
-        if stamp != self._basis_stamp:
+        if always or stamp != self._basis_stamp:
             with torch.no_grad():
                 self.value_basis.copy_(self._compute_value_basis())
             self._basis_stamp = stamp
