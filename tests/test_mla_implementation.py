@@ -2,6 +2,8 @@
 
 Run with pytest, or as the original design says: `cd tests && python test_mla_implementation.py`.
 """
+import copy
+import pickle
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from mla_gpt.model import GPT, GPTConfig
-from mla_gpt.model.attention import CausalSelfAttention, MultiHeadLatentAttention
+from mla_gpt.model.attention import _COMPOSED_PER_CACHE, CausalSelfAttention, MultiHeadLatentAttention
 from mla_gpt.model.costs import mla_path_costs
 from mla_kernels.cache import LatentKVCache
 
@@ -350,13 +352,16 @@ def test_generation_composes_weights_once_per_cache(kwargs):
     with torch.no_grad():
         cache = mla.make_cache(2, 8, torch.float64, x.device)
         mla(x[:, :4], cache, 0)
-        composed = mla._absorbed_memo[cache][1]
+        composed = _COMPOSED_PER_CACHE[cache][1]
         mla(x[:, 4:], cache, 4)
-        assert mla._absorbed_memo[cache][1] is composed  # one generation: composed once
+        assert _COMPOSED_PER_CACHE[cache][1] is composed  # one generation: composed once
+        kept = len(_COMPOSED_PER_CACHE)
         mla(x, None)
-        assert len(mla._absorbed_memo) == 1  # a call without a cache keeps nothing
+        assert len(_COMPOSED_PER_CACHE) == kept  # a call without a cache keeps nothing
         del cache
-        assert len(mla._absorbed_memo) == 0  # gone with its cache
+        assert len(_COMPOSED_PER_CACHE) == kept - 1  # gone with its cache
+        copy.deepcopy(mla)
+        pickle.dumps(mla)  # torch.save(model) pickles it
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5)], ids=["mla", "svd-weight"])

@@ -29,6 +29,10 @@ from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
 from mla_kernels.cache import LatentKVCache
 
+# A generation's composed weights, keyed by its cache (one per layer): (dtype, weights), dropped with
+# the cache. Kept here rather than on the layer, which then pickles as any nn.Module.
+_COMPOSED_PER_CACHE = weakref.WeakKeyDictionary()
+
 
 class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
     """nanoGPT's multi-head causal self-attention; caches K and V when generating.
@@ -161,7 +165,6 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         self.v_expand = LatentExpansion(nh, self.latent_dim, self.head_size)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self._absorbed_memo = weakref.WeakKeyDictionary()  # cache -> (dtype, composed weights)
 
         if self.svd_mode == "weight":
             self.svd_rank = config.svd_rank or self.latent_dim
@@ -272,10 +275,10 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compose_absorbed_weights(basis, dtype)
-        memo = self._absorbed_memo.get(cache)
+        memo = _COMPOSED_PER_CACHE.get(cache)
         if memo is None or memo[0] != dtype:
             memo = (dtype, self._compose_absorbed_weights(basis, dtype))
-            self._absorbed_memo[cache] = memo
+            _COMPOSED_PER_CACHE[cache] = memo
         return memo[1]
 
     def _compose_absorbed_weights(self, basis, dtype):
