@@ -6,7 +6,7 @@ logits tie, so only a trained model's greedy tokens say anything).
 A 6-layer MLA char model (r 32, the kernels) trains for TRAIN_ITERS iterations on the bundled
 Shakespeare corpus; then, over val batches, the loss teacher-forced through the caches (a prefill of
 PREFILL tokens, then one token per decode step) with an fp8 cache is within 0.5% of the bf16
-cache's, and greedy generation from the same prompts agrees on most tokens.
+cache's, and the greedy token at each step (both caches fed the same val tokens) agrees on most steps.
 """
 import math
 from pathlib import Path
@@ -29,7 +29,8 @@ TRAIN_ITERS = 600
 PREFILL, DECODE = 64, 128  # tokens prefilled, then fed one per step through the cache
 BATCH = 16
 LOSS_RTOL = 0.005  # the issue's bound: val loss within 0.5%
-GREEDY_AGREEMENT = 0.9  # greedy tokens equal to the bf16 cache's, over 64 new tokens per prompt
+GREEDY_AGREEMENT = 0.95  # teacher-forced greedy tokens equal to the bf16 cache's (98.7% for a small fp32
+# model trained on the CPU, bench/NOTES.md)
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +56,32 @@ def _val_tokens():
 
 
 @torch.no_grad()
-def _teacher_forced_loss(model, tokens, cache_dtype):
-    """Mean cross-entropy of the DECODE tokens after the prefill, each predicted through the caches."""
+def _teacher_forced_logits(model, tokens, cache_dtype):
+    """Logits (BATCH, DECODE, vocab), float32, of each token after the prefill, predicted through the
+    caches from the val tokens before it (not from the model's own samples)."""
     caches = model.setup_caches(tokens.size(0), PREFILL + DECODE, cache_dtype)
     model(tokens[:, :PREFILL], caches=caches, input_pos=0)
-    losses = []
-    for pos in range(PREFILL, PREFILL + DECODE):
-        logits, _ = model(tokens[:, pos : pos + 1], caches=caches, input_pos=pos)  # predicts token pos + 1
-        losses.append(F.cross_entropy(logits[:, -1].float(), tokens[:, pos + 1]))
-    return torch.stack(losses).mean().item()
+    logits = [model(tokens[:, pos : pos + 1], caches=caches, input_pos=pos)[0][:, -1].float()
+              for pos in range(PREFILL, PREFILL + DECODE)]  # each predicts token pos + 1
+    return torch.stack(logits, dim=1)
 
 
 def test_fp8_cache_val_loss_within_half_a_percent(trained):
     model, summary = trained
     assert summary["val_loss"] < 2.2, f"the model did not train (val loss {summary['val_loss']})"
     tokens = _val_tokens()
-    bf16 = _teacher_forced_loss(model, tokens, None)
-    fp8 = _teacher_forced_loss(model, tokens, FP8_DTYPE)
+    targets = tokens[:, PREFILL + 1 :].reshape(-1)
+    bf16, fp8 = (F.cross_entropy(_teacher_forced_logits(model, tokens, dtype).flatten(0, 1), targets).item()
+                 for dtype in (None, FP8_DTYPE))
     assert math.isfinite(fp8) and abs(fp8 - bf16) <= LOSS_RTOL * bf16, f"fp8 {fp8:.4f} vs bf16 {bf16:.4f}"
 
 
 def test_fp8_cache_greedy_tokens_agree_with_bf16(trained):
+    """The greedy token at each step, both caches fed the same val tokens. Free-running generations
+    are no measure: one early near-tie flip changes every token after it (on the H200, 65% of 64
+    free-running tokens per prompt agreed, with the val loss within 0.5%)."""
     model, _ = trained
-    prompts = _val_tokens()[:, :PREFILL]
-    with torch.no_grad():
-        bf16 = model.generate(prompts, 64, temperature=0)[:, PREFILL:]
-        fp8 = model.generate(prompts, 64, temperature=0, cache_dtype=FP8_DTYPE)[:, PREFILL:]
+    tokens = _val_tokens()
+    bf16, fp8 = (_teacher_forced_logits(model, tokens, dtype).argmax(-1) for dtype in (None, FP8_DTYPE))
     agreement = (bf16 == fp8).float().mean().item()
     assert agreement >= GREEDY_AGREEMENT, f"greedy tokens equal on {100 * agreement:.1f}%"
