@@ -242,13 +242,14 @@ _decode_partial_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
 
 
-def packed_block_m(heads_per_group, new_tokens, value_tile):
+def packed_block_m(heads_per_group, new_tokens, widest_tile):
     """BLOCK_M of a decode program: its group's (head, query) rows, padded to a power of two in
-    [MIN_BLOCK_M, MAX_BLOCK_M], and few enough that the (BLOCK_M, value_tile) float32 accumulator
-    fits MAX_ACC_REGS per thread at the widest candidate (MAX_WARPS): at r 576 (tiled as 1024) that
-    is 32 rows, where 64 rows would need 256 KB of shared memory for the accumulator's layout
-    changes alone, more than an H200 SM holds."""
-    rows_that_fit = MAX_ACC_REGS * 32 * MAX_WARPS // value_tile
+    [MIN_BLOCK_M, MAX_BLOCK_M], and few enough that a (BLOCK_M, widest_tile) float32 accumulator
+    fits MAX_ACC_REGS per thread at the widest candidate (MAX_WARPS). widest_tile is the wider of
+    the key and value tiles: the value tile sizes the accumulator, the key tile the query tile
+    held in shared memory. At r 576 (tiled as 1024) that is 32 rows, where 64 rows needed more
+    shared memory than an H200 SM holds (256 KB for the accumulator's layout changes alone)."""
+    rows_that_fit = MAX_ACC_REGS * 32 * MAX_WARPS // widest_tile
     wanted = max(triton.next_power_of_2(heads_per_group * new_tokens), MIN_BLOCK_M)
     return max(min(wanted, MAX_BLOCK_M, rows_that_fit), MIN_BLOCK_M)
 
@@ -349,7 +350,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     hpg = nh // g
     block_dk = tile_dim(r)
     block_dv = block_dk if joint else tile_dim(rv)
-    block_m = packed_block_m(hpg, Tq, block_dv)
+    block_m = packed_block_m(hpg, Tq, max(block_dk, block_dv))
     m_blocks = triton.cdiv(hpg * Tq, block_m)
     scaled = k_scale is not None
     if num_splits is None:

@@ -223,15 +223,15 @@ def test_heuristic_on_the_h200(case):
     (12, 1, 32, 16),  # GPT-2 small, g 1: 12 rows padded to the 16-row minimum
     (16, 3, 32, 64),  # 48 packed rows
     (32, 4, 32, 64),  # 128 rows: two programs of 64
-    (16, 3, 1024, 32),  # r 576 joint, tiled as 1024: 64 rows would need 256 KB of shared memory on an H200
+    (16, 3, 1024, 32),  # r 576, tiled as 1024: 64 rows would need 256 KB of shared memory on an H200
     (128, 1, 1024, 32),  # DeepSeek-V2's 128 heads over the joint 576 latent
-], ids=lambda c: f"HPG{c[0]}-Tq{c[1]}-DV{c[2]}-M{c[3]}")
+], ids=lambda c: f"HPG{c[0]}-Tq{c[1]}-D{c[2]}-M{c[3]}")
 def test_packed_rows_per_program(case):
-    """A program packs (head, query) rows up to MAX_BLOCK_M, fewer where its float32 accumulator
-    would not fit in the registers of the widest tile candidate."""
-    heads_per_group, new_tokens, value_tile, block_m = case
-    assert packed_block_m(heads_per_group, new_tokens, value_tile) == block_m
-    assert block_m * value_tile <= MAX_ACC_REGS * 32 * MAX_WARPS
+    """A program packs (head, query) rows up to MAX_BLOCK_M, fewer where a float32 tile as wide as
+    its key or value tile would not fit in the registers of the widest tile candidate."""
+    heads_per_group, new_tokens, widest_tile, block_m = case
+    assert packed_block_m(heads_per_group, new_tokens, widest_tile) == block_m
+    assert block_m * widest_tile <= MAX_ACC_REGS * 32 * MAX_WARPS
 
 
 def _valid():

@@ -352,9 +352,11 @@ def test_generation_composes_weights_once_per_cache(kwargs):
     with torch.no_grad():
         cache = mla.make_cache(2, 8, torch.float64, x.device)
         mla(x[:, :4], cache, 0)
-        composed = _COMPOSED_PER_CACHE[cache][1]
+        composed = _COMPOSED_PER_CACHE[cache][1][None]
         mla(x[:, 4:], cache, 4)
-        assert _COMPOSED_PER_CACHE[cache][1] is composed  # one generation: composed once
+        assert _COMPOSED_PER_CACHE[cache][1][None] is composed  # one generation: composed once
+        mla(x[:, :4], cache, 0)
+        assert _COMPOSED_PER_CACHE[cache][1][None] is not composed  # a new prefill composes afresh
         kept = len(_COMPOSED_PER_CACHE)
         mla(x, None)
         assert len(_COMPOSED_PER_CACHE) == kept  # a call without a cache keeps nothing
@@ -362,6 +364,20 @@ def test_generation_composes_weights_once_per_cache(kwargs):
         assert len(_COMPOSED_PER_CACHE) == kept - 1  # gone with its cache
         copy.deepcopy(mla)
         pickle.dumps(mla)  # torch.save(model) pickles it
+
+
+def test_reused_caches_serve_the_weights_of_the_model_using_them():
+    """Caches from `setup_caches` refilled after load_state_dict, or handed to another model."""
+    torch.manual_seed(0)
+    first, second = (GPT(mla_config(mla_path="absorbed")).double().eval() for _ in range(2))
+    tokens = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        caches = first.setup_caches(2, 8)
+        first(tokens, caches=caches)
+        expected = second(tokens, caches=second.setup_caches(2, 8))[0]
+        torch.testing.assert_close(second(tokens, caches=caches)[0], expected, atol=1e-12, rtol=0)
+        first.load_state_dict(second.state_dict())
+        torch.testing.assert_close(first(tokens, caches=caches)[0], expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_svd=True, svd_rank=5)], ids=["mla", "svd-weight"])

@@ -29,8 +29,8 @@ from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
 from mla_kernels.cache import LatentKVCache
 
-# A generation's composed weights, keyed by its cache (one per layer): (dtype, weights), dropped with
-# the cache. Kept here rather than on the layer, which then pickles as any nn.Module.
+# A generation's composed weights, keyed by its cache (one per layer): (the layer, {dtype: weights}),
+# dropped with the cache. Kept here rather than on the layer, which then pickles as any nn.Module.
 _COMPOSED_PER_CACHE = weakref.WeakKeyDictionary()
 
 
@@ -259,7 +259,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
         return torch.einsum("hrk,hrd->hkd", head_basis, self.v_expand.weight)  # (nh, k, hs)
 
-    def _absorbed_weights(self, basis, cache, dtype=None):
+    def _absorbed_weights(self, basis, cache, input_pos, dtype=None):
         """The composed weights of the absorbed form: (weight_in, bias_in, weight_out).
 
         weight_in (nh r + g r + g rv, C): q_proj composed with W_uk, then the key latent's
@@ -267,19 +267,23 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         none for a cached joint latent); bias_in its bias or None; weight_out (C, nh rv):
         W_uv composed with c_proj. dtype: cast them to it (autocast's dtype for the fused
         cache append), None keeps the parameters' dtype.
-        A generation (a cache, no autograd) composes them at its first call and reuses them for
-        as long as its cache lives: weights do not change while a model generates. Every other
-        call composes them afresh. Nothing is reused across calls on the strength of parameter
+        A generation (a cache, no autograd) composes them once per dtype and reuses them until
+        its next prefill (input_pos 0) or another layer uses the cache: weights do not change
+        while a model generates, and a graph captured over them keeps reading live tensors.
+        Every other call composes them afresh. Nothing is reused on the strength of parameter
         version counters: a replayed CUDA graph (the trainer's captured step) updates weights
         without moving them.
         """
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compose_absorbed_weights(basis, dtype)
-        memo = _COMPOSED_PER_CACHE.get(cache)
-        if memo is None or memo[0] != dtype:
-            memo = (dtype, self._compose_absorbed_weights(basis, dtype))
-            _COMPOSED_PER_CACHE[cache] = memo
-        return memo[1]
+        owner, per_dtype = _COMPOSED_PER_CACHE.get(cache, (None, None))
+        prefill = isinstance(input_pos, int) and input_pos == 0
+        if prefill or owner is None or owner() is not self:
+            per_dtype = {}
+            _COMPOSED_PER_CACHE[cache] = (weakref.ref(self), per_dtype)
+        if dtype not in per_dtype:
+            per_dtype[dtype] = self._compose_absorbed_weights(basis, dtype)
+        return per_dtype[dtype]
 
     def _compose_absorbed_weights(self, basis, dtype):
         C, nh, hs, r, g = self.n_embd, self.n_head, self.head_size, self.latent_dim, self.n_groups
@@ -339,12 +343,12 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             fused = fp8_append_supported(nh * r, r, 0 if self.caches_joint_latent else self.value_dim)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, dtype)
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, input_pos, dtype)
             q_lat, c_k, c_v = cache.project_update(input_pos, x if dtype is None else x.to(dtype),
                                                    weight_in, bias_in, nh * r)  # c_k, c_v: (B, Tk, g, .)
             q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
         else:
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache)
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, input_pos)
             projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
             q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
             c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)

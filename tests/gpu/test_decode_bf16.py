@@ -45,6 +45,7 @@ CASES = [
     (3, 4099, 2, 12, 1, 256, 256, "joint"),  # one group, one joint latent
     (2, 1031, 3, 16, 1, 576, 576, "joint"),  # the widest latent the kernel takes
     (2, 1031, 1, 16, 1, 576, 512, "shared"),
+    (2, 1031, 3, 16, 1, 576, 256, "separate"),  # a query tile as wide as 576 over 48 packed rows
     (3, 777, 2, 8, 2, 96, 40, "separate"),  # grouped heads, V narrower than K
     (3, 300, 4, 32, 1, 16, 16, "joint"),  # 32 heads x 4 queries = 128 packed rows: two query blocks
 ]
