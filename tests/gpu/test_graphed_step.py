@@ -7,7 +7,9 @@ Two copies of one model (float32, no autocast, so both runs use the same kernels
 order) draw the same batches and follow the same changing learning rate, one through the
 uncaptured `TrainStep`, one through the captured one. Losses and weights must agree to float32
 rounding at every iteration, including those after the capture (the first CAPTURE_AFTER_ITERS run
-uncaptured), so a learning rate or batch frozen into the graph would show.
+uncaptured), so a learning rate or batch frozen into the graph would show. An eval before and after
+training (as the trainer's) must agree too: a replayed graph updates weights without moving their
+version counters, so anything cached on those counters would go stale in the graphed model only.
 """
 import copy
 from contextlib import nullcontext
@@ -48,6 +50,15 @@ def _trainer(model, token_file, cuda_graphs, grad_accum):
     return step, optimizer
 
 
+def _eval_loss(model, tokens):
+    """The loss of model in eval mode without autograd on tokens (B, T + 1), as the trainer's eval."""
+    model.eval()
+    with torch.no_grad():
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1].item()
+    model.train()
+    return loss
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2], ids=lambda n: f"accum{n}")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_graphed_step_trains_as_the_uncaptured_one(variant, grad_accum, token_file):
@@ -58,6 +69,8 @@ def test_graphed_step_trains_as_the_uncaptured_one(variant, grad_accum, token_fi
     graphed_model = copy.deepcopy(reference_model)
     reference, reference_opt = _trainer(reference_model, token_file, "off", grad_accum)
     graphed, graphed_opt = _trainer(graphed_model, token_file, "step", grad_accum)
+    val_tokens = torch.randint(0, 97, (3, 78), device="cuda")  # (B, T + 1)
+    assert _eval_loss(graphed_model, val_tokens) == pytest.approx(_eval_loss(reference_model, val_tokens), rel=1e-5)
     for it in range(ITERS):
         lr = 1e-3 * (1 + it) / ITERS  # changes every iteration: must reach the captured optimizer step
         set_learning_rate(reference_opt, lr)
@@ -67,3 +80,5 @@ def test_graphed_step_trains_as_the_uncaptured_one(variant, grad_accum, token_fi
     assert graphed.graph is not None, "the step was never captured"
     for (name, want), got in zip(reference_model.named_parameters(), graphed_model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    want, got = _eval_loss(reference_model, val_tokens), _eval_loss(graphed_model, val_tokens)
+    assert got == pytest.approx(want, rel=1e-4), "eval after the graphed steps"
