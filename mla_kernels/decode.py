@@ -250,7 +250,7 @@ def packed_block_m(heads_per_group, new_tokens, widest_tile):
     held in shared memory. At r 576 (tiled as 1024) that is 32 rows, where 64 rows needed more
     shared memory than an H200 SM holds (256 KB for the accumulator's layout changes alone)."""
     rows_that_fit = MAX_ACC_REGS * 32 * MAX_WARPS // widest_tile
-    wanted = max(triton.next_power_of_2(heads_per_group * new_tokens), MIN_BLOCK_M)
+    wanted = triton.next_power_of_2(heads_per_group * new_tokens)
     return max(min(wanted, MAX_BLOCK_M, rows_that_fit), MIN_BLOCK_M)
 
 
