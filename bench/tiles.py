@@ -1,0 +1,83 @@
+"""Which tile candidates of the attention kernels win, at the shapes the GPT trains on.
+
+    python bench/tiles.py [--out PATH.json]
+
+Runs `flash_attention` forward and backward (bf16, eager, so Triton's own autotuner times every
+kept candidate) at each shape below, and reads each kernel's timings of its candidates. Prints,
+per shape and kernel, every candidate's median time against the fastest, then per kernel the
+candidate whose worst ratio over all shapes is the smallest: the evidence for pruning candidates
+that never win (each one costs a compile in the first training step). Rows: one per shape,
+kernel and candidate. Needs a GPU.
+"""
+import argparse
+
+import harness  # first: it puts the repository root on sys.path
+import torch
+
+from mla_kernels import attention
+
+# (name, B, T, heads, kv groups, head dim): the absorbed MLA core at the char config and at GPT-2
+# small (r 32, one latent group), then standard-attention shapes at head dims 64 and 128.
+SHAPES = [
+    ("char-mla", 64, 256, 6, 1, 32),
+    ("gpt2s-mla-1k", 16, 1024, 12, 1, 32),
+    ("gpt2s-mla-4k", 4, 4096, 12, 1, 32),
+    ("gpt2s-mla-8k", 2, 8192, 12, 1, 32),
+    ("gpt2s-mha-1k", 16, 1024, 12, 12, 64),
+    ("d128-2k", 8, 2048, 16, 16, 128),
+]
+KERNELS = {"fwd": attention._fwd_kernel, "dkdv": attention._bwd_dkdv_kernel, "dq": attention._bwd_dq_kernel}
+
+
+def label(config):
+    kw = config.kwargs
+    return f"M{kw['BLOCK_M']}-N{kw['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+
+
+def timings_at(name, B, T, H, G, D):
+    """{kernel: {candidate label: median ms}} from the autotuner's own timing at this shape."""
+    for kernel in KERNELS.values():
+        kernel.configs_timings = None
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, H, D)
+    k = torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, G, D)
+    v = torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, G, D)
+    attention.flash_attention(q, k, v).backward(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    found = {}
+    for kind, kernel in KERNELS.items():
+        if kernel.configs_timings is None:
+            raise RuntimeError(f"{kind} was not tuned at {name}: its autotune key repeats an earlier shape's")
+        found[kind] = {label(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in kernel.configs_timings.items()}
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_out_argument(p, "tiles")
+    args = p.parse_args()
+    if not harness.on_gpu():
+        raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
+    rows = []
+    for name, B, T, H, G, D in SHAPES:
+        for kind, candidates in timings_at(name, B, T, H, G, D).items():
+            best = min(candidates.values())
+            for cand, ms in candidates.items():
+                rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel=kind,
+                                 candidate=cand, ms=ms, vs_best=ms / best))
+            listed = "  ".join(f"{c} {ms:.3f} ({ms / best:.2f}x)" for c, ms in candidates.items())
+            print(f"{name:14s} {kind:5s} {listed}", flush=True)
+    for kind in KERNELS:
+        worst = {}
+        for r in rows:
+            if r["kernel"] == kind:
+                worst[r["candidate"]] = max(worst.get(r["candidate"], 0.0), r["vs_best"])
+        pick = min(worst, key=worst.get)
+        print(f"{kind}: one candidate for every shape: {pick}, at worst {worst[pick]:.3f}x the fastest; "
+              "worst ratio of each: " + ", ".join(f"{c} {w:.2f}x" for c, w in worst.items()))
+    path = harness.results_path(args.out, "tiles")
+    harness.write_rows(path, rows, harness.environment(torch.bfloat16))
+    harness.report_written(path)
+
+
+if __name__ == "__main__":
+    main()
