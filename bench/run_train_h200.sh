@@ -5,7 +5,7 @@
 # (tests/gpu but the configs: about 10 minutes, one device call),
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
-# CLI in one step mode; configs-all: the four at once), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
+# CLI in one step mode; configs-all: the four at once; gputests-all: all of tests/gpu at once), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
 # (bench/train.py rows, merged into $OUT/train_h200.json), tiles (bench/tiles.py), first-step (time to
 # the first step per variant from empty caches, the kernels with and without autotuning). One device call holds about 9 minutes
 # of them: gputests-kernels + gputests-model, then char + launch, then the gpt2s lengths, then the configs in two calls.
@@ -45,8 +45,9 @@ for section in "$@"; do
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
         tiles) run 200 tiles.log python bench/tiles.py --out "$out/tiles_h200.json" ;;
-        first-step)  # time to the first step, each variant in its own process with empty compile caches
-            for case in mha:1 mla_kernels:1 mla_kernels:0 mla_sdpa:1; do
+        first-step)  # time to the first step, each variant (FIRST_STEP_CASES: variant:autotune ...) in its own
+            # process with empty compile caches
+            for case in ${FIRST_STEP_CASES:-mha:1 mla_kernels:1 mla_kernels:0 mla_sdpa:1}; do
                 caches=$(mktemp -d)
                 run 120 first_step.log env MLA_KERNELS_AUTOTUNE="${case#*:}" TRITON_CACHE_DIR="$caches/triton" \
                     TORCHINDUCTOR_CACHE_DIR="$caches/inductor" python bench/train.py --shapes char --modes step_graph \
@@ -63,12 +64,20 @@ for section in "$@"; do
                 --variants mla_kernels mla_sdpa --host_table --out "$out/train_profile.json" ;;
         configs-eager|configs-compiled|configs-compiler-graphs|configs-default)  # ~4-5 minutes each
             run 330 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
-        configs-all)  # the four step modes side by side, one process each (~7 minutes on 16 cores)
+        configs-all|gputests-all)  # the four config step modes (gputests-all: and the rest of tests/gpu) side by
+            # side, one process each (~8 minutes on 16 cores; correctness only, nothing timed)
             python -c "from mla_gpt.data.prepare import ensure_prepared; ensure_prepared('shakespeare_char')"
             for mode in eager compiled compiler-graphs default; do
-                run 540 "pytest_gpu_configs_$mode.log" python -m pytest tests/gpu/test_train_configs.py -q -rA \
+                run 500 "pytest_gpu_configs_$mode.log" python -m pytest tests/gpu/test_train_configs.py -q -rA \
                     -k "$mode" --basetemp="$(mktemp -d)" &
             done
+            if [ "$section" = gputests-all ]; then
+                run 500 pytest_gpu_kernels.log python -m pytest tests/gpu/test_{append,attention,decode}_bf16.py \
+                    tests/gpu/test_svd_float32.py tests/gpu/test_compiled_launch.py $PYTEST_GPU_FLAGS \
+                    --basetemp="$(mktemp -d)" &
+                run 500 pytest_gpu_model.log python -m pytest tests/gpu/test_model_bf16.py tests/gpu/test_graphed_step.py \
+                    tests/gpu/test_fp8_cache_model.py $PYTEST_GPU_FLAGS --basetemp="$(mktemp -d)" &
+            fi
             wait ;;
         char) train_rows 330 --shapes char ;;
         gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile compiler_graphs step_graph ;;

@@ -3,11 +3,13 @@
     python bench/tiles.py [--out PATH.json]
 
 Runs `flash_attention` forward and backward (bf16, eager, so Triton's own autotuner times every
-kept candidate) at each shape below, and reads each kernel's timings of its candidates. Prints,
+candidate that fits: the search is forced at every head dim, where the kernels skip it below
+`SEARCH_HEAD_DIM`) at each shape below, and reads each kernel's timings of its candidates. Prints,
 per shape and kernel, every candidate's median time against the fastest, then per kernel the
 candidate whose worst ratio over all shapes is the smallest: the evidence for pruning candidates
 that never win (each one costs a compile in the first training step). Rows: one per shape,
-kernel and candidate. Needs a GPU.
+kernel and candidate. Needs a GPU. bench/results/tiles_h200.json holds the run that chose today's
+candidates, with the ones it dropped.
 """
 import argparse
 
@@ -57,6 +59,7 @@ def main():
     args = p.parse_args()
     if not harness.on_gpu():
         raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
+    attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
     rows = []
     for name, B, T, H, G, D in SHAPES:
         for kind, candidates in timings_at(name, B, T, H, G, D).items():

@@ -1,7 +1,9 @@
 """What every kernel of mla_kernels decides the same way (`mla_kernels._dispatch`).
 
 Autotuning: each autotuned kernel (attention forward and backward, decode, fused append) times
-every tile candidate that fits a new shape, or only the first one when MLA_KERNELS_AUTOTUNE=0.
+every tile candidate that fits a new shape, or only the first one when MLA_KERNELS_AUTOTUNE=0;
+the attention kernels search only from head dim 128 up (below it their first candidate won every
+shape measured).
 """
 import pytest
 import torch
@@ -19,8 +21,8 @@ def gpu_candidates(kind):
 
 PRUNES = {  # kernel -> (its prune hook, the GPU candidates, the named arguments and constexprs it sees)
     "attention-fwd": (attention._prune, gpu_candidates("fwd"), {},
-                      dict(DQ_P=32, DO_P=32, DK_P=32, DV_P=32, EXPAND=False)),
-    "attention-dkdv": (attention._prune, gpu_candidates("dkdv"), {}, dict(DQ_P=64, DV_P=64)),
+                      dict(DQ_P=128, DO_P=128, DK_P=128, DV_P=128, EXPAND=False)),
+    "attention-dkdv": (attention._prune, gpu_candidates("dkdv"), {}, dict(DQ_P=128, DV_P=128)),
     "decode": (decode._prune_configs, decode._PARTIAL_CONFIGS, {"Q": torch.empty(0, dtype=torch.bfloat16)},
                dict(BLOCK_DK=32, BLOCK_DV=32, JOINT=False, BLOCK_M=16)),
     "append": (append._project_append_tuned.early_config_prune, append._CONFIGS, {}, {}),
@@ -40,6 +42,27 @@ def test_autotune_switch_decides_how_many_candidates_are_timed(kernel, setting, 
         assert len(kept) == 1 and kept[0] in configs
     else:
         assert len(kept) > 1, f"{kernel}: the search keeps {len(kept)} of {len(configs)} candidates"
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim", [8, 32, 64])
+def test_attention_below_the_search_head_dim_compiles_its_first_candidate_alone(kind, head_dim, monkeypatch):
+    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "1")
+    configs = gpu_candidates(kind)
+    dims = dict(DQ_P=head_dim, DO_P=head_dim, DK_P=head_dim, DV_P=head_dim, EXPAND=False)
+    assert attention._prune(configs, {}, **dims) == configs[:1]
+
+
+@pytest.mark.parametrize("expand", [False, True], ids=["core", "expanded"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_attention_candidates_fit_wide_head_dims(kind, head_dim, expand, monkeypatch):
+    monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "1")
+    configs = gpu_candidates(kind)
+    dims = dict(DQ_P=head_dim, DO_P=head_dim, DK_P=head_dim, DV_P=head_dim, EXPAND=expand and kind == "fwd")
+    kept = attention._prune(configs, {}, **dims)
+    limit = 64 * 32 if dims["EXPAND"] and head_dim == 256 else 64 * 64 if head_dim == 256 else 64 * 128
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit for c in kept)
 
 
 def test_first_candidate_is_the_searchs_first(monkeypatch):
