@@ -78,14 +78,23 @@ def _configs(kind):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
+def _max_tile_area(widest, forward, expand):
+    """Largest BLOCK_M * BLOCK_N whose program fits the H200's 227 KB of shared memory, by the widest
+    padded head dim (each candidate compiled for sm_90: at 256 the backward's three-stage pipeline
+    of q / do tiles needs 257 KB at 64 x 64, the fused expansion's resident W_uk / W_uv 280 KB)."""
+    if widest < 128:
+        return 128 * 128
+    if widest < 256:
+        return 64 * 128
+    return 64 * 64 if forward and not expand else 64 * 32
+
+
 def _prune(configs, named_args, **kwargs):
-    """The candidates the autotuner times (its hook): those that fit shared memory and registers at
-    this head dim, only the first of them below SEARCH_HEAD_DIM."""
+    """The candidates the autotuner times (its hook): those that fit shared memory at this head dim,
+    only the first of them below SEARCH_HEAD_DIM."""
     args = {**named_args, **kwargs}
     widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
-    limit = 64 * 64 if widest >= 256 else (64 * 128 if widest >= 128 else 128 * 128)
-    if args.get("EXPAND") and widest >= 256:  # the resident W_uk / W_uv tiles take ~64 KB more
-        limit = 64 * 32
+    limit = _max_tile_area(widest, forward="EXPAND" in args, expand=bool(args.get("EXPAND")))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
     return tuned_candidates(kept if widest >= SEARCH_HEAD_DIM else kept[:1])
 

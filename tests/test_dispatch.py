@@ -53,16 +53,29 @@ def test_attention_below_the_search_head_dim_compiles_its_first_candidate_alone(
     assert attention._prune(configs, {}, **dims) == configs[:1]
 
 
-@pytest.mark.parametrize("expand", [False, True], ids=["core", "expanded"])
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_attention_candidates_fit_wide_head_dims(kind, head_dim, expand, monkeypatch):
+# (kernel, padded head dim, fused expansion) -> the (BLOCK_M, BLOCK_N) candidates that fit the H200's
+# shared memory (each compiled for sm_90: at 256 the backward's 64 x 64 tiles need 257 KB of 227)
+FITTING_TILES = {
+    ("fwd", 128, False): [(64, 64), (64, 32)],
+    ("fwd", 128, True): [(64, 64), (64, 32)],
+    ("dkdv", 128, False): [(64, 64), (64, 128), (32, 64)],
+    ("dq", 128, False): [(64, 64), (128, 64), (64, 32)],
+    ("fwd", 256, False): [(64, 64), (64, 32)],
+    ("fwd", 256, True): [(64, 32)],
+    ("dkdv", 256, False): [(32, 64)],
+    ("dq", 256, False): [(64, 32)],
+}
+
+
+@pytest.mark.parametrize("kind, head_dim, expand", FITTING_TILES,
+                         ids=[f"{k}-D{d}{'-expand' if e else ''}" for k, d, e in FITTING_TILES])
+def test_attention_keeps_the_tiles_that_fit_wide_head_dims(kind, head_dim, expand, monkeypatch):
     monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "1")
-    configs = gpu_candidates(kind)
-    dims = dict(DQ_P=head_dim, DO_P=head_dim, DK_P=head_dim, DV_P=head_dim, EXPAND=expand and kind == "fwd")
-    kept = attention._prune(configs, {}, **dims)
-    limit = 64 * 32 if dims["EXPAND"] and head_dim == 256 else 64 * 64 if head_dim == 256 else 64 * 128
-    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit for c in kept)
+    dims = dict(DQ_P=head_dim, DV_P=head_dim)
+    if kind == "fwd":
+        dims.update(DO_P=head_dim, DK_P=head_dim, EXPAND=expand)
+    kept = attention._prune(gpu_candidates(kind), {}, **dims)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == FITTING_TILES[kind, head_dim, expand]
 
 
 def test_first_candidate_is_the_searchs_first(monkeypatch):
