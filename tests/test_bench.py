@@ -190,3 +190,15 @@ def test_decode_sass(tmp_path):
     for row in rows:
         assert row["loop_instructions"] > 0 and 0 < row["warp_instructions_per_byte"] < 10
         assert 0 < row["registers"] <= 255 and sum(row["top_opcodes"].values()) <= row["loop_instructions"]
+
+
+def test_tiles_sm90(tmp_path):
+    """Every attention tile candidate the prune hook keeps fits an H200's shared memory, compiled for
+    sm_90 on this machine; at head dim 256 some that it drops would not (the limit is needed)."""
+    out = tmp_path / "tiles_sm90.json"
+    run_script("tiles_sm90", "--head_dims", 128, 256, "--out", out)
+    rows = read_rows(out)
+    assert {(r["kernel"], r["head_dim"]) for r in rows} == {(k, d) for k in ("fwd", "fwd-expand", "dkdv", "dq")
+                                                            for d in (128, 256)}
+    assert all(r["fits"] for r in rows if r["kept"])
+    assert {r["kernel"] for r in rows if r["head_dim"] == 256 and not r["fits"]} == {"fwd-expand", "dkdv", "dq"}
