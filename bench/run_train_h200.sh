@@ -78,7 +78,11 @@ for section in "$@"; do
                 run 500 pytest_gpu_model.log python -m pytest tests/gpu/test_model_bf16.py tests/gpu/test_graphed_step.py \
                     tests/gpu/test_fp8_cache_model.py $PYTEST_GPU_FLAGS --basetemp="$(mktemp -d)" &
             fi
-            wait ;;
+            wait
+            # one file: a device call brings back at most 8
+            for log in "$out"/pytest_gpu_configs_*.log "$out"/pytest_gpu_kernels.log "$out"/pytest_gpu_model.log; do
+                [ -f "$log" ] && { echo "########## $(basename "$log")"; cat "$log"; rm "$log"; }
+            done >> "$out/pytest_gpu.log" ;;
         char) train_rows 330 --shapes char ;;
         gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile compiler_graphs step_graph ;;
         gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile compiler_graphs step_graph ;;
