@@ -246,7 +246,7 @@ def time_shape(B, L, mode, splits, device, gpu):
     seqlens = torch.full((B,), L, device=device, dtype=torch.int32)
     if gpu:
         heuristic = dec.num_splits_heuristic(B * g, L, (r if joint else 2 * r) * ELT, B * NH, r,
-                                             dec._num_sms(device))
+                                             dec.num_sms(device))
         time_ours(q, ck, cv, seqlens, splits, heuristic, add)
         time_ours_fp8(q, ck, cv, seqlens, heuristic, add)
     time_torch_latent(q, ck, cv, ["cudnn", "flash", "efficient"] if gpu else ["math"], gpu, add)

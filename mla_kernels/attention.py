@@ -15,8 +15,9 @@ compiled step). Eager calls go straight to the launchers through `autograd.Funct
 Kernels follow flash attention v2: softmax in base 2 (scale folded with log2 e), causal
 work split into blocks below the diagonal (no mask) and blocks on it (masked), logsumexp
 stored for the backward, which runs in three launches: delta = rowsum(o * do), dK/dV
-over query blocks (GQA: summed over the heads of a group inside the program, no atomics),
-and dQ over key blocks. Head dims that are not powers of two are padded to the next one
+over query blocks (GQA: summed over the heads of a group inside the program, no atomics; with
+few KV heads, as MLA's one latent group, the heads are split over several programs whose float32
+partials are added after), and dQ over key blocks. Head dims that are not powers of two are padded to the next one
 inside the kernels and masked.
 
 Where the kernels run: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the Triton
@@ -45,7 +46,7 @@ from mla_kernels._dispatch import (
     traced_or_eager,
     tuned_candidates,
 )
-from mla_kernels._tiles import LOG2E, tile_dim
+from mla_kernels._tiles import LOG2E, num_sms, tile_dim
 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
@@ -68,6 +69,11 @@ GPU_CONFIGS = {
     "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
 }
 SEARCH_HEAD_DIM = 128
+# The dK/dV backward splits a group's query heads over more programs until each multiprocessor has
+# about this many (dkdv_head_splits); DKDV_BLOCK_N is the key tile it counts programs with (the
+# first candidate's).
+DKDV_PROGRAMS_PER_SM = 8
+DKDV_BLOCK_N = GPU_CONFIGS["dkdv"][0][1]
 # The interpreter runs one small config, BLOCK_M != BLOCK_N on purpose so the tests cover
 # unequal tiles (the dK/dV kernel tiles the other way round).
 INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
@@ -251,19 +257,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                     Tq, Tk, NH, G, REP, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                     sdks, sdkb, sdkt, sdkh, sdvs, sdvb, sdvt, sdvh,
+                     Tq, Tk, NH, G, REP, SPLITS, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                      DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, KV head), summed over its REP query heads.
+    """One program: BLOCK_N keys of one (batch, KV head), summed over REP / SPLITS of its query
+    heads; split s writes its sums at DK + s * sdks (SPLITS > 1: float32 partials, summed after).
 
-    Grid (cdiv(Tk, BLOCK_N), B * G).
+    Grid (B * G * SPLITS, cdiv(Tk, BLOCK_N)): the key block varies slowest, so the programs of the
+    first key blocks, which see the most queries, start first and the short ones fill in after.
     """
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
-    start_n = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
-    b = bg // G
-    kvh = bg % G
+    start_n = tl.program_id(1) * BLOCK_N
+    bgs = tl.program_id(0)
+    split = bgs % SPLITS
+    b = bgs // SPLITS // G
+    kvh = bgs // SPLITS % G
+    heads_per_split = REP // SPLITS
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, DQ_P)
@@ -279,7 +289,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
     q_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
     diag_end = tl.minimum(diag_end, q_end)
     full_end = tl.maximum((Tq // BLOCK_M) * BLOCK_M, diag_end)  # the last, partial query block is masked
-    for hh in range(0, REP):
+    for hh in range(split * heads_per_split, (split + 1) * heads_per_split):
         h = kvh * REP + hh
         q_base = Q + b * sqb + h * sqh
         do_base = DO_ + b * sdb + h * sdh
@@ -296,9 +306,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                                  qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
     dk *= sm_scale
     row_ok = cols[:, None] < Tk
-    tl.store(DK + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
+    tl.store(DK + split * sdks + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
              dk.to(DK.dtype.element_ty), mask=row_ok & (offs_dq[None, :] < DQ))
-    tl.store(DV_ + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
+    tl.store(DV_ + split * sdvs + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
              dv.to(DV_.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
 
 
@@ -371,6 +381,18 @@ def _length_buckets(Tq, Tk):
     return 1 << (Tq - 1).bit_length(), 1 << (Tk - 1).bit_length()
 
 
+def dkdv_head_splits(programs, rep, sms):
+    """Programs per (batch, KV head, key block) in the dK/dV backward: the smallest divisor S of rep
+    with programs * S >= DKDV_PROGRAMS_PER_SM * sms (else rep). One program per key block sums all
+    rep query heads of its group; with one latent group (MLA's absorbed core) that leaves a few
+    hundred programs of very unequal length (causal: the first key block sees every query, the
+    last one block), all resident at once, so the multiprocessors that got short ones idle. S
+    programs per key block each take rep / S heads and write float32 partial sums, added after.
+    programs: B * g * cdiv(Tk, DKDV_BLOCK_N); sms: the device's multiprocessors."""
+    wanted = DKDV_PROGRAMS_PER_SM * sms
+    return next((s for s in range(1, rep + 1) if rep % s == 0 and programs * s >= wanted), rep)
+
+
 def _prec(dtype):
     """Matrix-unit mode: exact float32 products for float32 inputs, native for 16-bit."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -424,7 +446,8 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
 
     do, out: (B, Tq, nh, Dv); q (B, Tq, nh, Dq); k (B, Tk, g, Dq); v (B, Tk, g, Dv);
     lse (B, nh, Tq) float32; dlse: optional gradient of lse (B, nh, Tq).
-    Returns dq, dk, dv in the dtypes of q, k, v (dk / dv summed over each group's heads).
+    Returns dq, dk, dv in the dtypes of q, k, v (dk / dv summed over each group's heads, by
+    dkdv_head_splits programs per key block: more than one adds float32 partials after the kernel).
     """
     q, k, v, out, do = (_last_contig(t) for t in (q, k, v, out, do))
     B, Tq, nh, dq_dim = q.shape
@@ -440,22 +463,29 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
         DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
     )
     dq = torch.empty_like(q)  # (B, Tq, nh, Dq)
-    dk = torch.empty_like(k)  # (B, Tk, g, Dq)
-    dv = torch.empty_like(v)  # (B, Tk, g, Dv)
+    splits = dkdv_head_splits(B * g * triton.cdiv(Tk, DKDV_BLOCK_N), rep, num_sms(q.device))
+    if splits == 1:  # the programs write the gradients themselves
+        dk_sums, dv_sums = torch.empty_like(k), torch.empty_like(v)  # (B, Tk, g, Dq), (B, Tk, g, Dv)
+        sums_strides = (0, *dk_sums.stride()[:3], 0, *dv_sums.stride()[:3])
+    else:
+        dk_sums = torch.empty(splits, B, Tk, g, dq_dim, device=q.device, dtype=torch.float32)  # (S, B, Tk, g, Dq)
+        dv_sums = torch.empty(splits, B, Tk, g, dv_dim, device=q.device, dtype=torch.float32)  # (S, B, Tk, g, Dv)
+        sums_strides = (*dk_sums.stride()[:4], *dv_sums.stride()[:4])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=tile_dim(dq_dim), DV_P=tile_dim(dv_dim), PREC=_prec(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * g)](
-        q, k, v, do, lse, delta, dk, dv, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Tq, Tk, nh, g, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
+    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (B * g * splits, triton.cdiv(Tk, meta["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk_sums, dv_sums, *strides, *sums_strides,
+        Tq, Tk, nh, g, rep, splits, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
     wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
-    return dq, dk, dv
+    if splits == 1:
+        return dq, dk_sums, dv_sums
+    return dq, dk_sums.sum(0).to(k.dtype), dv_sums.sum(0).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops

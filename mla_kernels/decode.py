@@ -34,7 +34,7 @@ from mla_kernels._dispatch import (
     traced_or_eager,
     tuned_candidates,
 )
-from mla_kernels._tiles import LOG2E, tile_dim
+from mla_kernels._tiles import LOG2E, num_sms, tile_dim
 from mla_kernels.reference import FP8_DTYPE, latent_decode_ref
 
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the returned logsumexp
@@ -254,12 +254,6 @@ def packed_block_m(heads_per_group, new_tokens, widest_tile):
     return max(min(wanted, MAX_BLOCK_M, rows_that_fit), MIN_BLOCK_M)
 
 
-def _num_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the H200's count, so interpreter runs pick the splits the GPU would
-
-
 @functools.lru_cache(maxsize=None)
 def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, num_sms):
     """KV splits per row that finish soonest on the busiest multiprocessor.
@@ -356,7 +350,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     if num_splits is None:
         scale_bytes = 0 if not scaled else (4 if joint else 8)  # float32 scale(s) per position and group
         row_bytes = (r if joint else r + rv) * cache_k.element_size() + scale_bytes
-        num_splits = num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, _num_sms(q_lat.device))
+        num_splits = num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, num_sms(q_lat.device))
     num_splits = max(1, min(num_splits, L))
     split = num_splits > 1
 

@@ -108,6 +108,31 @@ def test_explicit_scale_matches_reference(poison):
     assert_close("out", out, ref, *F32[1:])
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 6])
+def test_dkdv_head_splits_agree(splits, poison, monkeypatch):
+    """The dK/dV backward gives the same gradients whether one program sums a group's six query
+    heads or 2, 3 or 6 programs sum parts of them into float32 partials (B2-T77-H6-G1-D32)."""
+    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms: splits)
+    q = _leaf((2, 77, 6, 32), torch.float32)
+    k, v = (_leaf((2, 77, 1, 32), torch.float32) for _ in range(2))
+    dout = torch.randn(2, 77, 6, 32)
+    (flash_attention(q, k, v) * dout).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (reference.attention_ref(q64, k64, v64)[0] * dout.double()).sum().backward()
+    _check_grads("qkv", (q, k, v), (q64, k64, v64), *F32[1:])
+
+
+@pytest.mark.parametrize("programs, rep, splits", [
+    (256, 12, 6),  # GPT-2 small's MLA core at T 1024, B 16: 256 key-block programs, 12 heads per latent
+    (256, 6, 6),  # the char config's core at T 256, B 64
+    (512, 12, 3),  # twice the programs: three heads' partials each reach 1536 >= 8 x 132
+    (2048, 12, 1),  # enough programs without splitting
+    (256, 1, 1),  # one query head per KV head (standard attention): nothing to split
+])
+def test_dkdv_head_splits_fill_the_multiprocessors(programs, rep, splits):
+    assert attention.dkdv_head_splits(programs, rep, sms=132) == splits
+
+
 def test_causality(poison):
     """Perturbing keys / values after position t leaves outputs and gradients before t unchanged."""
     B, T, nh, g, d, t = 2, 77, 6, 2, 48, 40
