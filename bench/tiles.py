@@ -8,13 +8,17 @@ candidate that fits: the search is forced at every head dim, where the kernels s
 per shape and kernel, every candidate's median time against the fastest, then per kernel the
 candidate whose worst ratio over all shapes is the smallest: the evidence for pruning candidates
 that never win (each one costs a compile in the first training step). Rows: one per shape,
-kernel and candidate. Needs a GPU. bench/results/tiles_h200.json holds the run that chose today's
-candidates, with the ones it dropped.
+kernel and candidate. Then, at the shapes with several query heads per KV head, the whole
+attention backward timed with each number of programs the dK/dV kernel splits a group's heads over
+(`dkdv_head_splits`), and the split its rule picks. Needs a GPU. bench/results/tiles_h200.json
+holds the run that chose today's tile candidates, with the ones it dropped (commit 78845d0: before
+the head splits).
 """
 import argparse
 
 import harness  # first: it puts the repository root on sys.path
 import torch
+import triton
 
 from mla_kernels import attention
 
@@ -53,6 +57,23 @@ def timings_at(name, B, T, H, G, D):
     return found
 
 
+def split_timings(B, T, H, G, D):
+    """{head splits: median ms of the whole attention backward} for every divisor of H / G."""
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)  # (B, T, H, D)
+    k, v = (torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # (B, T, G, D)
+    out, lse = attention.attention_forward(q, k, v, D ** -0.5, 0)
+    do = torch.randn_like(out)  # (B, T, H, D)
+    rule = attention.dkdv_head_splits
+    found = {}
+    try:
+        for splits in (s for s in range(1, H // G + 1) if (H // G) % s == 0):
+            attention.dkdv_head_splits = lambda programs, rep, sms, splits=splits: splits
+            found[splits] = harness.median_ms(lambda: attention.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0))
+    finally:
+        attention.dkdv_head_splits = rule
+    return found
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_out_argument(p, "tiles")
@@ -77,6 +98,18 @@ def main():
         pick = min(worst, key=worst.get)
         print(f"{kind}: one candidate for every shape: {pick}, at worst {worst[pick]:.3f}x the fastest; "
               "worst ratio of each: " + ", ".join(f"{c} {w:.2f}x" for c, w in worst.items()))
+    for name, B, T, H, G, D in SHAPES:
+        if H == G:
+            continue  # one query head per KV head: nothing to split
+        timings = split_timings(B, T, H, G, D)
+        best = min(timings.values())
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        chosen = attention.dkdv_head_splits(B * G * triton.cdiv(T, attention.DKDV_BLOCK_N), H // G, sms)
+        for splits, ms in timings.items():
+            rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel="backward",
+                             candidate=f"splits{splits}", ms=ms, vs_best=ms / best, chosen=splits == chosen))
+        listed = "  ".join(f"{s} {ms:.3f} ({ms / best:.2f}x)" for s, ms in timings.items())
+        print(f"{name:14s} backward by dK/dV head splits (the rule picks {chosen}): {listed}", flush=True)
     path = harness.results_path(args.out, "tiles")
     harness.write_rows(path, rows, harness.environment(torch.bfloat16))
     harness.report_written(path)
