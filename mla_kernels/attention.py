@@ -464,6 +464,8 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     )
     dq = torch.empty_like(q)  # (B, Tq, nh, Dq)
     splits = dkdv_head_splits(B * g * triton.cdiv(Tk, DKDV_BLOCK_N), rep, num_sms(q.device))
+    if rep % splits:
+        raise ValueError(f"{splits} dK/dV programs per key block cannot share {rep} query heads per group evenly")
     if splits == 1:  # the programs write the gradients themselves
         dk_sums, dv_sums = torch.empty_like(k), torch.empty_like(v)  # (B, Tk, g, Dq), (B, Tk, g, Dv)
         sums_strides = (0, *dk_sums.stride()[:3], 0, *dv_sums.stride()[:3])
@@ -485,7 +487,8 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     )
     if splits == 1:
         return dq, dk_sums, dv_sums
-    return dq, dk_sums.sum(0).to(k.dtype), dv_sums.sum(0).to(v.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # in k's and v's layouts, as the op's fake promises
+    return dq, dk.copy_(dk_sums.sum(0)), dv.copy_(dv_sums.sum(0))
 
 
 # ----------------------------------------------------------------------------- custom ops

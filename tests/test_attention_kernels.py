@@ -108,14 +108,20 @@ def test_explicit_scale_matches_reference(poison):
     assert_close("out", out, ref, *F32[1:])
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 6])
-def test_dkdv_head_splits_agree(splits, poison, monkeypatch):
-    """The dK/dV backward gives the same gradients whether one program sums a group's six query
-    heads or 2, 3 or 6 programs sum parts of them into float32 partials (B2-T77-H6-G1-D32)."""
+# (B, Tq, Tk, nh, g, Dqk, Dv, splits): one latent group with six heads, and two groups of four
+# heads with cached keys before the queries and unequal head dims
+SPLIT_CASES = [(2, 77, 77, 6, 1, 32, 32, s) for s in (1, 2, 3, 6)] + [(2, 33, 50, 8, 2, 24, 16, s) for s in (1, 2, 4)]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}-G{}-D{}-Dv{}-S{}".format(*c))
+def test_dkdv_head_splits_agree(case, poison, monkeypatch):
+    """The dK/dV backward gives the reference's gradients whether one program sums a group's query
+    heads or several programs sum parts of them into float32 partials."""
+    B, Tq, Tk, nh, g, dqk, dv, splits = case
     monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms: splits)
-    q = _leaf((2, 77, 6, 32), torch.float32)
-    k, v = (_leaf((2, 77, 1, 32), torch.float32) for _ in range(2))
-    dout = torch.randn(2, 77, 6, 32)
+    q = _leaf((B, Tq, nh, dqk), torch.float32)
+    k, v = _leaf((B, Tk, g, dqk), torch.float32), _leaf((B, Tk, g, dv), torch.float32)
+    dout = torch.randn(B, Tq, nh, dv)
     (flash_attention(q, k, v) * dout).sum().backward()
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     (reference.attention_ref(q64, k64, v64)[0] * dout.double()).sum().backward()
@@ -213,6 +219,21 @@ def test_custom_ops_pass_opcheck():
     w = torch.randn(4, 16, 16) * 0.25
     torch.library.opcheck(torch.ops.mla_kernels.mla_attention_expanded_fwd, (q, k, v, w, w, 0.25, 0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["one-program", "split-heads"])
+def test_backward_op_gradients_keep_the_inputs_layouts(splits, monkeypatch):
+    """The backward op's dk / dv have k's and v's strides, as its fake says, whether the dK/dV
+    kernel writes them directly or sums split partials into them (k / v here (B, g, T, D) transposed)."""
+    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms: splits)
+    q = torch.randn(1, 20, 4, 16)
+    k, v = (torch.randn(1, 2, 20, 16).transpose(1, 2) for _ in range(2))  # (B, T, g, D), not contiguous
+    out, lse = torch.ops.mla_kernels.flash_attention_fwd(q, k, v, 0.25, 0)
+    args = (torch.randn_like(out), None, q, k, v, out, lse, 0.25, 0)
+    torch.library.opcheck(torch.ops.mla_kernels.flash_attention_bwd, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    _, dk, dv = torch.ops.mla_kernels.flash_attention_bwd(*args)
+    assert dk.stride() == k.stride() and dv.stride() == v.stride()
 
 
 def test_compiles_without_graph_break():
