@@ -28,15 +28,19 @@ MAX_SHARED_BYTES = 227 * 1024  # an H200's (sm_90) shared memory per thread bloc
 POINTERS = {"LSE": "*fp32", "DELTA": "*fp32"}  # the others are bf16 tensors
 FLOATS = {"qk_scale", "sm_scale"}
 INTEGERS = {"Tq", "Tk", "NH", "G", "REP", "SPLITS", "TQ_BUCKET", "TK_BUCKET", "q_offset"}
-EQUAL_TO_ONE = {"REP"}  # one query head per KV head: the JIT makes it a constant
+EQUAL_TO_ONE = {"REP"}
+BF16_BYTES = 2  # one query head per KV head: the JIT makes it a constant
 
 
 def kernel_cases(padded_dim):
-    """(name, kernel, its constexprs) at one padded head dim; the expanded forward's heads are 64 wide."""
+    """(name, kernel, its constexprs) at one padded head dim. The expanded forward's latents are
+    that wide and its heads as wide as MAX_RESIDENT_WEIGHT_BYTES allows (at most 256), the widest
+    expansion that runs fused."""
     dims = dict(DQ=padded_dim, DV=padded_dim, DQ_P=padded_dim, DV_P=padded_dim, PREC="tf32")
     core_fwd = dict(dims, DO=padded_dim, DO_P=padded_dim, DK_IN=padded_dim, DV_IN=padded_dim,
                     DK_P=padded_dim, EXPAND=False)
-    expand_fwd = dict(core_fwd, DQ=64, DQ_P=64, DO=64, DO_P=64, EXPAND=True)
+    head = min(attention.MAX_HEAD_DIM, attention.MAX_RESIDENT_WEIGHT_BYTES // (2 * padded_dim * BF16_BYTES))
+    expand_fwd = dict(core_fwd, DQ=head, DQ_P=head, DO=head, DO_P=head, EXPAND=True)
     return [("fwd", attention._fwd_kernel, core_fwd), ("fwd-expand", attention._fwd_kernel, expand_fwd),
             ("dkdv", attention._bwd_dkdv_kernel, dims), ("dq", attention._bwd_dq_kernel, dims)]
 

@@ -50,6 +50,11 @@ from mla_kernels._tiles import LOG2E, num_sms, tile_dim
 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256  # 256 bounds registers
+# The fused expansion keeps each head's W_uk / W_uv tiles in shared memory for the whole program.
+# Compiled for sm_90 (bench/tiles_sm90.py), 128 KB of them fit beside the smallest tiles (bf16 hs
+# 256 with r 128: 208 KB of 227; float32 hs 128 with r 128: 224 KB); 256 KB (bf16 hs 256, r 256)
+# needs 352 KB. Wider expansions build K / V in device memory and run the core kernel instead.
+MAX_RESIDENT_WEIGHT_BYTES = 128 * 1024
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs the reference
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
@@ -100,6 +105,8 @@ def _prune(configs, named_args, **kwargs):
     only the first of them below SEARCH_HEAD_DIM."""
     args = {**named_args, **kwargs}
     widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
+    if "Q" in args:  # tiles are sized for 16-bit inputs: a float32 dim d takes the bytes of a 16-bit 2d
+        widest *= max(1, args["Q"].element_size() // 2)
     limit = _max_tile_area(widest, forward="EXPAND" in args, expand=bool(args.get("EXPAND")))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
     return tuned_candidates(kept if widest >= SEARCH_HEAD_DIM else kept[:1])
@@ -709,7 +716,9 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     Under `torch.autocast` all five are first cast to its dtype (float32 parameters meet
     bfloat16 activations as in `F.linear`).
     Returns out (B, Tq, nh, hs) (and lse (B, nh, Tq) with return_lse=True). Differentiable in
-    all five tensors; the backward (first version) expands K / V in device memory.
+    all five tensors; the backward (first version) expands K / V in device memory. When W_uk and
+    W_uv of one head do not fit in shared memory together (MAX_RESIDENT_WEIGHT_BYTES, e.g. hs 256
+    with r 256 in bf16), the forward expands K / V in device memory too and runs `flash_attention`.
     """
     check_tensors(q=q, c_k=c_k, c_v=c_v, w_uk=w_uk, w_uv=w_uv)
     for name, t, layout in (("q", q, "(B, Tq, nh, hs)"), ("c_k", c_k, "(B, Tk, g, r)"), ("c_v", c_v, "(B, Tk, g, rv)"),
@@ -733,9 +742,13 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     q_offset = _resolve_offset(q_offset, Tq, Tk)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(hs)
-    if on_kernel_device(q) and q.dtype in KERNEL_DTYPES:
+    resident_bytes = (tile_dim(r) * tile_dim(hs) + tile_dim(rv) * tile_dim(w_uv.shape[2])) * q.element_size()
+    if on_kernel_device(q) and q.dtype in KERNEL_DTYPES and resident_bytes <= MAX_RESIDENT_WEIGHT_BYTES:
         op = traced_or_eager(_mla_expanded_fwd_op, _EagerMLAExpanded.apply)
         out, lse = op(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
+    elif on_kernel_device(q) and q.dtype in KERNEL_DTYPES:  # too wide to keep on chip: expand K / V in memory
+        k, v = reference.expand_latent(c_k, w_uk), reference.expand_latent(c_v, w_uv)  # (B, Tk, nh, hs) each
+        out, lse = flash_attention(q, k, v, softmax_scale, q_offset, return_lse=True)
     else:
         out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
     return (out, lse) if return_lse else out

@@ -203,6 +203,25 @@ def test_mla_attention_expanded_matches_reference(case, poison):
     _check_grads(names, leaves, leaves64, atol, rtol)
 
 
+def test_expansion_too_wide_for_shared_memory_runs_in_device_memory(poison, monkeypatch):
+    """Expansion weights wider than the kernel keeps on chip (there hs 256 with r 256 in bf16; here
+    every width, the limit set to 0): K / V are built in memory and the core kernel runs on them,
+    with the reference's output and gradients (B2-T19-H4-G2-hs16-r24-rv8)."""
+    monkeypatch.setattr(attention, "MAX_RESIDENT_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(attention._EagerMLAExpanded, "apply", lambda *args: pytest.fail("the fused kernel ran"))
+    q, c_k, c_v = (_leaf(shape, torch.float32) for shape in ((2, 19, 4, 16), (2, 19, 2, 24), (2, 19, 2, 8)))
+    w_uk, w_uv = _leaf((4, 24, 16), torch.float32, 24 ** -0.5), _leaf((4, 8, 16), torch.float32, 8 ** -0.5)
+    leaves = (q, c_k, c_v, w_uk, w_uv)
+    out = mla_attention_expanded(*leaves)
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    out64, _ = reference.mla_attention_expanded_ref(*leaves64)
+    (out64 * dout.double()).sum().backward()
+    assert_close("out", out, out64, *F32[1:])
+    _check_grads(("q", "c_k", "c_v", "w_uk", "w_uv"), leaves, leaves64, *F32[1:])
+
+
 def test_float64_falls_back_to_reference():
     q, k, v = (torch.randn(1, 9, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out, lse = flash_attention(q, k, v, return_lse=True)
