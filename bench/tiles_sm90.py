@@ -7,8 +7,8 @@ without the fused expansion, dK/dV and dQ) for sm_90 without a GPU, with its bun
 specialized as its JIT would be at a shape whose strides and lengths are multiples of 16 and one
 query head per KV head (what the bf16 GPU tests run: there the loads are pipelined through shared
 memory in `num_stages` buffers, the widest case). For each padded head dim and candidate: the
-shared memory a program needs, whether the prune hook keeps the
-candidate at that head dim, and whether it fits an H200 (227 KB per program). A candidate that is
+shared memory a program needs, whether the prune hook keeps the candidate at that head dim, and
+whether it fits an H200 (227 KB per program). A candidate that is
 kept but does not fit fails at launch with OutOfResources; the script exits with status 1 if there
 is one. No timing: that needs the GPU (`bench/tiles.py`).
 """
@@ -28,8 +28,8 @@ MAX_SHARED_BYTES = 227 * 1024  # an H200's (sm_90) shared memory per thread bloc
 POINTERS = {"LSE": "*fp32", "DELTA": "*fp32"}  # the others are bf16 tensors
 FLOATS = {"qk_scale", "sm_scale"}
 INTEGERS = {"Tq", "Tk", "NH", "G", "REP", "SPLITS", "TQ_BUCKET", "TK_BUCKET", "q_offset"}
-EQUAL_TO_ONE = {"REP"}
-BF16_BYTES = 2  # one query head per KV head: the JIT makes it a constant
+EQUAL_TO_ONE = {"REP"}  # one query head per KV head: the JIT makes it a constant
+BF16_BYTES = 2
 
 
 def kernel_cases(padded_dim):
@@ -66,12 +66,6 @@ def compile_sm90(kernel, constexprs, config):
     return triton.compile(source, target=TARGET, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def candidates(name):
-    kind = name.split("-")[0]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in attention.GPU_CONFIGS[kind]]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--head_dims", nargs="+", type=int, default=[32, 64, 128, 256],
@@ -82,7 +76,7 @@ def main():
     rows = []
     for padded_dim in args.head_dims:
         for name, kernel, constexprs in kernel_cases(padded_dim):
-            configs = candidates(name)
+            configs = attention.gpu_configs(name.split("-")[0])
             kept = attention._prune(configs, {}, **constexprs)
             for config in configs:
                 shared = compile_sm90(kernel, constexprs, config).metadata.shared

@@ -84,9 +84,17 @@ DKDV_BLOCK_N = GPU_CONFIGS["dkdv"][0][1]
 INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 
+def _as_configs(tiles):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
+def gpu_configs(kind):
+    """A kernel's GPU tile candidates as triton.Config, on any machine ('fwd', 'dkdv' or 'dq')."""
+    return _as_configs(GPU_CONFIGS[kind])
+
+
 def _configs(kind):
-    shapes = [INTERPRETER_CONFIGS[kind]] if interpreting() else GPU_CONFIGS[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    return _as_configs([INTERPRETER_CONFIGS[kind]]) if interpreting() else gpu_configs(kind)
 
 
 def _max_tile_area(widest, forward, expand):
@@ -743,12 +751,12 @@ def mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=None, q_offset
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(hs)
     resident_bytes = (tile_dim(r) * tile_dim(hs) + tile_dim(rv) * tile_dim(w_uv.shape[2])) * q.element_size()
-    if on_kernel_device(q) and q.dtype in KERNEL_DTYPES and resident_bytes <= MAX_RESIDENT_WEIGHT_BYTES:
+    if not (on_kernel_device(q) and q.dtype in KERNEL_DTYPES):
+        out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
+    elif resident_bytes <= MAX_RESIDENT_WEIGHT_BYTES:
         op = traced_or_eager(_mla_expanded_fwd_op, _EagerMLAExpanded.apply)
         out, lse = op(q, c_k, c_v, w_uk, w_uv, float(softmax_scale), q_offset)
-    elif on_kernel_device(q) and q.dtype in KERNEL_DTYPES:  # too wide to keep on chip: expand K / V in memory
+    else:  # too wide to keep on chip: expand K / V in memory
         k, v = reference.expand_latent(c_k, w_uk), reference.expand_latent(c_v, w_uv)  # (B, Tk, nh, hs) each
         out, lse = flash_attention(q, k, v, softmax_scale, q_offset, return_lse=True)
-    else:
-        out, lse = reference.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, softmax_scale, q_offset)
     return (out, lse) if return_lse else out

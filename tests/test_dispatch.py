@@ -7,22 +7,14 @@ shape measured).
 """
 import pytest
 import torch
-import triton
 
 from mla_kernels import append, attention, decode
 from mla_kernels._dispatch import tuned_candidates
 
-
-def gpu_candidates(kind):
-    """The attention kernel's GPU candidates as triton.Config, whatever device this runs on."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in attention.GPU_CONFIGS[kind]]
-
-
 PRUNES = {  # kernel -> (its prune hook, the GPU candidates, the named arguments and constexprs it sees)
-    "attention-fwd": (attention._prune, gpu_candidates("fwd"), {},
+    "attention-fwd": (attention._prune, attention.gpu_configs("fwd"), {},
                       dict(DQ_P=128, DO_P=128, DK_P=128, DV_P=128, EXPAND=False)),
-    "attention-dkdv": (attention._prune, gpu_candidates("dkdv"), {}, dict(DQ_P=128, DV_P=128)),
+    "attention-dkdv": (attention._prune, attention.gpu_configs("dkdv"), {}, dict(DQ_P=128, DV_P=128)),
     "decode": (decode._prune_configs, decode._PARTIAL_CONFIGS, {"Q": torch.empty(0, dtype=torch.bfloat16)},
                dict(BLOCK_DK=32, BLOCK_DV=32, JOINT=False, BLOCK_M=16)),
     "append": (append._project_append_tuned.early_config_prune, append._CONFIGS, {}, {}),
@@ -48,7 +40,7 @@ def test_autotune_switch_decides_how_many_candidates_are_timed(kernel, setting, 
 @pytest.mark.parametrize("head_dim", [8, 32, 64])
 def test_attention_below_the_search_head_dim_compiles_its_first_candidate_alone(kind, head_dim, monkeypatch):
     monkeypatch.setenv("MLA_KERNELS_AUTOTUNE", "1")
-    configs = gpu_candidates(kind)
+    configs = attention.gpu_configs(kind)
     dims = dict(DQ_P=head_dim, DO_P=head_dim, DK_P=head_dim, DV_P=head_dim, EXPAND=False)
     assert attention._prune(configs, {}, **dims) == configs[:1]
 
@@ -74,7 +66,7 @@ def test_attention_keeps_the_tiles_that_fit_wide_head_dims(kind, head_dim, expan
     dims = dict(DQ_P=head_dim, DV_P=head_dim)
     if kind == "fwd":
         dims.update(DO_P=head_dim, DK_P=head_dim, EXPAND=expand)
-    kept = attention._prune(gpu_candidates(kind), {}, **dims)
+    kept = attention._prune(attention.gpu_configs(kind), {}, **dims)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == FITTING_TILES[kind, head_dim, expand]
 
 
