@@ -1,16 +1,20 @@
 """Host time of one attention forward + backward, eager and inside a compiled function.
 
-    python bench/launch_overhead.py [--calls 100] [--rounds 7] [--out PATH.json]
+    python bench/launch_overhead.py [--calls 100] [--rounds 7] [--profile N] [--out PATH.json]
 
 At a shape whose device work is a few microseconds (B 1, T 128, 6 heads, head dim 32, bf16),
 back-to-back calls without a synchronization are limited by the host: the median wall time per
 call is the host time of launching it. Rows: our flash attention eager (autograd.Function,
 direct launches), compiled by Inductor (the triton_op: kernels launched from generated code),
-and PyTorch's SDPA compiled, for reference. Without a GPU it runs the eager rows in float32 on
+and PyTorch's SDPA eager and compiled, for reference. --profile N prints the N functions with the
+most host time (cProfile) over one round of eager calls of ours. Without a GPU it runs the eager rows in float32 on
 the CPU, where the time is the computation's: the numbers need a GPU.
 """
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 
@@ -56,6 +60,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=100, help="back-to-back calls per timed round")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions with the most host time in eager calls of ours (cProfile)")
     harness.add_out_argument(parser, "launch_overhead")
     args = parser.parse_args()
     gpu = harness.on_gpu()
@@ -70,6 +76,12 @@ def main():
     providers = {"flash_attention eager": ours, "sdpa eager": sdpa}
     if gpu:
         providers.update({"flash_attention compiled": torch.compile(ours), "sdpa compiled": torch.compile(sdpa)})
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(host_us_per_call, ours, inputs, grad, args.calls, 1)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        print(f"flash_attention eager, {args.calls + WARMUP_CALLS} calls, by own host time:\n{text.getvalue()}")
     rows = [dict(provider=name, B=B, T=T, H=H, D=D,
                  us_per_call=host_us_per_call(fn, inputs, grad, args.calls, args.rounds))
             for name, fn in providers.items()]

@@ -6,8 +6,9 @@
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
 # CLI in one step mode; configs-all: the four at once; gputests-all: all of tests/gpu at once), char, gpt2s-1k, gpt2s-4k, gpt2s-8k
-# (bench/train.py rows, merged into $OUT/train_h200.json), tiles (bench/tiles.py), first-step (time to
-# the first step per variant from empty caches, the kernels with and without autotuning). One device call holds about 9 minutes
+# (bench/train.py rows, merged into $OUT/train_h200.json), tiles (bench/tiles.py), splits (its head-split sweep alone), first-step (time to
+# the first step per variant from empty caches, the kernels with and without autotuning), first-step-profile (where
+# the first step's seconds go). One device call holds about 9 minutes
 # of them: gputests-kernels + gputests-model, then char + launch, then the gpt2s lengths, then the configs in two calls.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -35,7 +36,7 @@ train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one resul
 # shellcheck disable=SC2086  # PYTEST_GPU_FLAGS is a list of words
 for section in "$@"; do
     case $section in
-        launch) run 90 launch_overhead.log python bench/launch_overhead.py --out "$out/launch_overhead_h200.json" ;;
+        launch) run 90 launch_overhead.log python bench/launch_overhead.py --profile 40 --out "$out/launch_overhead_h200.json" ;;
         gputests-kernels)  # each kernel against float64 (~5 minutes); a test running past --timeout fails alone
             run 280 pytest_gpu.log python -m pytest tests/gpu/test_{append,attention,decode}_bf16.py \
                 tests/gpu/test_svd_float32.py tests/gpu/test_compiled_launch.py $PYTEST_GPU_FLAGS ;;
@@ -45,6 +46,7 @@ for section in "$@"; do
         compiled) run 120 pytest_gpu.log python -m pytest tests/gpu/test_compiled_launch.py -q -rA ;;
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
         tiles) run 200 tiles.log python bench/tiles.py --out "$out/tiles_h200.json" ;;
+        splits) run 120 tiles.log python bench/tiles.py --splits_only --out "$out/splits_h200.json" ;;
         first-step)  # time to the first step, each variant (FIRST_STEP_CASES: variant:autotune ...) in its own
             # process with empty compile caches
             for case in ${FIRST_STEP_CASES:-mha:1 mla_kernels:1 mla_kernels:0 mla_sdpa:1}; do
@@ -53,6 +55,15 @@ for section in "$@"; do
                     TORCHINDUCTOR_CACHE_DIR="$caches/inductor" python bench/train.py --shapes char --modes step_graph \
                     --variants "${case%:*}" --steps 3 --rounds 1 --warmup 0 --profile_steps 1 \
                     --out "$out/first_step_autotune${case#*:}_h200.json"
+            done ;;
+        first-step-profile)  # where the first step's seconds go: compile phases and a cProfile of the step,
+            # MLA on the kernels against MLA on SDPA, each from empty caches
+            for variant in mla_kernels mla_sdpa; do
+                caches=$(mktemp -d)
+                run 150 first_step_profile.log env TRITON_CACHE_DIR="$caches/triton" \
+                    TORCHINDUCTOR_CACHE_DIR="$caches/inductor" python bench/train.py --shapes char --modes step_graph \
+                    --variants "$variant" --steps 3 --rounds 1 --warmup 0 --profile_steps 1 --first_step_profile 60 \
+                    --out "$out/first_step_profile_h200.json"
             done ;;
         char-graphs) train_rows 200 --shapes char --modes step_graph --device_table 25 ;;
         gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph --device_table 25 ;;

@@ -1,6 +1,6 @@
 """Which tile candidates of the attention kernels win, at the shapes the GPT trains on.
 
-    python bench/tiles.py [--out PATH.json]
+    python bench/tiles.py [--splits_only] [--out PATH.json]
 
 Runs `flash_attention` forward and backward (bf16, eager, so Triton's own autotuner times every
 candidate that fits: the search is forced at every head dim, where the kernels skip it below
@@ -68,7 +68,10 @@ def split_timings(B, T, H, G, D):
     try:
         for splits in (s for s in range(1, H // G + 1) if (H // G) % s == 0):
             attention.dkdv_head_splits = lambda programs, rep, sms, splits=splits: splits
-            found[splits] = harness.median_ms(lambda: attention.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0))
+            backward = lambda: attention.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0)  # noqa: E731
+            backward()  # autotune outside the capture
+            # replayed from a CUDA graph: eagerly, the launches' host time (~0.7 ms) hides the kernels
+            found[splits] = harness.median_ms(backward, graph=True)
     finally:
         attention.dkdv_head_splits = rule
     return found
@@ -76,13 +79,15 @@ def split_timings(B, T, H, G, D):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--splits_only", action="store_true", help="time only the dK/dV head splits")
     harness.add_out_argument(p, "tiles")
     args = p.parse_args()
     if not harness.on_gpu():
         raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
-    attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
+    if not args.splits_only:
+        attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
     rows = []
-    for name, B, T, H, G, D in SHAPES:
+    for name, B, T, H, G, D in [] if args.splits_only else SHAPES:
         for kind, candidates in timings_at(name, B, T, H, G, D).items():
             best = min(candidates.values())
             for cand, ms in candidates.items():
@@ -90,7 +95,7 @@ def main():
                                  candidate=cand, ms=ms, vs_best=ms / best))
             listed = "  ".join(f"{c} {ms:.3f} ({ms / best:.2f}x)" for c, ms in candidates.items())
             print(f"{name:14s} {kind:5s} {listed}", flush=True)
-    for kind in KERNELS:
+    for kind in [] if args.splits_only else KERNELS:
         worst = {}
         for r in rows:
             if r["kernel"] == kind:

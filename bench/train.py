@@ -32,7 +32,10 @@ an existing --out file: rows of other shapes, modes and variants are kept) and a
 CPU it runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import tempfile
 import time
@@ -129,6 +132,19 @@ def run_steps(step, n_steps):
     return (time.perf_counter() - start) / n_steps
 
 
+def print_first_step_profile(profiler, limit, name):
+    """Where the first step's seconds went: Dynamo's phase times and the `limit` functions with the
+    most cumulative host time, then half as many by own time (cProfile; compile workers in other
+    processes show as waits)."""
+    print(f"first step of {name}: compile phases (torch._dynamo.utils.compile_times)", flush=True)
+    print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(limit)
+    stats.sort_stats("tottime").print_stats(limit // 2)
+    print(text.getvalue(), flush=True)
+
+
 def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
     """Build one variant in one step mode at one shape, time its steps, return the row."""
     torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape recompiles across rows
@@ -147,7 +163,12 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    first_step_s = run_steps(step, 1)
+    if args.first_step_profile:
+        profiler = cProfile.Profile()
+        first_step_s = profiler.runcall(run_steps, step, 1)
+        print_first_step_profile(profiler, args.first_step_profile, f"{shape} T {T} {mode} {variant}")
+    else:
+        first_step_s = run_steps(step, 1)
     startup_s = first_step_s + run_steps(step, STARTUP_STEPS - 1) * (STARTUP_STEPS - 1)
     if args.warmup:
         run_steps(step, args.warmup)
@@ -231,6 +252,8 @@ def main():
     p.add_argument("--host_table", action="store_true", help="print each row's ops by host time (profiler)")
     p.add_argument("--device_table", type=int, default=0, metavar="N",
                    help="print each row's N device kernels that took the most time (profiler)")
+    p.add_argument("--first_step_profile", type=int, default=0, metavar="N",
+                   help="print the first step's compile phases and its N costliest functions (cProfile)")
     harness.add_out_argument(p, "train")
     args = p.parse_args()
 
