@@ -67,7 +67,7 @@ def split_timings(B, T, H, G, D):
     found = {}
     try:
         for splits in (s for s in range(1, H // G + 1) if (H // G) % s == 0):
-            attention.dkdv_head_splits = lambda programs, rep, sms, splits=splits: splits
+            attention.dkdv_head_splits = lambda programs, rep, sms, query_blocks, splits=splits: splits
             backward = lambda: attention.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0)  # noqa: E731
             backward()  # autotune outside the capture
             # replayed from a CUDA graph: eagerly, the launches' host time (~0.7 ms) hides the kernels
@@ -109,7 +109,8 @@ def main():
         timings = split_timings(B, T, H, G, D)
         best = min(timings.values())
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        chosen = attention.dkdv_head_splits(B * G * triton.cdiv(T, attention.DKDV_BLOCK_N), H // G, sms)
+        blocks = triton.cdiv(T, attention.DKDV_BLOCK_N)
+        chosen = attention.dkdv_head_splits(B * G * blocks, H // G, sms, blocks)
         for splits, ms in timings.items():
             rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel="backward",
                              candidate=f"splits{splits}", ms=ms, vs_best=ms / best, chosen=splits == chosen))

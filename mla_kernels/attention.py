@@ -75,9 +75,11 @@ GPU_CONFIGS = {
 }
 SEARCH_HEAD_DIM = 128
 # The dK/dV backward splits a group's query heads over more programs until each multiprocessor has
-# about this many (dkdv_head_splits); DKDV_BLOCK_N is the key tile it counts programs with (the
-# first candidate's).
-DKDV_PROGRAMS_PER_SM = 8
+# this many (dkdv_head_splits), where the longest program covers at least DKDV_MIN_SPLIT_QUERY_BLOCKS
+# query blocks; DKDV_BLOCK_N is the key tile it counts programs with (the first candidate's). Both
+# constants come from the whole backward timed at every split count on the H200 (bench/tiles.py).
+DKDV_PROGRAMS_PER_SM = 2
+DKDV_MIN_SPLIT_QUERY_BLOCKS = 16
 DKDV_BLOCK_N = GPU_CONFIGS["dkdv"][0][1]
 # The interpreter runs one small config, BLOCK_M != BLOCK_N on purpose so the tests cover
 # unequal tiles (the dK/dV kernel tiles the other way round).
@@ -396,14 +398,22 @@ def _length_buckets(Tq, Tk):
     return 1 << (Tq - 1).bit_length(), 1 << (Tk - 1).bit_length()
 
 
-def dkdv_head_splits(programs, rep, sms):
-    """Programs per (batch, KV head, key block) in the dK/dV backward: the smallest divisor S of rep
-    with programs * S >= DKDV_PROGRAMS_PER_SM * sms (else rep). One program per key block sums all
-    rep query heads of its group; with one latent group (MLA's absorbed core) that leaves a few
-    hundred programs of very unequal length (causal: the first key block sees every query, the
-    last one block), all resident at once, so the multiprocessors that got short ones idle. S
-    programs per key block each take rep / S heads and write float32 partial sums, added after.
-    programs: B * g * cdiv(Tk, DKDV_BLOCK_N); sms: the device's multiprocessors."""
+def dkdv_head_splits(programs, rep, sms, query_blocks):
+    """Programs per (batch, KV head, key block) in the dK/dV backward.
+
+    One program per key block sums all rep query heads of its group. With one latent group (MLA's
+    absorbed core) that leaves a few hundred programs of very unequal length (causal: the first key
+    block sees every query, the last one block), all resident at once, and the step waits for the
+    longest. S programs per key block each take rep / S heads and write float32 partial sums, added
+    after the kernel: S is the smallest divisor of rep with programs * S >= DKDV_PROGRAMS_PER_SM *
+    sms (else rep). Short sequences (query_blocks < DKDV_MIN_SPLIT_QUERY_BLOCKS) are not split: the
+    partials' extra writes and sum cost more than the balance gains (measured on the H200, d 32,
+    12 heads per group: 2 splits were 1.23x slower at T 256 and 1.23-1.5x faster at T 1024-8192).
+    programs: B * g * cdiv(Tk, DKDV_BLOCK_N); sms: the device's multiprocessors;
+    query_blocks: cdiv(Tq, DKDV_BLOCK_N), the longest program's query blocks.
+    """
+    if query_blocks < DKDV_MIN_SPLIT_QUERY_BLOCKS:
+        return 1
     wanted = DKDV_PROGRAMS_PER_SM * sms
     return next((s for s in range(1, rep + 1) if rep % s == 0 and programs * s >= wanted), rep)
 
@@ -478,7 +488,8 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
         DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
     )
     dq = torch.empty_like(q)  # (B, Tq, nh, Dq)
-    splits = dkdv_head_splits(B * g * triton.cdiv(Tk, DKDV_BLOCK_N), rep, num_sms(q.device))
+    splits = dkdv_head_splits(B * g * triton.cdiv(Tk, DKDV_BLOCK_N), rep, num_sms(q.device),
+                              triton.cdiv(Tq, DKDV_BLOCK_N))
     if rep % splits:
         raise ValueError(f"{splits} dK/dV programs per key block cannot share {rep} query heads per group evenly")
     if splits == 1:  # the programs write the gradients themselves

@@ -118,7 +118,7 @@ def test_dkdv_head_splits_agree(case, poison, monkeypatch):
     """The dK/dV backward gives the reference's gradients whether one program sums a group's query
     heads or several programs sum parts of them into float32 partials."""
     B, Tq, Tk, nh, g, dqk, dv, splits = case
-    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms: splits)
+    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
     q = _leaf((B, Tq, nh, dqk), torch.float32)
     k, v = _leaf((B, Tk, g, dqk), torch.float32), _leaf((B, Tk, g, dv), torch.float32)
     dout = torch.randn(B, Tq, nh, dv)
@@ -128,15 +128,17 @@ def test_dkdv_head_splits_agree(case, poison, monkeypatch):
     _check_grads("qkv", (q, k, v), (q64, k64, v64), *F32[1:])
 
 
-@pytest.mark.parametrize("programs, rep, splits", [
-    (256, 12, 6),  # GPT-2 small's MLA core at T 1024, B 16: 256 key-block programs, 12 heads per latent
-    (256, 6, 6),  # the char config's core at T 256, B 64
-    (512, 12, 3),  # twice the programs: three heads' partials each reach 1536 >= 8 x 132
-    (2048, 12, 1),  # enough programs without splitting
-    (256, 1, 1),  # one query head per KV head (standard attention): nothing to split
+@pytest.mark.parametrize("programs, rep, query_blocks, splits", [
+    (256, 12, 16, 2),  # GPT-2 small's MLA core at T 1024, B 16: 256 key-block programs, 12 heads per latent
+    (256, 12, 128, 2),  # T 8192, B 2: the same count of programs, each longer
+    (256, 6, 4, 1),  # the char config's core at T 256, B 64: too short to gain from splitting
+    (100, 12, 16, 3),  # fewer programs: three heads' partials each reach 300 >= 2 x 132
+    (264, 12, 16, 1),  # enough programs without splitting
+    (256, 1, 16, 1),  # one query head per KV head (standard attention): nothing to split
+    (16, 5, 64, 5),  # no divisor of rep reaches the target: one program per head
 ])
-def test_dkdv_head_splits_fill_the_multiprocessors(programs, rep, splits):
-    assert attention.dkdv_head_splits(programs, rep, sms=132) == splits
+def test_dkdv_head_splits_fill_the_multiprocessors(programs, rep, query_blocks, splits):
+    assert attention.dkdv_head_splits(programs, rep, 132, query_blocks) == splits
 
 
 def test_causality(poison):
@@ -244,7 +246,7 @@ def test_custom_ops_pass_opcheck():
 def test_backward_op_gradients_keep_the_inputs_layouts(splits, monkeypatch):
     """The backward op's dk / dv have k's and v's strides, as its fake says, whether the dK/dV
     kernel writes them directly or sums split partials into them (k / v here (B, g, T, D) transposed)."""
-    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms: splits)
+    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
     q = torch.randn(1, 20, 4, 16)
     k, v = (torch.randn(1, 2, 20, 16).transpose(1, 2) for _ in range(2))  # (B, T, g, D), not contiguous
     out, lse = torch.ops.mla_kernels.flash_attention_fwd(q, k, v, 0.25, 0)
