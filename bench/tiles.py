@@ -21,6 +21,7 @@ import torch
 import triton
 
 from mla_kernels import attention
+from mla_kernels._tiles import num_sms
 
 # (name, B, T, heads, kv groups, head dim): the absorbed MLA core at the char config and at GPT-2
 # small (r 32, one latent group), then standard-attention shapes at head dims 64 and 128.
@@ -78,17 +79,12 @@ def split_timings(B, T, H, G, D):
     return found
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--splits_only", action="store_true", help="time only the dK/dV head splits")
-    harness.add_out_argument(p, "tiles")
-    args = p.parse_args()
-    if not harness.on_gpu():
-        raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
-    if not args.splits_only:
-        attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
+def tile_rows():
+    """Every tile candidate of each kernel at every shape, timed by the autotuner (the search forced
+    at every head dim), then per kernel the candidate whose worst ratio to the fastest is smallest."""
+    attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
     rows = []
-    for name, B, T, H, G, D in [] if args.splits_only else SHAPES:
+    for name, B, T, H, G, D in SHAPES:
         for kind, candidates in timings_at(name, B, T, H, G, D).items():
             best = min(candidates.values())
             for cand, ms in candidates.items():
@@ -96,7 +92,7 @@ def main():
                                  candidate=cand, ms=ms, vs_best=ms / best))
             listed = "  ".join(f"{c} {ms:.3f} ({ms / best:.2f}x)" for c, ms in candidates.items())
             print(f"{name:14s} {kind:5s} {listed}", flush=True)
-    for kind in [] if args.splits_only else KERNELS:
+    for kind in KERNELS:
         worst = {}
         for r in rows:
             if r["kernel"] == kind:
@@ -104,12 +100,19 @@ def main():
         pick = min(worst, key=worst.get)
         print(f"{kind}: one candidate for every shape: {pick}, at worst {worst[pick]:.3f}x the fastest; "
               "worst ratio of each: " + ", ".join(f"{c} {w:.2f}x" for c, w in worst.items()))
+    return rows
+
+
+def split_rows():
+    """The whole backward at every dK/dV head split, at the shapes with several query heads per KV
+    head, against the split the rule picks."""
+    rows = []
+    sms = num_sms(torch.device("cuda"))
     for name, B, T, H, G, D in SHAPES:
         if H == G:
             continue  # one query head per KV head: nothing to split
         timings = split_timings(B, T, H, G, D)
         best = min(timings.values())
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
         blocks = triton.cdiv(T, attention.DKDV_BLOCK_N)
         chosen = attention.dkdv_head_splits(B * G * blocks, H // G, sms, blocks)
         for splits, ms in timings.items():
@@ -117,6 +120,17 @@ def main():
                              candidate=f"splits{splits}", ms=ms, vs_best=ms / best, chosen=splits == chosen))
         listed = "  ".join(f"{s} {ms:.3f} ({ms / best:.2f}x)" for s, ms in timings.items())
         print(f"{name:14s} backward by dK/dV head splits (the rule picks {chosen}): {listed}", flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--splits_only", action="store_true", help="time only the dK/dV head splits")
+    harness.add_out_argument(p, "tiles")
+    args = p.parse_args()
+    if not harness.on_gpu():
+        raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
+    rows = ([] if args.splits_only else tile_rows()) + split_rows()
     path = harness.results_path(args.out, "tiles")
     harness.write_rows(path, rows, harness.environment(torch.bfloat16))
     harness.report_written(path)
