@@ -13,9 +13,12 @@ bench/results/ unless --out names them. Every script prints the paths it wrote.
 Importing this module also puts the repository root on sys.path, so `python bench/<script>.py`
 runs from a checkout without installing the package.
 """
+import cProfile
 import csv
+import io
 import json
 import platform
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -71,6 +74,20 @@ def median_ms(fn, graph=False, warmup=25, rep=100):
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def profiled(fn, *args):
+    """(fn(*args), its cProfile.Profile): the host time of every Python function it called."""
+    profiler = cProfile.Profile()
+    return profiler.runcall(fn, *args), profiler
+
+
+def profile_table(profiler, limit, order="tottime"):
+    """The `limit` functions of a profile with the most host time by `order` ('tottime': their own,
+    'cumulative': with what they called), as pstats prints them."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(limit)
+    return text.getvalue()
 
 
 def _driver_version():

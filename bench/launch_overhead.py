@@ -11,10 +11,7 @@ most host time (cProfile) over one round of eager calls of ours. Without a GPU i
 the CPU, where the time is the computation's: the numbers need a GPU.
 """
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import statistics
 import time
 
@@ -80,12 +77,9 @@ def main():
                  us_per_call=host_us_per_call(fn, inputs, grad, args.calls, args.rounds))
             for name, fn in providers.items()]
     if args.profile:
-        profiler = cProfile.Profile()
-        profiler.runcall(host_us_per_call, ours, inputs, grad, args.calls, 1)  # compiled and tuned by the rows
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        _, profiler = harness.profiled(host_us_per_call, ours, inputs, grad, args.calls, 1)  # tuned by the rows
         print(f"flash_attention eager, {args.calls + WARMUP_CALLS} calls after the rows', by own host time:\n"
-              f"{text.getvalue()}")
+              f"{harness.profile_table(profiler, args.profile)}")
     print(f"host time per forward + backward call, B {B} T {T} H {H} D {D} {env['dtype']}, {env['device']}")
     for row in rows:
         print(f"  {row['provider']:26} {row['us_per_call']:8.1f} us")

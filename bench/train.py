@@ -32,10 +32,7 @@ an existing --out file: rows of other shapes, modes and variants are kept) and a
 CPU it runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import statistics
 import tempfile
 import time
@@ -138,11 +135,8 @@ def print_first_step_profile(profiler, limit, name):
     processes show as waits)."""
     print(f"first step of {name}: compile phases (torch._dynamo.utils.compile_times)", flush=True)
     print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(limit)
-    stats.sort_stats("tottime").print_stats(limit // 2)
-    print(text.getvalue(), flush=True)
+    print(harness.profile_table(profiler, limit, "cumulative"), harness.profile_table(profiler, limit // 2),
+          sep="\n", flush=True)
 
 
 def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
@@ -164,8 +158,7 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if args.first_step_profile:
-        profiler = cProfile.Profile()
-        first_step_s = profiler.runcall(run_steps, step, 1)
+        first_step_s, profiler = harness.profiled(run_steps, step, 1)
         print_first_step_profile(profiler, args.first_step_profile, f"{shape} T {T} {mode} {variant}")
     else:
         first_step_s = run_steps(step, 1)
