@@ -33,6 +33,16 @@ train_rows() {  # train_rows SECONDS ARGS...: bench/train.py rows into one resul
     run "$seconds" train.log env TRITON_PRINT_AUTOTUNING=1 python bench/train.py --out "$out/train_h200.json" "$@"
 }
 
+first_step() {  # first_step SECONDS LOG VARIANT ARGS...: bench/train.py's first steps at the char shape, in a
+    # process of its own with empty compile caches (the environment, e.g. MLA_KERNELS_AUTOTUNE, passes through)
+    local seconds=$1 log=$2 variant=$3 caches
+    shift 3
+    caches=$(mktemp -d)
+    run "$seconds" "$log" env TRITON_CACHE_DIR="$caches/triton" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
+        python bench/train.py --shapes char --modes step_graph --variants "$variant" --steps 3 --rounds 1 \
+        --warmup 0 --profile_steps 1 "$@"
+}
+
 # shellcheck disable=SC2086  # PYTEST_GPU_FLAGS is a list of words
 for section in "$@"; do
     case $section in
@@ -47,22 +57,15 @@ for section in "$@"; do
         graphed) run 150 pytest_gpu.log python -m pytest tests/gpu/test_graphed_step.py -q -rA ;;
         tiles) run 200 tiles.log python bench/tiles.py --out "$out/tiles_h200.json" ;;
         splits) run 120 tiles.log python bench/tiles.py --splits_only --out "$out/splits_h200.json" ;;
-        first-step)  # time to the first step, each variant (FIRST_STEP_CASES: variant:autotune ...) in its own
-            # process with empty compile caches
+        first-step)  # time to the first step, each variant (FIRST_STEP_CASES: variant:autotune ...)
             for case in ${FIRST_STEP_CASES:-mha:1 mla_kernels:1 mla_kernels:0 mla_sdpa:1}; do
-                caches=$(mktemp -d)
-                run 120 first_step.log env MLA_KERNELS_AUTOTUNE="${case#*:}" TRITON_CACHE_DIR="$caches/triton" \
-                    TORCHINDUCTOR_CACHE_DIR="$caches/inductor" python bench/train.py --shapes char --modes step_graph \
-                    --variants "${case%:*}" --steps 3 --rounds 1 --warmup 0 --profile_steps 1 \
+                MLA_KERNELS_AUTOTUNE="${case#*:}" first_step 120 first_step.log "${case%:*}" \
                     --out "$out/first_step_autotune${case#*:}_h200.json"
             done ;;
         first-step-profile)  # where the first step's seconds go: compile phases and a cProfile of the step,
-            # MLA on the kernels against MLA on SDPA, each from empty caches
+            # MLA on the kernels against MLA on SDPA
             for variant in mla_kernels mla_sdpa; do
-                caches=$(mktemp -d)
-                run 150 first_step_profile.log env TRITON_CACHE_DIR="$caches/triton" \
-                    TORCHINDUCTOR_CACHE_DIR="$caches/inductor" python bench/train.py --shapes char --modes step_graph \
-                    --variants "$variant" --steps 3 --rounds 1 --warmup 0 --profile_steps 1 --first_step_profile 60 \
+                first_step 150 first_step_profile.log "$variant" --first_step_profile 60 \
                     --out "$out/first_step_profile_h200.json"
             done ;;
         char-graphs) train_rows 200 --shapes char --modes step_graph --device_table 25 ;;
