@@ -93,7 +93,8 @@ for section in "$@"; do
                     tests/gpu/test_fp8_cache_model.py $PYTEST_GPU_FLAGS --basetemp="$(mktemp -d)" &
             fi
             wait
-            # one file: a device call brings back at most 8
+            # one file, headed by the GPU and versions: a device call brings back at most 8
+            sed 's/^/# /' "$out/env.txt" >> "$out/pytest_gpu.log"
             for log in "$out"/pytest_gpu_configs_*.log "$out"/pytest_gpu_kernels.log "$out"/pytest_gpu_model.log; do
                 [ -f "$log" ] && { echo "########## $(basename "$log")"; cat "$log"; rm "$log"; }
             done >> "$out/pytest_gpu.log" ;;
