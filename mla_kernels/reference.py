@@ -170,14 +170,15 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
     return q.to(x.dtype)
 
 
-def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None):
+def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None, omega=None):
     """Batched randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
 
     A: (..., m, n) float tensor. Gaussian test matrix Omega (n, rank + oversample);
     Q = orth(A Omega), then n_iter subspace iterations Q = orth(A orth(A^T Q)); the
     small matrix B = Q^T A is factored exactly. Math in float32 (float64 kept).
     Returns U (..., m, rank), S (..., rank) descending, Vh (..., rank, n) in A's
-    compute dtype. generator: a torch.Generator on A's device for a reproducible Omega.
+    compute dtype. generator: a torch.Generator on A's device for a reproducible Omega;
+    omega: the test matrix itself (n, min(rank + oversample, m, n)), instead of drawing one.
     """
     m, n = A.shape[-2:]
     if not 1 <= rank <= min(m, n):
@@ -185,7 +186,9 @@ def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None):
     cdt = _compute_dtype(A.dtype)
     A = A.to(cdt)
     sketch = min(rank + oversample, m, n)
-    omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=cdt)
+    if omega is None:
+        omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=cdt)
+    omega = omega.to(cdt)
     Q, _ = torch.linalg.qr(A @ omega)  # (..., m, sketch)
     for _ in range(n_iter):
         W, _ = torch.linalg.qr(A.transpose(-1, -2) @ Q)  # (..., n, sketch)

@@ -20,9 +20,13 @@ small problem for B = Q^T A. What runs where:
   matrices are recomputed with Householder QR (`_householder_rsvd`, same Omega).
   For l > 64 the Cholesky-QR2 runs through torch.linalg (float64 Gram and factor) and
   falls back to Householder QR (torch.linalg.qr) for the batch if a Cholesky fails.
-- The small problem: M = B B^T = Z^T Z with Z = A^T Q (n, l), Gram in float64, then
-  torch.linalg.eigh (float64) of the l x l matrices; S = sqrt(eigenvalues),
-  U = Q V, Vh = diag(1 / S) V^T Z^T.
+- The small problem: M = B B^T = Z^T Z with Z = A^T Q (n, l), Gram in float64, then its
+  eigenvectors: for l <= 64 by cyclic Jacobi in a kernel (`_sym_eig_kernel`, one program per
+  matrix), wider by torch.linalg.eigh (float64); S = sqrt(eigenvalues), U = Q V,
+  Vh = diag(1 / S) V^T Z^T.
+- For l <= 64 nothing waits on the host but the finiteness check and the rank-deficiency
+  fallback below; `capturable=True` skips both, so the SVD records into a CUDA graph (the
+  training step replays the model's value-basis update that way).
 
 Two kernel layouts: for l <= 64 and matrices of at most `_FUSED_MAX_ELEMENTS`
 elements, one program per matrix runs the whole range finder and the Gram of B^T in
@@ -47,9 +51,14 @@ _DOT_PRECISION = "tf32x3"  # three TF32 products per float32 product: ~float32 a
 _MAX_KERNEL_SKETCH = 64  # largest sketch width whose l x l fp64 tiles the kernels factor in registers
 _FUSED_MAX_ELEMENTS = 1 << 20  # one program streams a matrix of up to 4 MB (fp32) 2 + 4 n_iter times
 _DROP_TOL = (64 * torch.finfo(torch.float32).eps) ** 2  # pivot / max diag below this: column is rounding noise
+MAX_CAPTURABLE_SKETCH = _MAX_KERNEL_SKETCH  # wider sketches factor through torch.linalg, which syncs
 _FUSED_BLOCK = 64  # rows and reduction chunk of the fused kernel's tiles
 _GRAM_FP64 = True  # Gram products in float64 (mixed-precision Cholesky-QR); False: float32 products
 _FACTOR_WARPS = 4  # warps of the one-program-per-matrix kernels
+# Jacobi stops when the off-diagonal part is below float64 rounding of a 64 x 64 matrix; it converges
+# quadratically (random 64 x 64 Grams: 8 sweeps in tests/test_svd_eig.py), so the cap is a guard
+_JACOBI_TOL_SQ = (64 * torch.finfo(torch.float64).eps) ** 2
+_JACOBI_MAX_SWEEPS = 15
 
 
 @triton.jit
@@ -232,6 +241,69 @@ def _bmm_kernel(a_ptr, x_ptr, out_ptr, R, K, N,
              mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _sym_eig_kernel(gram_ptr, evals_ptr, evecs_ptr, l, tol_sq, LP: tl.constexpr, MAX_SWEEPS: tl.constexpr):
+    """Eigen-decomposition of one symmetric (LP, LP) float64 matrix per program, by cyclic Jacobi.
+
+    gram: (batch, LP, LP) float64 contiguous, only its leading (l, l) block is read.
+    Each sweep runs LP - 1 rounds of the round-robin pairing (the circle method): a round
+    rotates LP / 2 disjoint index pairs at once, G <- J^T G J and V <- V J with J the product of
+    their plane rotations (Golub and Van Loan, algorithm 8.5.1, per pair). Sweeps stop once the
+    off-diagonal part holds at most tol_sq of ||G||_F^2, or after MAX_SWEEPS. Padding beyond l
+    holds zeros, so its rotations are the identity. evals (batch, LP) float64 descending
+    (padding last), evecs (batch, LP, LP) float64 with the matching eigenvectors as columns.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, LP)[:, None]
+    cols = tl.arange(0, LP)[None, :]
+    idx = tl.arange(0, LP)
+    eye = rows == cols
+    inside = (rows < l) & (cols < l)
+    G = tl.load(gram_ptr + b * LP * LP + rows * LP + cols, mask=inside, other=0.0).to(tl.float64)  # (LP, LP)
+    G = 0.5 * (G + tl.trans(G))  # exactly symmetric: both members of a pair compute one rotation
+    V = tl.where(eye, 1.0, 0.0).to(tl.float64)  # (LP, LP)
+    total = tl.sum(tl.sum(G * G, axis=1), axis=0)  # ||G||_F^2, kept by the rotations
+    off_sq = tl.sum(tl.sum(tl.where(eye, 0.0, G * G), axis=1), axis=0)
+    sweep = 0
+    while (sweep < MAX_SWEEPS) & (off_sq > tol_sq * total):
+        for t in range(LP - 1):
+            # partner of each index in round t: LP - 1 meets t, the others meet (2t - i) mod (LP - 1)
+            partner = tl.where(idx == LP - 1, t, tl.where(idx == t, LP - 1, (2 * t - idx + 2 * (LP - 1)) % (LP - 1)))
+            pairs = cols == partner[:, None]  # (LP, LP): [i, j] = j is i's partner
+            diag = tl.sum(tl.where(eye, G, 0.0), axis=1)  # (LP,)
+            diag_partner = tl.sum(tl.where(pairs, diag[None, :], 0.0), axis=1)
+            off = tl.sum(tl.where(pairs, G, 0.0), axis=1)  # (LP,) G[i, partner(i)]
+            first = idx < partner  # i is the pair's p (p < q)
+            a_pp = tl.where(first, diag, diag_partner)
+            a_qq = tl.where(first, diag_partner, diag)
+            rotate = off != 0.0
+            tau = (a_qq - a_pp) / (2.0 * tl.where(rotate, off, 1.0))
+            big = tl.abs(tau) > 1e100  # tau^2 would overflow: tan = 1 / (2 tau) to working precision
+            root = tl.sqrt(1.0 + tl.where(big, 0.0, tau * tau))
+            tan = tl.where(big, 0.5 / tl.where(big, tau, 1.0),
+                           tl.where(tau >= 0.0, 1.0, -1.0) / (tl.abs(tau) + root))
+            tan = tl.where(rotate, tan, 0.0)
+            cos = 1.0 / tl.sqrt(1.0 + tan * tan)
+            sin = tan * cos
+            J = tl.where(eye, cos[:, None], 0.0) + tl.where(pairs, tl.where(first, sin, -sin)[:, None], 0.0)
+            G = tl.dot(tl.trans(J), tl.dot(G, J, input_precision="ieee", out_dtype=tl.float64),
+                       input_precision="ieee", out_dtype=tl.float64)
+            G = 0.5 * (G + tl.trans(G))
+            V = tl.dot(V, J, input_precision="ieee", out_dtype=tl.float64)
+        off_sq = tl.sum(tl.sum(tl.where(eye, 0.0, G * G), axis=1), axis=0)
+        sweep += 1
+    diag = tl.sum(tl.where(eye, G, 0.0), axis=1)  # (LP,) eigenvalues
+    key = tl.where(idx < l, diag, float("-inf"))  # padding sorts last
+    # rank of each eigenvalue in descending order, ties broken by index
+    order = tl.sum(((key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (cols < rows))).to(tl.int32),
+                   axis=1)  # (LP,)
+    to_sorted = tl.where(order[:, None] == cols, 1.0, 0.0).to(tl.float64)  # (LP, LP): [i, r] = rank of i is r
+    V = tl.dot(V, to_sorted, input_precision="ieee", out_dtype=tl.float64)
+    evals = tl.sum(to_sorted * diag[:, None], axis=0)  # (LP,) descending
+    tl.store(evals_ptr + b * LP + idx, evals)
+    tl.store(evecs_ptr + b * LP * LP + rows * LP + cols, V)
+
+
 def _range_fused(A, omega, l, n_iter):
     """One launch: Q (b, m, LP), Z = A^T Q (b, n, LP), Gram Z^T Z (b, LP, LP) fp64, kept (b,)."""
     batch, m, n = A.shape
@@ -297,6 +369,18 @@ def _range_tiled(A, omega, l, n_iter):
     return Q, Z, gram, kept
 
 
+def _sym_eig(gram, l):
+    """Eigenvalues (b, l) descending and eigenvectors (b, l, l) float64 of the symmetric leading
+    (l, l) blocks of gram (b, LP, LP) float64, l <= 64: one `_sym_eig_kernel` program each."""
+    batch, LP = gram.shape[0], tile_dim(l)
+    gram = gram[:, :LP, :LP].contiguous()
+    evals = torch.empty(batch, LP, device=gram.device, dtype=torch.float64)
+    evecs = torch.empty(batch, LP, LP, device=gram.device, dtype=torch.float64)
+    _sym_eig_kernel[(batch,)](gram, evals, evecs, l, _JACOBI_TOL_SQ, LP=LP, MAX_SWEEPS=_JACOBI_MAX_SWEEPS,
+                              num_warps=_FACTOR_WARPS)
+    return evals[:, :l], evecs[:, :l, :l]
+
+
 def _householder_rsvd(A, omega, rank, n_iter):
     """The reference algorithm on float32 A (b, m, n) with a given Omega (n, l):
     Householder QR at every step, SVD of B. Used where Cholesky-QR kept < rank columns."""
@@ -309,11 +393,17 @@ def _householder_rsvd(A, omega, rank, n_iter):
 
 
 def _small_svd(Q, Z, gram, l, rank):
-    """Rayleigh-Ritz on the sketch: eigh of M = B B^T (torch.linalg, float64), U = Q V,
-    Vh = diag(1 / S) V^T B. Q (b, m, >= l), Z = B^T (b, n, >= l), gram (b, >= l, >= l)."""
-    lam, V = torch.linalg.eigh(gram[:, :l, :l])  # ascending, float64
-    lam = lam.flip(-1)[:, :rank]  # (b, rank) descending
-    V = V.flip(-1)[:, :, :rank].float()  # (b, l, rank)
+    """Rayleigh-Ritz on the sketch: the eigenvectors V of M = B B^T (float64), U = Q V,
+    Vh = diag(1 / S) V^T B. Q (b, m, >= l), Z = B^T (b, n, >= l), gram (b, >= l, >= l).
+
+    l <= 64: `_sym_eig_kernel` (Jacobi, no host synchronization); wider: torch.linalg.eigh."""
+    if l <= _MAX_KERNEL_SKETCH:
+        lam, V = _sym_eig(gram, l)  # descending, float64
+    else:
+        lam, V = torch.linalg.eigh(gram[:, :l, :l])  # ascending, float64
+        lam, V = lam.flip(-1), V.flip(-1)
+    lam = lam[:, :rank]  # (b, rank) descending
+    V = V[:, :l, :rank].float()  # (b, l, rank)
     S = lam.clamp_min(0).sqrt().float()  # (b, rank)
     U = Q[:, :, :l] @ V  # (b, m, rank)
     inv_s = torch.where(S > 0, 1.0 / S, torch.zeros_like(S))
@@ -340,20 +430,39 @@ def _validate(A, rank, oversample, n_iter, name, check_finite):
         raise ValueError(f"{name} must be finite, got NaN or inf entries ({name} of shape {tuple(A.shape)})")
 
 
-def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=True):
-    _validate(A, rank, oversample, n_iter, name, check_finite)
+def sketch_width(rank, oversample, m, n):
+    """Columns l of the Gaussian test matrix for a rank-`rank` SVD of (m, n) matrices."""
+    return min(rank + oversample, m, n)
+
+
+def _check_test_matrix(omega, n, l, device):
+    if not isinstance(omega, torch.Tensor) or omega.dtype != torch.float32 or omega.shape != (n, l):
+        got = f"{omega.dtype} {tuple(omega.shape)}" if isinstance(omega, torch.Tensor) else type(omega).__name__
+        raise ValueError(f"omega must be a float32 ({n}, {l}) tensor (n, rank + oversample), got {got}")
+    if omega.device != device:
+        raise ValueError(f"omega must be on the matrices' device {device}, got {omega.device}")
+
+
+def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=True, omega=None, capturable=False):
+    _validate(A, rank, oversample, n_iter, name, check_finite and not capturable)
     *batch_shape, m, n = A.shape
+    l = sketch_width(rank, oversample, m, n)
+    if capturable and l > MAX_CAPTURABLE_SKETCH:
+        raise ValueError(f"capturable=True needs a sketch of at most {MAX_CAPTURABLE_SKETCH} columns, got "
+                         f"min(rank + oversample, m, n) = {l} (rank {rank}, oversample {oversample}, {name} {m} x {n})")
+    if omega is not None:
+        _check_test_matrix(omega, n, l, A.device)
     if not on_kernel_device(A):
-        U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator)
+        U, S, Vh = randomized_svd_ref(A, rank, oversample, n_iter, generator, omega)
         return U.float(), S.float(), Vh.float()
-    l = min(rank + oversample, m, n)
     A3 = A.reshape(-1, m, n)  # (b, m, n)
     batch = A3.shape[0]
     if batch == 0:
         return (A.new_empty(*batch_shape, m, rank, dtype=torch.float32),
                 A.new_empty(*batch_shape, rank, dtype=torch.float32),
                 A.new_empty(*batch_shape, rank, n, dtype=torch.float32))
-    omega = torch.randn(n, l, generator=generator, device=A.device, dtype=torch.float32)  # as the reference draws it
+    if omega is None:
+        omega = torch.randn(n, l, generator=generator, device=A.device, dtype=torch.float32)  # as the reference does
     if l <= _MAX_KERNEL_SKETCH:
         LP = tile_dim(l)
         omega = torch.nn.functional.pad(omega, (0, LP - l))  # (n, LP), zero columns beyond l
@@ -362,14 +471,15 @@ def _randomized_svd(A, rank, oversample, n_iter, generator, name, check_finite=T
     else:
         Q, Z, gram, kept = _range_tiled(A3, omega, l, n_iter)
     U, S, Vh = _small_svd(Q, Z, gram, l, rank)
-    # Vh = Z V / S is noise divided by noise where S is rounding noise. Cholesky-QR counts the
-    # columns it keeps; torch.linalg's QR (sketches wider than the kernels take) keeps every
-    # column, so the singular values are counted too, with the same tolerance.
-    above_noise = (S.double().square() > _DROP_TOL * S[:, :1].double().square()).sum(-1)
-    deficient = torch.minimum(kept, above_noise) < rank
-    if bool(deficient.any()):
-        idx = deficient.nonzero()[:, 0]
-        U[idx], S[idx], Vh[idx] = _householder_rsvd(A3[idx].float(), omega[:, :l], rank, n_iter)
+    if not capturable:
+        # Vh = Z V / S is noise divided by noise where S is rounding noise. Cholesky-QR counts the
+        # columns it keeps; torch.linalg's QR (sketches wider than the kernels take) keeps every
+        # column, so the singular values are counted too, with the same tolerance.
+        above_noise = (S.double().square() > _DROP_TOL * S[:, :1].double().square()).sum(-1)
+        deficient = torch.minimum(kept, above_noise) < rank
+        if bool(deficient.any()):  # one device sync
+            idx = deficient.nonzero()[:, 0]
+            U[idx], S[idx], Vh[idx] = _householder_rsvd(A3[idx].float(), omega[:, :l], rank, n_iter)
     return U.reshape(*batch_shape, m, rank), S.reshape(*batch_shape, rank), Vh.reshape(*batch_shape, rank, n)
 
 
@@ -393,10 +503,17 @@ def low_rank_approx(A, rank, oversample=8, n_iter=2, generator=None):
     return ((U * S[..., None, :]) @ Vh).to(A.dtype)
 
 
-def top_left_singular_vectors(M, rank, oversample=8, n_iter=2, generator=None, check_finite=True):
+def top_left_singular_vectors(M, rank, oversample=8, n_iter=2, generator=None, check_finite=True, omega=None,
+                              capturable=False):
     """Top-`rank` left singular vectors U (..., m, rank) float32 of M (..., m, n).
 
     check_finite=False skips the NaN / inf check and its device sync, for callers whose input
     cannot hold them or who check elsewhere (the model, once per training step or forward).
+    omega: the Gaussian test matrix (n, l) float32 on M's device, l = min(rank + oversample, m, n);
+    drawn from `generator` when None.
+    capturable=True: no host synchronization, so the call can be recorded in a CUDA graph (pass
+    omega: a graph cannot draw from a generator of its own). It needs l <= 64, skips the finiteness
+    check, and leaves a rank-deficient matrix's U with zero columns past its numerical rank instead
+    of completing them by Householder QR; U U^T M is the same best approximation either way.
     """
-    return _randomized_svd(M, rank, oversample, n_iter, generator, "M", check_finite)[0]
+    return _randomized_svd(M, rank, oversample, n_iter, generator, "M", check_finite, omega, capturable)[0]

@@ -1,25 +1,72 @@
 """SVD of the attention values: a rank-k basis of the value maps (svd 'weight'), or each
 sequence's values cut to rank k (svd 'activation', the original design's). docs/design.md,
 section 5, says why 'weight' is the default."""
+import functools
+
 import torch
 
 from mla_gpt.model.core import resolve_backend
 from mla_kernels import reference as ref
+from mla_kernels import svd
+
+OVERSAMPLE = 8  # extra sketch columns of the randomized SVD (mla_kernels.svd's default)
 
 
-@torch.compiler.disable  # the randomized SVD syncs with the host: it runs outside compiled graphs
+@functools.cache
+def _test_matrix(n, sketch, device):
+    """The Gaussian test matrix (n, sketch) float32 for `device`, drawn once from seed 0: every basis
+    update uses the same one, so a forward is reproducible and a CUDA graph can replay it."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(n, sketch, generator=generator, device=device, dtype=torch.float32)
+
+
+def capturable_svd(rank, m, n):
+    """Whether the kernels' SVD of (m, n) matrices at `rank` records into a CUDA graph (sketch <= 64)."""
+    return svd.sketch_width(rank, OVERSAMPLE, m, n) <= svd.MAX_CAPTURABLE_SKETCH
+
+
+def svd_capture_blocker(config):
+    """Why a CUDA graph cannot hold the SVD of a model with this GPTConfig, or None.
+
+    The basis update (svd 'weight': value maps (r, nh/g * hs) under MLA, (hs, C) per head in
+    standard attention) and the per-sequence SVD (svd 'activation': (hs, T)) record into a graph
+    when their sketch is at most 64 columns; wider ones factor through torch.linalg, which waits
+    on the host.
+    """
+    if not config.use_svd:
+        return None
+    if config.svd_mode == "activation":
+        m = n = config.head_size  # (hs, T): the sketch is at most hs wide, however long T is
+        rank = config.svd_rank or config.head_size
+    elif config.use_mla:
+        m, n = config.latent_dim, config.n_head // config.kv_groups * config.head_size
+        rank = config.svd_rank or config.latent_dim
+    else:
+        m, n = config.head_size, config.n_embd
+        rank = config.svd_rank or config.head_size
+    if capturable_svd(rank, m, n):
+        return None
+    return (f"svd_rank={rank} needs a randomized-SVD sketch of {svd.sketch_width(rank, OVERSAMPLE, m, n)} columns; "
+            f"up to {svd.MAX_CAPTURABLE_SKETCH} factor in a kernel a CUDA graph can hold (svd_rank <= "
+            f"{svd.MAX_CAPTURABLE_SKETCH - OVERSAMPLE})")
+
+
+@torch.compiler.disable  # the randomized SVD's kernels and small factorizations run outside compiled graphs
 def _top_left_singular_vectors(matrices, rank, kernels):
     """(..., m, n) -> the top-`rank` left singular vectors (..., m, rank), by randomized SVD.
 
-    No gradient flows through them; the test matrix is seeded, so a forward is reproducible.
+    No gradient flows through them; the test matrix is fixed, so a forward is reproducible. On
+    the kernels and a sketch of at most 64 columns nothing waits on the host, so a CUDA graph
+    of the training step can hold the update.
     """
-    generator = torch.Generator(device=matrices.device).manual_seed(0)
+    m, n = matrices.shape[-2:]
     if kernels:
-        from mla_kernels import svd
-
+        omega = _test_matrix(n, svd.sketch_width(rank, OVERSAMPLE, m, n), matrices.device)
         # weights and activations are finite while the loss is (the trainer stops on a NaN loss)
-        return svd.top_left_singular_vectors(matrices.detach(), rank, generator=generator, check_finite=False)
-    return ref.randomized_svd_ref(matrices.detach(), rank, generator=generator)[0]
+        return svd.top_left_singular_vectors(matrices.detach(), rank, OVERSAMPLE, omega=omega, check_finite=False,
+                                             capturable=capturable_svd(rank, m, n))
+    generator = torch.Generator(device=matrices.device).manual_seed(0)
+    return ref.randomized_svd_ref(matrices.detach(), rank, OVERSAMPLE, generator=generator)[0]
 
 
 def low_rank_per_sequence(v, rank, kernels):
