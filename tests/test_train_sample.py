@@ -588,21 +588,38 @@ def test_cuda_graphs_default_captures_the_step_on_one_cuda_process(compile_model
     assert use_cuda_graphs(auto, cpu, compile_model, MODEL_ARGS) == "off"
 
 
+# one latent group: value maps (192, 768), so a rank-57 sketch is 57 + 8 = 65 columns, past the kernels' 64
+WIDE_SVD = {"use_svd": True, "use_mla": True, "mla_latent_dim": 192, "mla_kv_groups": 1, "svd_rank": 57}
+
+
+@pytest.mark.parametrize("model_args", [
+    {"use_svd": True},
+    {"use_svd": True, "svd_rank": 56},
+    {"use_svd": True, "use_mla": True, "mla_latent_dim": 192, "svd_rank": 32},  # config/train_mla_custom.py
+    {"use_svd": True, "use_mla": True, "svd_mode": "activation", "svd_rank": 8},
+], ids=["standard-svd", "rank56", "mla-r192-rank32", "mla-activation"])
+def test_cuda_graphs_default_captures_the_svd_basis_update(model_args):
+    """Sketches of at most 64 columns run on the kernels without host syncs: the step is one graph."""
+    single = Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
+    assert use_cuda_graphs({"cuda_graphs": None}, single, True, model_args) == "step"
+
+
 def test_cuda_graphs_default_falls_back_where_the_step_cannot_be_captured():
-    """SVD or float16: the compiler's graphs when compiling, else none."""
+    """A wide SVD sketch, the plain-PyTorch SVD, or float16: the compiler's graphs when compiling, else none."""
     single = Runtime("cuda", "cuda", torch.bfloat16, False, 0, 0, 1)
     fp16 = Runtime("cuda", "cuda", torch.float16, False, 0, 0, 1)
     auto = {"cuda_graphs": None}
-    assert use_cuda_graphs(auto, single, True, {"use_svd": True}) == "compiler"
-    assert use_cuda_graphs(auto, single, False, {"use_svd": True}) == "off"
+    assert use_cuda_graphs(auto, single, True, WIDE_SVD) == "compiler"
+    assert use_cuda_graphs(auto, single, False, WIDE_SVD) == "off"
+    assert use_cuda_graphs(auto, single, True, {"use_svd": True, "attn_backend": "sdpa"}) == "compiler"
     assert use_cuda_graphs(auto, fp16, True, MODEL_ARGS) == "compiler"
 
 
 @pytest.mark.parametrize("mode, runtime, compile_model, model_args, message", [
     ("step", "ddp", True, MODEL_ARGS, r"cuda_graphs='step' runs in one process; this run has 2 \(DDP\)"),
     ("compiler", "single", False, MODEL_ARGS, r"cuda_graphs='compiler' needs compile=True"),
-    ("step", "single", True, {"use_svd": True},
-     r"cuda_graphs='step' cannot capture this run: use_svd=True recomputes its SVD basis outside graphs"),
+    ("step", "single", True, WIDE_SVD,
+     r"cuda_graphs='step' cannot capture this run: svd_rank=57 needs a randomized-SVD sketch of 65 columns"),
     ("step", "fp16", True, MODEL_ARGS, r"cannot capture this run: float16 training reads its GradScaler"),
     ("True", "single", True, MODEL_ARGS, r"cuda_graphs must be one of 'step', 'compiler', 'off' or None; got 'True'"),
 ], ids=["step-ddp", "compiler-eager", "step-svd", "step-fp16", "bool-word"])

@@ -9,14 +9,20 @@ import torch
 import torch.distributed as dist
 
 from mla_gpt.cli.configurator import ConfigError
+from mla_gpt.model.config import GPTConfig
+from mla_gpt.model.svd_values import svd_capture_blocker
 
 CUDA_GRAPH_MODES = ("step", "compiler", "off")
 
 
 def step_capture_blocker(model_args, rt):
     """Why the whole step cannot be captured as one CUDA graph with these settings, or None."""
-    if model_args["use_svd"]:
-        return "use_svd=True recomputes its SVD basis outside graphs"
+    config = GPTConfig(**model_args)
+    if config.use_svd and config.attn_backend in ("sdpa", "reference"):
+        return (f"use_svd=True with attn_backend={config.attn_backend!r} computes its SVD in plain PyTorch "
+                "(torch.linalg), which waits on the host")
+    if blocker := svd_capture_blocker(config):
+        return blocker
     if rt.ptdtype == torch.float16:
         return "float16 training reads its GradScaler's inf check on the host every step"
     return None
@@ -101,6 +107,8 @@ class TrainStep:
     def __call__(self):
         if self.cuda_graphs == "step":
             return self._graphed_step()
+        if self.cuda_graphs == "compiler":
+            self._gradients_outside_graphs()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro_step in range(self.grad_accum):
             x, y = self.batches.next()
@@ -123,9 +131,23 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.cuda_graphs != "compiler")
         self.batches.prefetch()
         return loss_sum
+
+    def _gradients_outside_graphs(self):
+        """cuda_graphs='compiler': give every parameter a zero gradient of its own, once.
+
+        The compiled backward's outputs live in the CUDA graphs' memory pool, and each micro-step
+        starts a new replay (cudagraph_mark_step_begin) that writes over the last one's. Autograd
+        takes a backward output as the gradient itself when the gradient is None, so under
+        gradient accumulation the next micro-step overwrote the gradients it was about to add
+        to. A gradient that already exists is added to in place instead, so the graphs' outputs
+        are only read within their own replay; the step zeroes them in place (set_to_none=False).
+        """
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
 
     def _graphed_step(self):
         for micro_step in range(self.grad_accum):  # the batches in the order the uncaptured step draws them

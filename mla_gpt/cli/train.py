@@ -151,6 +151,9 @@ def _train(cfg, rt):
         capturable_optimizer(optimizer, rt.device)
         log(f"cuda_graphs='step': after this run's first {TrainStep.CAPTURE_AFTER_ITERS} iterations, each "
             "replays as one CUDA graph")
+    else:
+        log(f"cuda_graphs={cuda_graphs!r}" + {"compiler": ": torch.compile replays its forward and backward graphs",
+                                              "off": ": no CUDA graphs"}[cuda_graphs])
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     raw_model = model.module if rt.ddp else model
