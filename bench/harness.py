@@ -115,6 +115,23 @@ def environment(dtype=None):
     return env
 
 
+def commit():
+    """The commit a result was measured at: $MLA_COMMIT where set (a copy of the tree without its git
+    folder, as on a lent GPU machine), else `git rev-parse --short HEAD`, '+dirty' with local changes."""
+    import os
+
+    if os.environ.get("MLA_COMMIT"):
+        return os.environ["MLA_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def add_out_argument(parser, script):
     """The --out option every script takes, with the rule of where results go by default."""
     default = DEFAULT_DIR / f"{script}_<device>.json"

@@ -98,6 +98,16 @@ for section in "$@"; do
             for log in "$out"/pytest_gpu_configs_*.log "$out"/pytest_gpu_kernels.log "$out"/pytest_gpu_model.log; do
                 [ -f "$log" ] && { echo "########## $(basename "$log")"; cat "$log"; rm "$log"; }
             done >> "$out/pytest_gpu.log" ;;
+        shipped)  # tests/gpu/test_train_configs.py: every config as shipped, every step mode, 4 processes
+            python -c "from mla_gpt.data.prepare import ensure_prepared; ensure_prepared('shakespeare_char')"
+            sed 's/^/# /' "$out/env.txt" > "$out/pytest_gpu_configs.log"
+            run 420 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -n 4 \
+                --durations=30 ;;
+        configs-bench)  # bench/configs.py: each config as shipped, default and 'off' step modes
+            run 400 configs.log python bench/configs.py --out "$out/configs_h200.json" ;;
+        configs-first-step)  # the default mode's first step with the attention ops opaque to Inductor
+            run 300 configs.log env MLA_KERNELS_OP=custom_op python bench/configs.py --modes default \
+                --out "$out/configs_custom_op_h200.json" ;;
         char) train_rows 330 --shapes char ;;
         gpt2s-1k) train_rows 300 --shapes gpt2s --T 1024 --modes compile compiler_graphs step_graph ;;
         gpt2s-4k) train_rows 300 --shapes gpt2s --T 4096 --modes compile compiler_graphs step_graph ;;

@@ -26,7 +26,9 @@ both entry points fall back to `mla_kernels.reference`, which autograd different
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -520,17 +522,33 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
 # ----------------------------------------------------------------------------- custom ops
 
 
+# How the attention ops are registered on GPUs: 'triton_op' (Inductor traces into the launchers
+# and launches the kernels itself) or 'custom_op' (opaque to Inductor, which calls the op). Under a
+# CUDA graph both launch the same kernels; they differ in compile time (docs/decisions.md).
+OP_KIND = os.environ.get("MLA_KERNELS_OP", "triton_op")
+if OP_KIND not in ("triton_op", "custom_op"):
+    raise ValueError(f"MLA_KERNELS_OP must be 'triton_op' or 'custom_op', got {OP_KIND!r}")
+
+
 def _op(name, fake):
     """Register a launcher as the op `mla_kernels::<name>`.
 
-    On GPUs a `triton_op`: Inductor traces into it and launches the kernels itself (its fake
-    implementation is the launcher run on fake tensors). The interpreter's kernels cannot run
-    on fake tensors, so under TRITON_INTERPRET=1 it is an opaque `custom_op` with `fake`.
+    On GPUs with OP_KIND 'triton_op': Inductor traces into it and launches the kernels itself (its
+    fake implementation is the launcher run on fake tensors), analysing every kernel at every call
+    site while it compiles. Otherwise an opaque `custom_op` with `fake`, whose body launches the
+    kernels directly: the interpreter's kernels cannot run on fake tensors, so under
+    TRITON_INTERPRET=1 it is always this.
     """
     def register(fn):
-        if not interpreting():
+        if OP_KIND == "triton_op" and not interpreting():
             return triton_op(f"mla_kernels::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"mla_kernels::{name}", fn, mutates_args=())
+
+        @functools.wraps(fn)
+        def launch(*args):
+            with set_wrap_triton_enabled(False):  # real tensors here: no tracing wrapper around launches
+                return fn(*args)
+
+        op = torch.library.custom_op(f"mla_kernels::{name}", launch, mutates_args=())
         op.register_fake(fake)
         return op
     return register
