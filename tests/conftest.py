@@ -1,7 +1,26 @@
-"""Kernels run through the Triton interpreter on machines without a GPU."""
+"""Settings and fixtures of the whole suite.
+
+Kernels run through the Triton interpreter on machines without a GPU: TRITON_INTERPRET=1 is set
+here, before any test module imports the kernels (Triton reads it when a kernel is defined), so no
+test file sets it itself. Where a GPU is visible it is left alone: tests/gpu needs the compiled
+kernels, and the ops on CPU tensors then run their references (mla_kernels.reference) instead
+of the kernels, as the report header says; `TRITON_INTERPRET=1 python -m pytest tests -m "not cuda"`
+runs the CPU kernel tests through the interpreter there.
+
+This folder is on sys.path for every test, tests/gpu included (pytest's default `prepend` import
+mode puts it there when it loads this file), so test files share code with `from helpers import ...`.
+"""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ("TRITON_INTERPRET is not 1: kernels on CPU tensors run their references, so the CPU kernel "
+                "tests check the fallback, not the kernels")
+    return None
+

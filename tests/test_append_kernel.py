@@ -1,10 +1,7 @@
 """Fused latent projection + cache append (mla_kernels.append) in the Triton CPU interpreter vs float64."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import pytest
 import torch
+from helpers import assert_close, dtype_name
 
 from mla_kernels.append import fp8_append_supported, project_append
 from mla_kernels.cache import LatentKVCache
@@ -34,14 +31,13 @@ def _inputs(B, T, C, qd, g, r, rv, bias, dtype):
     x = torch.randn(B, T, C, dtype=dtype)  # (B, T, C)
     weight = (torch.randn(n_out, C) / C ** 0.5).to(dtype)  # (N, C)
     b = torch.randn(n_out, dtype=dtype) if bias else None
-    # poisoned, and group-major in memory as LatentKVCache stores them: (max_batch, max_seq, g, dim) views
-    k_cache = torch.full((MAX_BATCH, g, MAX_SEQ, r), float("nan"), dtype=dtype).transpose(1, 2)
-    v_cache = torch.full((MAX_BATCH, g, MAX_SEQ, rv), float("nan"), dtype=dtype).transpose(1, 2)
-    return x, weight, b, k_cache, v_cache
+    return x, weight, b, _nan_cache(g, r, dtype=dtype), _nan_cache(g, rv, dtype=dtype)
 
 
-def _assert_close(out, ref, atol, rtol, what):
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+def _nan_cache(g, *dim, dtype=torch.float32):
+    """A cache buffer (MAX_BATCH, MAX_SEQ, g, *dim) all NaN, group-major in memory as LatentKVCache
+    stores it; without dim, the per-(position, group) scales of an fp8 cache."""
+    return torch.full((MAX_BATCH, g, MAX_SEQ, *dim), float("nan"), dtype=dtype).transpose(1, 2)
 
 
 def _positions(kind, B, T, pos):
@@ -53,7 +49,7 @@ def _positions(kind, B, T, pos):
     return torch.tensor([(pos + 5 * b) % (MAX_SEQ - T + 1) for b in range(B)])  # rows at different positions
 
 
-@pytest.mark.parametrize("dtype", list(TOLS), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", list(TOLS), ids=dtype_name)
 @pytest.mark.parametrize("positions", ["int", "tensor", "per-row"], ids=lambda k: f"{k}-pos")
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference_and_writes_only_new_slots(case, positions, dtype):
@@ -67,9 +63,9 @@ def test_matches_reference_and_writes_only_new_slots(case, positions, dtype):
     q = project_append(x, weight, b, qd, k_cache, v_cache, cache_seqlens)
     atol, rtol = TOLS[dtype]
     assert q.shape == (B, T, qd) and q.dtype == dtype
-    _assert_close(q, q_ref, atol, rtol, "query columns")
-    _assert_close(k_cache, k_ref, atol, rtol, "key latent cache")  # NaN everywhere it was not written
-    _assert_close(v_cache, v_ref, atol, rtol, "value latent cache")
+    assert_close("query columns", q, q_ref, atol, rtol)
+    assert_close("key latent cache", k_cache, k_ref, atol, rtol, equal_nan=True)  # NaN where not written
+    assert_close("value latent cache", v_cache, v_ref, atol, rtol, equal_nan=True)
     starts = torch.as_tensor(cache_seqlens).expand(B).tolist()
     for row, start in enumerate(starts):
         assert not k_cache[row, start : start + T].isnan().any(), f"a new slot of row {row} was not written"
@@ -87,17 +83,15 @@ def test_fp8_cache_is_quantized_in_the_kernel(case, positions):
     within one fp8 step; nothing else written."""
     B, T, C, qd, g, r, rv, bias, pos = case
     x, weight, b, _, _ = _inputs(B, T, C, qd, g, r, rv, bias, torch.float32)
-    caches = {dtype: [torch.full((MAX_BATCH, g, MAX_SEQ, d), float("nan"), dtype=dtype).transpose(1, 2)
-                      for d in (r, rv)] for dtype in (FP8_DTYPE, torch.float64)}
-    scales = {dtype: [torch.full((MAX_BATCH, g, MAX_SEQ), float("nan")).transpose(1, 2) for _ in range(2)]
-              for dtype in (FP8_DTYPE, torch.float64)}
+    caches = {dtype: [_nan_cache(g, d, dtype=dtype) for d in (r, rv)] for dtype in (FP8_DTYPE, torch.float64)}
+    scales = {dtype: [_nan_cache(g) for _ in range(2)] for dtype in (FP8_DTYPE, torch.float64)}
     cache_seqlens = _positions(positions, B, T, pos)
     (k8, v8), (ks, vs) = caches[FP8_DTYPE], scales[FP8_DTYPE]
     q = project_append(x, weight, b, qd, k8, v8, cache_seqlens, ks, vs if rv else None)
     (k_ref, v_ref), (ks_ref, vs_ref) = [t.to(FP8_DTYPE) for t in caches[torch.float64]], scales[torch.float64]
     q_ref = project_append_ref(x.double(), weight.double(), None if b is None else b.double(), qd, k_ref, v_ref,
                                cache_seqlens, ks_ref, vs_ref if rv else None)
-    _assert_close(q, q_ref, 1e-5, 1e-5, "query columns")
+    assert_close("query columns", q, q_ref, 1e-5, 1e-5)
     for name, got, want, got_scale, want_scale in (("keys", k8, k_ref, ks, ks_ref), ("values", v8, v_ref, vs, vs_ref)):
         if not got.shape[-1]:
             continue
@@ -131,8 +125,8 @@ def test_follows_autocast_like_f_linear():
     k_ref, v_ref = k16.double(), v16.double()
     q_ref = project_append_ref(x.half().double(), weight.half().double(), b.half().double(), qd, k_ref, v_ref, pos)
     assert q.dtype == torch.float16
-    _assert_close(q, q_ref, *TOLS[torch.float16], "query columns")
-    _assert_close(k16, k_ref, *TOLS[torch.float16], "key latent cache")
+    assert_close("query columns", q, q_ref, *TOLS[torch.float16])
+    assert_close("key latent cache", k16, k_ref, *TOLS[torch.float16], equal_nan=True)
 
 
 def test_cache_method_returns_prefix_views_like_update():

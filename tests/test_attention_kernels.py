@@ -6,21 +6,15 @@ pairwise cover of B {1, 2} x T {1, 17, 64, 77, 130} x (nh, g) {(4, 4), (6, 2), (
 head dims {16, 24, 32, 48, 64} x cached keys before the queries {0, > 0} x dtype, not the
 full product, so the file stays within a few minutes on 2 cores.
 """
-import os
+import pytest
+import torch
+from helpers import assert_close, dtype_name
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mla_kernels import attention, reference  # noqa: E402
-from mla_kernels.attention import flash_attention, mla_attention_expanded  # noqa: E402
+from mla_kernels import attention, reference
+from mla_kernels.attention import flash_attention, mla_attention_expanded
 
 # (dtype, atol, rtol): float32 runs exact products in the interpreter; float16 rounds the
 # inputs, the probabilities and (fused path) the expanded K / V tiles to 11 bits.
-# numpy inside the interpreter warns on Triton's scalar conversions; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-
 F32 = (torch.float32, 2e-4, 2e-4)
 F16 = (torch.float16, 1.5e-2, 1.5e-2)
 
@@ -47,7 +41,7 @@ def _case_id(case):
     B, T, nh, g, dqk, dv, extra, off, (dtype, _, _) = case
     dims = f"D{dqk}" if dqk == dv else f"D{dqk}-Dv{dv}"
     offset = "" if off is None else f"-off{off}"
-    return f"B{B}-T{T}-H{nh}-G{g}-{dims}-kv{T + extra}{offset}-{str(dtype)[6:]}"
+    return f"B{B}-T{T}-H{nh}-G{g}-{dims}-kv{T + extra}{offset}-{dtype_name(dtype)}"
 
 
 @pytest.fixture
@@ -56,16 +50,6 @@ def poison(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(attention.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     monkeypatch.setattr(attention.torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
-
-
-def assert_close(name, got, ref, atol, rtol):
-    got = got.double()
-    bad = ~((got - ref).abs() <= atol + rtol * ref.abs())
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        worst = (got - ref).abs().nan_to_num(float("inf")).max().item()
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (max abs "
-                             f"{worst:.3g}, atol {atol}, rtol {rtol}); first at {idx}")
 
 
 def _leaf(shape, dtype, scale=1.0):
@@ -178,7 +162,7 @@ EXPANDED_CASES = [
 def _expanded_id(case):
     B, T, nh, g, hs, r, rv, (dtype, _, _) = case
     latent = f"r{r}-joint" if rv is None else f"r{r}-rv{rv}"
-    return f"B{B}-T{T}-H{nh}-G{g}-D{hs}-{latent}-{str(dtype)[6:]}"
+    return f"B{B}-T{T}-H{nh}-G{g}-D{hs}-{latent}-{dtype_name(dtype)}"
 
 
 @pytest.mark.parametrize("case", EXPANDED_CASES, ids=_expanded_id)

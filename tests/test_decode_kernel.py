@@ -1,10 +1,7 @@
 """Latent decode kernel (mla_kernels.decode) in the Triton CPU interpreter vs the float64 reference."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import pytest
 import torch
+from helpers import assert_close, poison_past_lengths, rel_err
 
 from mla_kernels.decode import MAX_ACC_REGS, MAX_WARPS, latent_decode, num_splits_heuristic, packed_block_m
 from mla_kernels.reference import FP8_DTYPE, dequantize_fp8, latent_decode_ref, quantize_fp8
@@ -37,20 +34,8 @@ def _make_inputs(B, Tq, nh, g, r, rv, joint, dtype, seqlens, L=L_CACHE):
     ck = torch.randn(B, L, g, r, dtype=dtype)  # (B, L, g, r)
     cv = None if joint else torch.randn(B, L, g, rv, dtype=dtype)  # (B, L, g, rv)
     lens = torch.tensor(seqlens, dtype=torch.int32)  # (B,)
-    for b, n in enumerate(seqlens):
-        ck[b, n:] = float("nan")
-        if cv is not None:
-            cv[b, n:] = float("nan")
+    poison_past_lengths(seqlens, ck, cv)
     return q, ck, cv, lens
-
-
-def _assert_close(out, ref, atol, rtol, what):
-    err = (out.double() - ref.double()).abs()
-    bad = ~(err <= atol + rtol * ref.double().abs())
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off, max err "
-                             f"{err.nan_to_num(float('inf')).max().item():.3e}, first at {idx}")
 
 
 def _check(q, ck, cv, lens, num_splits, atol, rtol):
@@ -58,8 +43,8 @@ def _check(q, ck, cv, lens, num_splits, atol, rtol):
     ref_out, ref_lse = latent_decode_ref(q.double(), ck.double(), None if cv is None else cv.double(), lens, SCALE)
     assert out.dtype == q.dtype and out.shape == ref_out.shape
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
-    _assert_close(out, ref_out, atol, rtol, "o_lat")
-    _assert_close(lse, ref_lse, 1e-4, 1e-5, "lse")
+    assert_close("o_lat", out, ref_out, atol, rtol)
+    assert_close("lse", lse, ref_lse, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLS, ids=["fp32", "fp16"])
@@ -81,12 +66,7 @@ def _fp8_inputs(case, dtype):
     q, ck, cv, lens = _make_inputs(B, Tq, nh, g, r, rv, joint, torch.float32, [max(Tq, 1), 17, 300])
     ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))  # (B, L, g, r), (B, L, g)
     cv8, v_scale = (None, None) if cv is None else quantize_fp8(cv.nan_to_num(0.0))
-    for b, n in enumerate(lens.tolist()):  # poison what no row may read: values and scales
-        ck8[b, n:] = float("nan")
-        k_scale[b, n:] = float("nan")
-        if cv8 is not None:
-            cv8[b, n:] = float("nan")
-            v_scale[b, n:] = float("nan")
+    poison_past_lengths(lens.tolist(), ck8, k_scale, cv8, v_scale)  # what no row may read: values and scales
     return q.to(dtype), (ck, ck8, k_scale), (cv, cv8, v_scale), lens
 
 
@@ -101,8 +81,8 @@ def test_fp8_cache_matches_reference_on_the_dequantized_values(case, dtype, atol
     ck64 = dequantize_fp8(ck8, k_scale, torch.float64)
     cv64 = None if cv8 is None else dequantize_fp8(cv8, v_scale, torch.float64)
     ref_out, ref_lse = latent_decode_ref(q.double(), ck64, cv64, lens, SCALE)
-    _assert_close(out, ref_out, atol, rtol, "o_lat")
-    _assert_close(lse, ref_lse, 1e-4, 1e-5, "lse")
+    assert_close("o_lat", out, ref_out, atol, rtol)
+    assert_close("lse", lse, ref_lse, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
@@ -113,7 +93,7 @@ def test_fp8_cache_error_is_bounded_by_fp8_precision(case):
     q, (ck, ck8, k_scale), (cv, cv8, v_scale), lens = _fp8_inputs(case, torch.float32)
     out, _ = latent_decode(q, ck8, cv8, lens, SCALE, num_splits=case[-1], k_scale=k_scale, v_scale=v_scale)
     exact, _ = latent_decode_ref(q.double(), ck.double(), None if cv is None else cv.double(), lens, SCALE)
-    rel = (out.double() - exact).norm() / exact.norm()
+    rel = rel_err(out, exact)
     assert rel <= 4 * FP8_VALUE_ERROR, f"relative error {rel:.3g} against the unquantized cache"
     assert rel > 0, "the fp8 path read the unquantized values"
 
@@ -153,8 +133,7 @@ def test_strided_views_of_one_buffer(num_splits):
     B, Tq, nh, g, r, rv = 2, 2, 4, 2, 24, 40
     buf = torch.randn(2 * B, L_CACHE, g, r + rv)[::2]  # (B, L, g, r + rv), batch stride doubled
     lens = torch.tensor([5, 260], dtype=torch.int32)
-    for b, n in enumerate(lens.tolist()):
-        buf[b, n:] = float("nan")
+    poison_past_lengths(lens.tolist(), buf)
     q = torch.randn(B, Tq, nh, r)
     _check(q, buf[..., :r], buf[..., r:], lens, num_splits, 2e-5, 2e-5)
 

@@ -1,6 +1,7 @@
 """The GPT on the Triton kernels (interpreter on CPU) against the same GPT on the reference path."""
 import pytest
 import torch
+from helpers import grads_by_name, rel_err
 
 from mla_gpt.model import GPT, GPTConfig
 
@@ -34,7 +35,7 @@ def test_loss_and_gradients_match_reference(kwargs, backend):
     for model in (kernels, reference):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        grads.append(grads_by_name(model))
     assert grads[0].keys() == grads[1].keys()
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-5, rtol=2e-3, msg=name)
@@ -92,10 +93,6 @@ AUTOCAST_CONFIGS = {
 }
 
 
-def _relative_error(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 @pytest.mark.parametrize("kwargs", AUTOCAST_CONFIGS.values(), ids=list(AUTOCAST_CONFIGS))
 def test_training_step_under_autocast_matches_reference(kwargs):
     """Float32 parameters, float16 autocast (how `train` runs on a GPU, there in bfloat16): the
@@ -109,13 +106,13 @@ def test_training_step_under_autocast_matches_reference(kwargs):
             _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         losses.append(loss.item())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        grads.append(grads_by_name(model))
     assert losses[0] == pytest.approx(losses[1], rel=2e-3)
     assert grads[0].keys() == grads[1].keys()
     for name, want in grads[1].items():
         got = grads[0][name]
         assert got.dtype == torch.float32, name
-        assert _relative_error(got, want) < 2e-2, name
+        assert rel_err(got, want) < 2e-2, name
 
 
 @pytest.mark.parametrize("d_qk, d_v", [(32, 16), (16, 24), (20, 20)], ids=["Dv<Dqk", "Dv>Dqk", "equal"])

@@ -1,0 +1,53 @@
+"""What several test files share: closeness checks and NaN poisoning.
+
+`from helpers import ...` works in tests/ and tests/gpu alike: pytest puts this folder on sys.path
+when it loads tests/conftest.py (its default `prepend` import mode), and `python test_x.py` from
+tests/ has it there already.
+"""
+
+
+def dtype_name(dtype):
+    """'float16' for torch.float16: the dtype part of a test id."""
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- comparing with a reference ------------------------------------------------------------------
+
+def assert_close(what, got, ref, atol, rtol, equal_nan=False):
+    """Elementwise |got - ref| <= atol + rtol |ref|, compared in float64, shapes equal.
+
+    A NaN fails, unless equal_nan and the reference holds a NaN there too (a poisoned slot that
+    must stay unwritten). The message counts the elements off and names the first few."""
+    got, ref = got.double(), ref.double()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)}, reference {tuple(ref.shape)}"
+    err = (got - ref).abs()
+    bad = ~(err <= atol + rtol * ref.abs())
+    if equal_nan:
+        bad &= ~(got.isnan() & ref.isnan())
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = err[bad].nan_to_num(float("inf")).max().item()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off (the worst by {worst:.3e}; "
+                             f"atol {atol}, rtol {rtol}); first at {idx}")
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref|| over the whole tensor, in float64."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def grads_by_name(model):
+    """{parameter name: gradient} of the parameters that got one."""
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- poisoned inputs -----------------------------------------------------------------------------
+
+def poison_past_lengths(lengths, *tensors):
+    """NaN in every slot a kernel must not read: positions lengths[b]: of row b of each tensor
+    (B, L, ...), in place; None entries (a joint latent's missing values) are skipped."""
+    for b, n in enumerate(lengths):
+        for t in tensors:
+            if t is not None:
+                t[b, n:] = float("nan")
