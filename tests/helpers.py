@@ -1,9 +1,11 @@
-"""What several test files share: closeness checks and NaN poisoning.
+"""What several test files share: closeness checks, the low-precision error rule of
+the GPU tests and NaN poisoning.
 
 `from helpers import ...` works in tests/ and tests/gpu alike: pytest puts this folder on sys.path
 when it loads tests/conftest.py (its default `prepend` import mode), and `python test_x.py` from
 tests/ has it there already.
 """
+import torch
 
 
 def dtype_name(dtype):
@@ -40,6 +42,28 @@ def rel_err(x, ref):
 def grads_by_name(model):
     """{parameter name: gradient} of the parameters that got one."""
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- the GPU tests' rule for low precision (flash-attention's criterion) -------------------------
+
+ERR_FACTOR = 2.0  # ours may be off float64 by up to twice PyTorch's own low-precision result
+ERR_FLOOR = {torch.bfloat16: 1e-4, torch.float16: 1e-5, torch.float32: 1e-6}  # relative: for tensors
+# PyTorch happens to compute almost exactly
+
+
+def assert_within_torch_error(checks):
+    """checks: {name: (got, want64, torch_low, floor)}. Each got is finite and
+    rel_err(got, want64) <= ERR_FACTOR x rel_err(torch_low, want64) + floor; on failure the
+    message lists every check, the failing ones marked."""
+    width = max(map(len, checks))
+    rows, passed = [], True
+    for name, (got, want64, torch_low, floor) in checks.items():
+        e_got, e_torch = rel_err(got, want64), rel_err(torch_low, want64)
+        ok = bool(torch.isfinite(got).all()) and e_got <= ERR_FACTOR * e_torch + floor
+        passed &= ok
+        rows.append(f"{name:>{width}}: ours {e_got:.3e}, torch {e_torch:.3e}, floor {floor:.0e}"
+                    + ("" if ok else "  FAIL"))
+    assert passed, f"relative error vs float64 (need ours <= {ERR_FACTOR} x torch + floor):\n" + "\n".join(rows)
 
 
 # ---- poisoned inputs -----------------------------------------------------------------------------

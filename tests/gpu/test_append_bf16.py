@@ -9,8 +9,8 @@ pos = cache_seqlens, the tokens already cached. It is compared with the float64 
 `mla_kernels.reference.project_append_ref` on the same bf16 inputs; PyTorch's own bf16 result of
 the same computation is `F.linear` in bf16 (cuBLAS), the unfused path the model would otherwise run.
 
-Tolerance rule (flash-attention's criterion), per output (q', the written key slots, the written
-value slots), error = ||x - ref64|| / ||ref64||:
+Tolerance rule (flash-attention's criterion, tests/helpers.py), per output (q', the written key
+slots, the written value slots), error = ||x - ref64|| / ||ref64||:
     error(kernel) <= ERR_FACTOR x error(F.linear in bf16) + ERR_FLOOR[dtype].
 Before the call every cache slot is NaN; afterwards the written slots hold no NaN and every other
 slot (other positions, rows >= B of a larger cache) is still NaN, bit for bit untouched.
@@ -25,6 +25,7 @@ float16 with TRITON_INTERPRET=1 (the interpreter's dot is wrong for bfloat16).
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ERR_FLOOR, assert_within_torch_error
 
 from mla_kernels.append import project_append
 from mla_kernels.cache import LatentKVCache
@@ -32,8 +33,6 @@ from mla_kernels.reference import project_append_ref
 
 DEVICE = "cuda"
 LOW = torch.bfloat16
-ERR_FACTOR = 2.0
-ERR_FLOOR = {torch.bfloat16: 1e-4, torch.float16: 1e-5, torch.float32: 1e-6}  # relative
 
 # (B, T, C, nh, g, r, rv, bias, pos, max_batch, max_seq): query_dim = nh r; rv 0 is a joint latent;
 # the new tokens go to positions pos .. pos + T - 1
@@ -55,22 +54,9 @@ def case_id(case):
             + ("-bias" if bias else "") + f"-P{pos}-of{max_seq}")
 
 
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
 def assert_within_bf16_error(checks):
-    """checks: {name: (got, want64, torch_low)}. Each got is finite and
-    rel_err(got, want64) <= ERR_FACTOR x rel_err(torch_low, want64) + ERR_FLOOR[LOW]."""
-    rows, passed = [], True
-    for name, (got, want64, torch_low) in checks.items():
-        e_got, e_torch = rel_err(got, want64), rel_err(torch_low, want64)
-        ok = bool(torch.isfinite(got).all()) and e_got <= ERR_FACTOR * e_torch + ERR_FLOOR[LOW]
-        passed &= ok
-        rows.append(f"{name:>7}: kernel {e_got:.3e}, torch {e_torch:.3e}{'' if ok else '  FAIL'}")
-    assert passed, (f"relative error vs float64 (need kernel <= {ERR_FACTOR} x torch + {ERR_FLOOR[LOW]}):\n"
-                    + "\n".join(rows))
+    """checks: {name: (got, want64, torch_low)}, each held to the rule with the floor ERR_FLOOR[LOW]."""
+    assert_within_torch_error({name: (*triple, ERR_FLOOR[LOW]) for name, triple in checks.items()})
 
 
 def make_inputs(B, T, C, nh, g, r, rv, bias):

@@ -6,7 +6,8 @@ For each case, `flash_attention` and `mla_attention_expanded` run on random bf16
 and backward. Their output and every gradient are compared with the float64 reference on the same
 inputs, and so is PyTorch's own bf16 path (SDPA; for the expanded form, `reference.expand_latent`
 then SDPA). Error = ||x - ref|| / ||ref||. A tensor passes when ours <= 2 x torch's + 1e-4
-(flash-attention's criterion; the additive term covers tensors where torch's error is near zero).
+(flash-attention's criterion, tests/helpers.py; the additive term covers tensors where torch's
+error is near zero).
 
 The kernels run without autotuning (the first fitting tile of each kernel, tests/gpu/conftest.py),
 so that each shape compiles once; set MLA_KERNELS_AUTOTUNE=1 to check the autotuned tiles instead.
@@ -16,11 +17,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ERR_FLOOR, assert_within_torch_error
 
 from mla_kernels import reference
 from mla_kernels.attention import flash_attention, mla_attention_expanded
 
-ERR_FACTOR, ERR_FLOOR = 2.0, 1e-4
 BF16 = torch.bfloat16
 DEVICE = "cuda"
 
@@ -52,10 +53,6 @@ def expanded_id(shape):
     return f"B{B}-T{T}-H{nh}-G{g}-hs{hs}-r{r}"
 
 
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
 def out_and_grads(fn, inputs, dout):
     """[out, grad of each input] of fn on fresh leaf copies of inputs."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -72,17 +69,11 @@ def sdpa(q, k, v, scale):
 
 
 def assert_close_to_torch(ours, torch_bf16, ref64, inputs, names, out_shape):
-    """Ours vs the float64 reference is within ERR_FACTOR x torch's bf16 error + ERR_FLOOR, per tensor."""
+    """Ours vs the float64 reference is within ERR_FACTOR x torch's bf16 error + ERR_FLOOR[bf16], per tensor."""
     dout = torch.randn(out_shape, device=DEVICE, dtype=BF16)
     results = zip(("out",) + names, out_and_grads(ours, inputs, dout), out_and_grads(torch_bf16, inputs, dout),
                   out_and_grads(ref64, [x.double() for x in inputs], dout.double()))
-    rows, passed = [], True
-    for name, a, b, ref in results:
-        e_ours, e_torch = rel_err(a, ref), rel_err(b, ref)
-        ok = math.isfinite(e_ours) and e_ours <= ERR_FACTOR * e_torch + ERR_FLOOR
-        passed &= ok
-        rows.append(f"{name:>6}: ours {e_ours:.3e}, torch {e_torch:.3e}{'' if ok else '  FAIL'}")
-    assert passed, f"relative error vs float64 (need ours <= {ERR_FACTOR} x torch + {ERR_FLOOR}):\n" + "\n".join(rows)
+    assert_within_torch_error({name: (got, ref, torch_got, ERR_FLOOR[BF16]) for name, got, torch_got, ref in results})
 
 
 def check_core(shape, softmax_scale=None):

@@ -7,7 +7,8 @@ the float64 reference `mla_kernels.reference.latent_decode_ref` on the same inpu
 bf16 result of the same computation is the reference run on the bf16 inputs (float32 math inside,
 as PyTorch's bf16 attention accumulates, output rounded to bf16).
 
-Tolerance rule (flash-attention's criterion), per output tensor, error = ||x - ref64|| / ||ref64||:
+Tolerance rule (flash-attention's criterion, tests/helpers.py), per output tensor,
+error = ||x - ref64|| / ||ref64||:
     error(kernel) <= ERR_FACTOR x error(PyTorch bf16) + floor,
 with the floor ERR_FLOOR[dtype] for the output and LSE_FLOOR for the float32 logsumexp (float32
 rounding of a long sum, which PyTorch's float32 logsumexp does not show). Both must also be finite.
@@ -25,14 +26,13 @@ import math
 
 import pytest
 import torch
+from helpers import ERR_FLOOR, assert_within_torch_error, poison_past_lengths
 
 from mla_kernels.decode import latent_decode
 from mla_kernels.reference import latent_decode_ref
 
 DEVICE = "cuda"
 LOW = torch.bfloat16
-ERR_FACTOR = 2.0
-ERR_FLOOR = {torch.bfloat16: 1e-4, torch.float16: 1e-5, torch.float32: 1e-6}  # relative, for o_lat
 LSE_FLOOR = 2e-5  # relative, for the float32 logsumexp: about eps32 x (KV tiles a program sums)
 SCALE = 1.0 / math.sqrt(64)  # MLA keeps the head size's scale (hs 64) in the absorbed form
 
@@ -68,23 +68,6 @@ def splits_id(num_splits):
     return "Sauto" if num_splits is None else f"S{num_splits}"
 
 
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
-def assert_within_bf16_error(checks):
-    """checks: {name: (got, want64, torch_low, floor)}. Each got is finite and
-    rel_err(got, want64) <= ERR_FACTOR x rel_err(torch_low, want64) + floor."""
-    rows, passed = [], True
-    for name, (got, want64, torch_low, floor) in checks.items():
-        e_got, e_torch = rel_err(got, want64), rel_err(torch_low, want64)
-        ok = bool(torch.isfinite(got).all()) and e_got <= ERR_FACTOR * e_torch + floor
-        passed &= ok
-        rows.append(f"{name:>6}: kernel {e_got:.3e}, torch {e_torch:.3e}, floor {floor:.0e}{'' if ok else '  FAIL'}")
-    assert passed, f"relative error vs float64 (need kernel <= {ERR_FACTOR} x torch + floor):\n" + "\n".join(rows)
-
-
 def row_lengths(B, L, Tq):
     """Per-row cached lengths (new tokens included): the shortest allowed (Tq), random ones, the full L."""
     middle = torch.randint(Tq, L + 1, (max(B - 2, 0),)).tolist()
@@ -102,10 +85,7 @@ def make_inputs(B, L, Tq, nh, g, r, rv, layout):
         cv = ck[..., :rv]  # (B, L, g, rv), a view of the K latent
     else:
         cv = torch.randn(B, g, L, rv, device=DEVICE, dtype=LOW).transpose(1, 2)  # (B, L, g, rv)
-    for b, n in enumerate(lens):
-        ck[b, n:] = float("nan")
-        if cv is not None:
-            cv[b, n:] = float("nan")
+    poison_past_lengths(lens, ck, cv)
     return q, ck, cv, torch.tensor(lens, device=DEVICE, dtype=torch.int32)
 
 
@@ -117,7 +97,7 @@ def check_decode(case, num_splits):
     out_torch, lse_torch = latent_decode_ref(q, ck, cv, lens, SCALE)
     assert out.shape == out64.shape and out.dtype == LOW
     assert lse.shape == lse64.shape and lse.dtype == torch.float32
-    assert_within_bf16_error({"o_lat": (out, out64, out_torch, ERR_FLOOR[LOW]),
+    assert_within_torch_error({"o_lat": (out, out64, out_torch, ERR_FLOOR[LOW]),
                               "lse": (lse, lse64, lse_torch, LSE_FLOOR)})
 
 

@@ -9,7 +9,8 @@ result; and a float64 copy of the bf16 weights on the reference path, the exact 
 model under test. Eval mode (the models have no dropout) freezes the svd 'weight' basis, so all
 three share the one basis the reference computed.
 
-Tolerance rule (flash-attention's criterion), per tensor, error = ||x - ref64|| / ||ref64||:
+Tolerance rule (flash-attention's criterion, tests/helpers.py), per tensor,
+error = ||x - ref64|| / ||ref64||:
     error(kernels) <= ERR_FACTOR x error(PyTorch bf16) + floor,
 floor = ERR_FLOOR[dtype] for tensors; for the scalar loss, which is a single rounding to bf16,
 floor = finfo(dtype).eps (one unit in the last place, relative). Checked for the loss and the
@@ -31,13 +32,12 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from helpers import ERR_FLOOR, assert_within_torch_error, grads_by_name
 
 from mla_gpt.model import GPT, GPTConfig
 
 DEVICE = "cuda"
 LOW = torch.bfloat16
-ERR_FACTOR = 2.0
-ERR_FLOOR = {torch.bfloat16: 1e-4, torch.float16: 1e-5, torch.float32: 1e-6}  # relative, per tensor
 GPT2ISH = dict(n_layer=2, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=False, use_mla=True)
 BATCH, SEQ = 2, 512  # training: BATCH sequences of SEQ tokens
 PROMPT, STEPS = 200, (1, 3)  # generation: a prompt of PROMPT tokens, then steps of 1 and 3 new tokens
@@ -49,23 +49,12 @@ CONFIGS = {
 }
 
 
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
 def assert_within_bf16_error(checks, dtype):
-    """checks: {name: (got, want64, torch_low)}. Each got is finite and rel_err(got, want64) <=
-    ERR_FACTOR x rel_err(torch_low, want64) + floor: finfo(dtype).eps for a scalar (one rounding),
-    ERR_FLOOR[dtype] for a tensor."""
-    rows, passed = [], True
-    for name, (got, want64, torch_low) in checks.items():
-        floor = torch.finfo(dtype).eps if got.numel() == 1 else ERR_FLOOR[dtype]
-        e_got, e_torch = rel_err(got, want64), rel_err(torch_low, want64)
-        ok = bool(torch.isfinite(got).all()) and e_got <= ERR_FACTOR * e_torch + floor
-        passed &= ok
-        rows.append(f"{name:>44}: kernels {e_got:.3e}, torch {e_torch:.3e}, floor {floor:.0e}{'' if ok else '  FAIL'}")
-    assert passed, f"relative error vs float64 (need kernels <= {ERR_FACTOR} x torch + floor):\n" + "\n".join(rows)
+    """checks: {name: (got, want64, torch_low)}, each held to the rule with the floor
+    finfo(dtype).eps for a scalar (one rounding), ERR_FLOOR[dtype] for a tensor."""
+    assert_within_torch_error({name: (got, want64, torch_low,
+                                      torch.finfo(dtype).eps if got.numel() == 1 else ERR_FLOOR[dtype])
+                               for name, (got, want64, torch_low) in checks.items()})
 
 
 def model_triplet(kwargs, dtype):
@@ -83,7 +72,7 @@ def loss_and_grads(model, idx):
     model.zero_grad(set_to_none=True)
     _, loss = model(idx[:, :-1], idx[:, 1:])
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads_by_name(model)
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=list(CONFIGS))

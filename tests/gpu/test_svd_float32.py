@@ -26,6 +26,7 @@ DEVICE is the only device setting; a CPU dry run may set it to "cpu" with TRITON
 
 import pytest
 import torch
+from helpers import dtype_name
 
 from mla_kernels.reference import randomized_svd_ref
 from mla_kernels.svd import low_rank_approx, randomized_svd, top_left_singular_vectors
@@ -55,10 +56,6 @@ DEFICIENT_CASES = [
 ]
 
 
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
 def case_id(case):
     batch, m, n, rank, dtype = case
     return f"B{'x'.join(map(str, batch))}-M{m}-N{n}-R{rank}-{dtype_name(dtype)}"
@@ -67,7 +64,6 @@ def case_id(case):
 def deficient_id(case):
     batch, m, n, rank, true_rank, dtype = case
     return f"B{'x'.join(map(str, batch))}-M{m}-N{n}-R{rank}-exact{true_rank}-{dtype_name(dtype)}"
-
 
 
 def make_matrix(batch, m, n, true_rank=None):
