@@ -1,11 +1,17 @@
-"""What several test files share: closeness checks, the low-precision error rule of
-the GPU tests and NaN poisoning.
+"""What several test files share: closeness checks, the low-precision error rule, NaN poisoning,
+the small generation GPT and a tiny training run.
 
 `from helpers import ...` works in tests/ and tests/gpu alike: pytest puts this folder on sys.path
 when it loads tests/conftest.py (its default `prepend` import mode), and `python test_x.py` from
 tests/ has it there already.
 """
 import torch
+
+from mla_gpt.cli import train as train_cli
+from mla_gpt.cli.configurator import load_config
+from mla_gpt.cli.keys import ModelKeys, TrainConfig
+from mla_gpt.data import prepare
+from mla_gpt.model import GPT, GPTConfig
 
 
 def dtype_name(dtype):
@@ -75,3 +81,37 @@ def poison_past_lengths(lengths, *tensors):
         for t in tensors:
             if t is not None:
                 t[b, n:] = float("nan")
+
+
+# ---- the small GPT of the CPU generation tests ---------------------------------------------------
+
+SMALL_GPT = dict(n_embd=64, n_head=4, n_layer=2, block_size=32, vocab_size=53, bias=True, dropout=0.0)
+# every attention kind the generation path serves, by backend and latent cache layout
+SMALL_GPT_VARIANTS = {
+    "standard-sdpa": dict(use_mla=False, attn_backend="sdpa"),
+    "standard-kernels": dict(use_mla=False, attn_backend="triton"),
+    "mla-kernels": dict(use_mla=True, attn_backend="triton"),
+    "mla-sdpa": dict(use_mla=True, attn_backend="sdpa"),
+    "mla-reference": dict(use_mla=True, attn_backend="reference"),
+    "mla-g1-joint-kernels": dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=24,
+                                 attn_backend="triton"),
+    "mla-svd-weight-kernels": dict(use_mla=True, use_svd=True, svd_rank=6, attn_backend="triton"),
+}
+
+
+def small_gpt(variant):
+    """SMALL_GPT with SMALL_GPT_VARIANTS[variant], float32, eval mode, the weights of seed 0."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**SMALL_GPT, **SMALL_GPT_VARIANTS[variant])).eval()
+
+
+# ---- training runs -------------------------------------------------------------------------------
+
+def prepare_corpus_slice(directory, chars):
+    """shakespeare_char in `directory` from the first `chars` characters of the bundled corpus; its meta."""
+    return prepare.prepare_char(directory, prepare.CORPUS_PATH.read_text()[:chars])
+
+
+def run_train(args):
+    """`train` on command-line arguments (a config file, --key=value): its summary."""
+    return train_cli.train(load_config(args, TrainConfig, ModelKeys))

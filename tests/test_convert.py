@@ -9,28 +9,18 @@ import re
 
 import pytest
 import torch
+from helpers import prepare_corpus_slice, run_train
 
 from mla_gpt.cli import convert as convert_cli
 from mla_gpt.cli import sample as sample_cli
-from mla_gpt.cli import train as train_cli
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from mla_gpt.cli.configurator import load_config
 from mla_gpt.cli.convert import attention_input_moments, convert_model, convert_state_dict
-from mla_gpt.cli.keys import ModelKeys, TrainConfig
-from mla_gpt.data import prepare
 from mla_gpt.model import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the reference SVD's QR needs it
+
 CORPUS_SLICE = 30_000  # characters of the bundled corpus: enough for block 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: torch's batched CPU QR (the reference SVD) slows ~1000x with two threads
-    on busy cores (measured 6.3 s vs 0.5 ms for (16, 128, 32)), and these models are tiny anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(n_head=4, n_embd=48, bias=True, dtype=torch.float64, seed=0):
@@ -171,15 +161,11 @@ def tiny_args(data_dir, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def run_train(args):
-    return train_cli.train(load_config(args, TrainConfig, ModelKeys))
-
-
 @pytest.fixture(scope="module")
 def standard(tmp_path_factory):
     """(data_dir, out_dir) of a finished 10-iteration standard-attention run."""
     data_dir = tmp_path_factory.mktemp("shakespeare_char")
-    prepare.prepare_char(data_dir, prepare.CORPUS_PATH.read_text()[:CORPUS_SLICE])
+    prepare_corpus_slice(data_dir, CORPUS_SLICE)
     out_dir = tmp_path_factory.mktemp("out-standard")
     run_train(tiny_args(str(data_dir), str(out_dir)))
     return str(data_dir), str(out_dir)

@@ -4,32 +4,15 @@ CPU, float32 model, kernels through the Triton interpreter. Teacher-forced logit
 cache stay within fp8's precision of the full-precision cache's; the memory report counts the
 scales.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import pytest
 import torch
+from helpers import SMALL_GPT, rel_err, small_gpt
 
-from mla_gpt.model import GPT, GPTConfig
 from mla_kernels.cache import LatentKVCache, QuantizedLatents
 from mla_kernels.reference import FP8_DTYPE
 
-SMALL = dict(n_embd=64, n_head=4, n_layer=2, block_size=32, vocab_size=53, bias=True, dropout=0.0)
-MODELS = {
-    "mla-kernels": dict(use_mla=True, attn_backend="triton"),
-    "mla-g1-joint-kernels": dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=24,
-                                 attn_backend="triton"),
-    "mla-reference": dict(use_mla=True, attn_backend="reference"),
-    "mla-sdpa": dict(use_mla=True, attn_backend="sdpa"),
-    "standard-sdpa": dict(use_mla=False),
-}
+VARIANTS = ["mla-kernels", "mla-g1-joint-kernels", "mla-reference", "mla-sdpa", "standard-sdpa"]  # of SMALL_GPT
 LOGIT_BOUND = 0.05  # relative: latents off by <= 2^-4 each, through two layers
-
-
-def _model(kwargs):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**SMALL, **kwargs)).eval()
 
 
 @torch.no_grad()
@@ -44,19 +27,19 @@ def _teacher_forced_logits(model, tokens, cache_dtype, positions_as_tensor):
 
 
 @pytest.mark.parametrize("positions_as_tensor", [False, True], ids=["int-pos", "tensor-pos"])
-@pytest.mark.parametrize("kwargs", MODELS.values(), ids=list(MODELS))
-def test_fp8_cache_logits_within_fp8_precision(kwargs, positions_as_tensor):
-    model = _model(kwargs)
-    tokens = torch.randint(0, SMALL["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_cache_logits_within_fp8_precision(variant, positions_as_tensor):
+    model = small_gpt(variant)
+    tokens = torch.randint(0, SMALL_GPT["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(3))
     full = _teacher_forced_logits(model, tokens, None, positions_as_tensor)
     fp8 = _teacher_forced_logits(model, tokens, FP8_DTYPE, positions_as_tensor)
-    rel = ((fp8 - full).norm() / full.norm()).item()
+    rel = rel_err(fp8, full)
     assert 0 < rel <= LOGIT_BOUND, f"relative logit error {rel:.3g} of the fp8 cache"
 
 
 def test_generate_with_an_fp8_cache_for_one_and_many_prompts():
-    model = _model(MODELS["mla-kernels"])
-    prompt = torch.randint(0, SMALL["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
+    model = small_gpt("mla-kernels")
+    prompt = torch.randint(0, SMALL_GPT["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
     out = model.generate(prompt, 5, temperature=0, cache_dtype=FP8_DTYPE)
     assert out.shape == (2, 11) and torch.equal(out[:, :6], prompt)
     rows = model.generate([prompt[0], prompt[1, :3]], 5, temperature=0, cache_dtype=FP8_DTYPE)
@@ -64,13 +47,13 @@ def test_generate_with_an_fp8_cache_for_one_and_many_prompts():
 
 
 def test_memory_report_counts_the_scales():
-    model = _model(MODELS["mla-kernels"])  # r 8 (head size 16 / 2), 4 groups, separate K and V latents
+    model = small_gpt("mla-kernels")  # r 8 (head size 16 / 2), 4 groups, separate K and V latents
     layer = model.transformer.h[0].attn
     bf16 = layer.memory_report(dtype=torch.bfloat16)
     fp8 = layer.memory_report(dtype=FP8_DTYPE)
     assert bf16["mla_bytes_per_token"] == layer.kv_cache_elements_per_token() * 2
     assert fp8["mla_bytes_per_token"] == layer.kv_cache_elements_per_token() + 2 * layer.n_groups * 4
-    assert fp8["standard_bytes_per_token"] == 2 * SMALL["n_embd"] + 2 * SMALL["n_head"] * 4
+    assert fp8["standard_bytes_per_token"] == 2 * SMALL_GPT["n_embd"] + 2 * SMALL_GPT["n_head"] * 4
 
 
 def test_fp8_cache_holds_values_and_scales_and_counts_both():

@@ -3,43 +3,22 @@
 Greedy, float32 on a CPU (the kernels through the Triton interpreter), for standard attention
 and every MLA cache layout, on each backend; rows that sample the stop token leave the batch.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import pytest
 import torch
+from helpers import SMALL_GPT, SMALL_GPT_VARIANTS, small_gpt
 
-from mla_gpt.model import GPT, GPTConfig
-
-SMALL = dict(n_embd=64, n_head=4, n_layer=2, block_size=32, vocab_size=53, bias=True, dropout=0.0)
-MODELS = {
-    "standard-sdpa": dict(use_mla=False, attn_backend="sdpa"),
-    "standard-kernels": dict(use_mla=False, attn_backend="triton"),
-    "mla-kernels": dict(use_mla=True, attn_backend="triton"),
-    "mla-sdpa": dict(use_mla=True, attn_backend="sdpa"),
-    "mla-reference": dict(use_mla=True, attn_backend="reference"),
-    "mla-g1-joint-kernels": dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=24,
-                                 attn_backend="triton"),
-    "mla-svd-weight-kernels": dict(use_mla=True, use_svd=True, svd_rank=6, attn_backend="triton"),
-}
 LENGTHS = (3, 11, 6, 1)  # longer and shorter than the 16 queries a decode step takes at most
 NEW_TOKENS = 7
 
 
-def _model(kwargs):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**SMALL, **kwargs)).eval()
-
-
 def _prompts():
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, SMALL["vocab_size"], (n,), generator=g) for n in LENGTHS]
+    return [torch.randint(0, SMALL_GPT["vocab_size"], (n,), generator=g) for n in LENGTHS]
 
 
-@pytest.mark.parametrize("kwargs", MODELS.values(), ids=list(MODELS))
-def test_batch_of_different_lengths_equals_each_prompt_alone(kwargs):
-    model, prompts = _model(kwargs), _prompts()
+@pytest.mark.parametrize("variant", list(SMALL_GPT_VARIANTS))  # every backend and cache layout
+def test_batch_of_different_lengths_equals_each_prompt_alone(variant):
+    model, prompts = small_gpt(variant), _prompts()
     alone = [model.generate(p[None], NEW_TOKENS, temperature=0)[0] for p in prompts]
     together = model.generate(prompts, NEW_TOKENS, temperature=0)
     assert len(together) == len(prompts)
@@ -48,7 +27,7 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(kwargs):
 
 
 def test_padded_batch_with_lengths_equals_the_list():
-    model, prompts = _model(MODELS["mla-kernels"]), _prompts()
+    model, prompts = small_gpt("mla-kernels"), _prompts()
     padded = torch.full((len(prompts), max(LENGTHS)), 7)  # padding tokens past each length are ignored
     for row, p in enumerate(prompts):
         padded[row, : p.numel()] = p
@@ -58,7 +37,7 @@ def test_padded_batch_with_lengths_equals_the_list():
 
 
 def test_rows_end_at_the_stop_token_and_the_rest_go_on():
-    model, prompts = _model(MODELS["mla-kernels"]), _prompts()
+    model, prompts = small_gpt("mla-kernels"), _prompts()
     alone = [model.generate(p[None], NEW_TOKENS, temperature=0)[0] for p in prompts]
     stop = int(alone[1][LENGTHS[1] + 2])  # row 1's third new token
     together = model.generate(prompts, NEW_TOKENS, temperature=0, stop_token=stop)
@@ -71,7 +50,7 @@ def test_rows_end_at_the_stop_token_and_the_rest_go_on():
 
 def test_finished_rows_leave_the_cache():
     """After a row stops, the decode steps run on fewer rows (the caches are compacted)."""
-    model, prompts = _model(MODELS["mla-kernels"]), _prompts()
+    model, prompts = small_gpt("mla-kernels"), _prompts()
     alone = model.generate(prompts[1][None], NEW_TOKENS, temperature=0)[0]
     stop = int(alone[LENGTHS[1]])  # row 1 stops at its first new token
     batch_sizes = []
@@ -87,6 +66,6 @@ def test_finished_rows_leave_the_cache():
     (dict(idx=torch.zeros(2, 5, dtype=torch.long), lengths=[5, 6]), r"lengths must hold 2 values in \[1, 5\]"),
 ], ids=["empty-prompt", "past-block", "bad-lengths"])
 def test_bad_batches_are_refused_with_the_reason(bad, message):
-    model = _model(MODELS["mla-sdpa"])
+    model = small_gpt("mla-sdpa")
     with pytest.raises(ValueError, match=message):
         model.generate(max_new_tokens=NEW_TOKENS, temperature=0, **bad)

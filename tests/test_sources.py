@@ -11,27 +11,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import prepare_corpus_slice, run_train
 
 from mla_gpt.cli import convert as convert_cli
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError
-from mla_gpt.cli.configurator import load_config
 from mla_gpt.cli.convert import convert_model
-from mla_gpt.cli.keys import ModelKeys, TrainConfig
 from mla_gpt.cli.sources import read_source
-from mla_gpt.data import prepare
 from mla_gpt.model import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the reference SVD's QR needs it
+
 HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=97)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hf_model(tmp_path, safe=True):
@@ -107,11 +99,11 @@ def test_train_starts_from_a_saved_gpt2_folder(tmp_path, capsys):
     args = [f"--init_from=hf:{folder}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
             "--dtype=float32", "--compile=False", "--progress_bar=False", "--block_size=16", "--batch_size=4",
             "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--dropout=0.0"]
-    summary = train_cli.train(load_config(args, TrainConfig, ModelKeys))
+    summary = run_train(args)
     assert f"hf:{folder}: Hugging Face GPT-2 (2 layers, 64 wide)" in capsys.readouterr().out
     assert summary["iter_num"] == 2 and summary["model"].config.block_size == 16
     char_dir = tmp_path / "char"
-    prepare.prepare_char(char_dir, prepare.CORPUS_PATH.read_text()[:20_000])
+    prepare_corpus_slice(char_dir, 20_000)
     bad = [a if not a.startswith("--data_dir") else f"--data_dir={char_dir}" for a in args]
     assert train_cli.main(bad) == 2
     assert "are not the model's (vocab 97); use GPT-2's BPE dataset" in capsys.readouterr().err
@@ -132,7 +124,7 @@ def test_gpt2_by_name_without_network_or_cache_is_a_clear_error(tmp_path):
 def nanogpt_checkpoint(folder):
     """A checkpoint as nanoGPT's train.py writes it, from a compiled model (keys '_orig_mod.')."""
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=None, dropout=0.0)
-    meta = prepare.prepare_char(folder / "data", prepare.CORPUS_PATH.read_text()[:60_000])
+    meta = prepare_corpus_slice(folder / "data", 60_000)
     model_args["vocab_size"] = meta["vocab_size"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args))

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_train
 
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
-from mla_gpt.cli.configurator import load_config
-from mla_gpt.cli.keys import ModelKeys, TrainConfig
-from mla_gpt.cli.train import train
 from mla_gpt.data import prepare
 from mla_kernels.reference import FP8_DTYPE
 
@@ -40,7 +38,7 @@ def trained(tmp_path_factory):
             f"--lr_decay_iters={TRAIN_ITERS}", "--eval_interval=300", "--eval_iters=20", "--log_interval=100",
             "--use_mla=True", "--mla_latent_dim=32", "--dropout=0.0",
             "--compile=False"]  # the step is still captured as a CUDA graph: quick to start, quick to run
-    summary = train(load_config(args, TrainConfig, ModelKeys))
+    summary = run_train(args)
     checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME, map_location="cpu")
     model = model_from_checkpoint(checkpoint, dropout=0.0).to("cuda", torch.bfloat16).eval()
     return model, summary
