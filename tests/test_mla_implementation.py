@@ -452,8 +452,6 @@ def test_nanogpt_interface():
         model.crop_block_size(17)
 
 
-
-
 def test_runs_as_a_plain_script():
     """`python test_mla_implementation.py` from tests/ (pytest is a dependency of the package)."""
     import subprocess
@@ -484,13 +482,13 @@ def test_readme_test_command_pins_what_ci_runs():
         assert pin in readme and pin in ci, pin
 
 
-if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
-    sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
-
-
 def test_caches_with_autograd_on_are_refused():
     """Caches ask for generation, whose kernels have no backward: autograd must be off."""
     model = GPT(GPTConfig(**SMALL))
     caches = model.setup_caches(1, 8)
     with pytest.raises(RuntimeError, match=r"caches are for generation.*torch.no_grad\(\)"):
         model(torch.randint(0, 61, (1, 3)), caches=caches, input_pos=0)
+
+
+if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
+    sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
