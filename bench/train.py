@@ -47,6 +47,7 @@ from mla_gpt.cli.data import Batches
 from mla_gpt.cli.runtime import Runtime
 from mla_gpt.cli.step import TrainStep, capturable_optimizer, compile_for_training
 from mla_gpt.model import GPT, GPTConfig
+from mla_kernels import attention as kernel_attention
 
 VARIANTS = {
     "mha": dict(use_mla=False),
@@ -175,7 +176,8 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
         host_bound_share=None if device_ms is None else max(0.0, 1 - device_ms / wall_ms),
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if rt.device_type == "cuda" else None,
         mfu=None if peak_flops is None else model.estimate_mfu(B, wall_ms / 1000, peak_flops),
-        first_step_s=first_step_s, startup_s=startup_s,
+        first_step_s=first_step_s, startup_s=startup_s, commit=harness.commit(),
+        op_kind=kernel_attention.OP_KIND,
         params=model.get_num_params(), n_layer=config.n_layer, n_embd=config.n_embd,
         latent_dim=config.latent_dim if config.use_mla else None,
     )

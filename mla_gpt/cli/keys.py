@@ -86,7 +86,8 @@ class TrainConfig:
             "help": "'step': capture the whole training step (forward, backward, clip, AdamW) as one CUDA "
             "graph, replayed each iteration; 'compiler': torch.compile's mode 'reduce-overhead' (forward "
             "and backward graphs, the rest eager); 'off'. None -> 'step' on one CUDA process where the "
-            "model allows it (no SVD, no float16), else 'compiler' when compiling, else 'off'"
+            "model allows it (not float16, no SVD sketch over 64 columns, no plain-PyTorch SVD), else "
+            "'compiler' when compiling, else 'off'"
         },
     )
     seed: int = field(default=1337, metadata={"help": "seed of weights, dropout and batch sampling"})
