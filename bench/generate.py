@@ -9,7 +9,7 @@ Rows (key `table`: speed or check):
 - mla-latent-cache-graph: the same decode step captured once as a CUDA graph and replayed
   (standard-kv-cache-graph likewise). What writing the latents from the projection kernel itself
   is worth against a cuBLAS GEMM and a cache copy is measured per op by bench/append.py (and,
-  end to end, 8-11% in bench/NOTES.md, from the run before the model lost its switch for it);
+  end to end, 8-11% in docs/decisions.md, from the run before the model lost its switch for it);
 - standard-kv-cache: the same GPT with standard attention caching full K and V, i.e. the
   cache an expanded MLA would keep (2 nh hs per token), on PyTorch's SDPA;
 - mla-recompute: nanoGPT's generation, the whole context through the model every step;

@@ -107,5 +107,5 @@ def autocast_inputs(*tensors):
 def traced_or_eager(op, eager):
     """`op` (the registered torch.library op) while torch.compile traces, so the graph holds
     it whole; `eager` (the launcher) otherwise, skipping the dispatcher's cost (~0.15 ms a call
-    on the H200, bench/NOTES.md), paid per layer and token."""
+    on the H200, launch_overhead_h200.json), paid per layer and token."""
     return op if torch.compiler.is_compiling() else eager

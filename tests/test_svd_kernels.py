@@ -1,8 +1,5 @@
 """Randomized SVD kernels (Triton interpreter on CPU) against torch.linalg.svd in float64."""
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import prepare_corpus_slice, run_train
 
 from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
@@ -64,10 +65,6 @@ def tiny_args(data_dir, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def run_train(args):
-    return train_cli.train(load_config(args, TrainConfig, ModelKeys))
-
-
 def train_losses(out_dir):
     records = Metrics.read(Path(out_dir) / METRICS_NAME)
     return {r["iter"]: r["loss"] for r in records if r["kind"] == "train"}
@@ -77,7 +74,7 @@ def train_losses(out_dir):
 def data_dir(tmp_path_factory):
     """shakespeare_char prepared from the first CORPUS_SLICE characters of the bundled corpus."""
     directory = tmp_path_factory.mktemp("shakespeare_char")
-    prepare.prepare_char(directory, prepare.CORPUS_PATH.read_text()[:CORPUS_SLICE])
+    prepare_corpus_slice(directory, CORPUS_SLICE)
     return str(directory)
 
 

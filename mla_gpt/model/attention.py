@@ -332,7 +332,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
         Out: W_uv composed with c_proj (nh rv -> C), one matmul. Both run on cuBLAS, except the
         input side of a decode step on the kernels: a Triton GEMM there stores the latents
-        straight into the cache (2-3x faster than cuBLAS + the cache copy, bench/NOTES.md).
+        straight into the cache (2-3x faster than cuBLAS + the cache copy, docs/decisions.md).
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
@@ -360,7 +360,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         if cache is None:
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory
-            # (bench/NOTES.md, attention variant 3)
+            # (docs/decisions.md)
             o_lat = causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, backend)
         else:
             o_lat = cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, backend)  # (B, T, nh, rv)

@@ -180,7 +180,7 @@ class GPT(nn.Module):
         cache_dtype: the caches' dtype, by default the activations'; torch.float8_e4m3fn keeps the
         latents in fp8 with a float32 scale per position and group (half of bf16's bytes plus
         the scales), read as they are by the decode kernel: more context or rows per GPU, but
-        a slower decode step than bf16 today (bench/NOTES.md).
+        a slower decode step than bf16 today (docs/decisions.md).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -1,6 +1,6 @@
 """SVD of the attention values: a rank-k basis of the value maps (svd 'weight'), or each
 sequence's values cut to rank k (svd 'activation', the original design's). docs/design.md,
-section 5, says why 'weight' is the default."""
+section 4, says why 'weight' is the default."""
 import functools
 
 import torch
