@@ -43,10 +43,10 @@ import harness  # first: it puts the repository root on sys.path
 import numpy as np
 import torch
 
-from mla_gpt.cli.data import Batches
-from mla_gpt.cli.runtime import Runtime
-from mla_gpt.cli.step import TrainStep, capturable_optimizer, compile_for_training
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.train.batches import Batches
+from mla_gpt.train.runtime import Runtime
+from mla_gpt.train.step import TrainStep, capturable_optimizer, compile_for_training
 from mla_kernels import attention as kernel_attention
 
 VARIANTS = {

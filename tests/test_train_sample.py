@@ -19,14 +19,14 @@ from mla_gpt.cli import sample as sample_cli
 from mla_gpt.cli import train as train_cli
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, portable_optimizer_state
 from mla_gpt.cli.configurator import ConfigError, load_config
-from mla_gpt.cli.data import Batches
 from mla_gpt.cli.keys import ModelKeys, TrainConfig
 from mla_gpt.cli.metrics import METRICS_NAME, PLOT_NAME, Metrics
-from mla_gpt.cli.runtime import Runtime, bf16_peak
-from mla_gpt.cli.step import TrainStep, capturable_optimizer, set_learning_rate, use_cuda_graphs
 from mla_gpt.cli.train import TrainingDiverged
 from mla_gpt.data import prepare
 from mla_gpt.model import GPT
+from mla_gpt.train.batches import Batches
+from mla_gpt.train.runtime import Runtime, bf16_peak
+from mla_gpt.train.step import TrainStep, capturable_optimizer, set_learning_rate, use_cuda_graphs
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_SLICE = 60_000  # characters of the bundled corpus used by the training tests: enough for block 16

@@ -51,12 +51,12 @@ import torch
 
 from mla_gpt.cli.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CheckpointError, save_checkpoint
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
-from mla_gpt.cli.data import Batches
 from mla_gpt.cli.keys import TrainConfig
-from mla_gpt.cli.runtime import resolve_device
 from mla_gpt.cli.sources import read_source
 from mla_gpt.data.prepare import ensure_prepared
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.train.batches import Batches
+from mla_gpt.train.runtime import resolve_device
 from mla_kernels.reference import randomized_svd_ref
 from mla_kernels.svd import randomized_svd
 

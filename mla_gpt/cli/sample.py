@@ -20,7 +20,7 @@ import torch
 
 from mla_gpt.cli.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
-from mla_gpt.cli.runtime import resolve_device, resolve_dtype
+from mla_gpt.train.runtime import resolve_device, resolve_dtype
 from mla_kernels.reference import FP8_DTYPE
 
 

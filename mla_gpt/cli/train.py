@@ -28,13 +28,13 @@ from mla_gpt.cli.checkpoint import (
     save_checkpoint,
 )
 from mla_gpt.cli.configurator import ConfigError, help_text, load_config
-from mla_gpt.cli.data import Batches, prepare_dataset
 from mla_gpt.cli.init_from import initial_model
 from mla_gpt.cli.keys import ModelKeys, TrainConfig, check_train_config
 from mla_gpt.cli.metrics import Metrics
 from mla_gpt.cli.rng import gather_rng, restore_rng, seed_everything
-from mla_gpt.cli.runtime import bf16_peak, resolve_runtime
-from mla_gpt.cli.step import (
+from mla_gpt.train.batches import Batches, prepare_dataset
+from mla_gpt.train.runtime import bf16_peak, resolve_runtime
+from mla_gpt.train.step import (
     TrainStep,
     capturable_optimizer,
     compile_for_training,

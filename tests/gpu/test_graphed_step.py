@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from mla_gpt.cli.data import Batches
-from mla_gpt.cli.runtime import Runtime
-from mla_gpt.cli.step import TrainStep, capturable_optimizer, set_learning_rate
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.train.batches import Batches
+from mla_gpt.train.runtime import Runtime
+from mla_gpt.train.step import TrainStep, capturable_optimizer, set_learning_rate
 
 ITERS = TrainStep.CAPTURE_AFTER_ITERS + 4
 VARIANTS = {
