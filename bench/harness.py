@@ -17,6 +17,7 @@ import cProfile
 import csv
 import io
 import json
+import os
 import platform
 import pstats
 import shutil
@@ -118,8 +119,6 @@ def environment(dtype=None):
 def commit():
     """The commit a result was measured at: $MLA_COMMIT where set (a copy of the tree without its git
     folder, as on a lent GPU machine), else `git rev-parse --short HEAD`, '+dirty' with local changes."""
-    import os
-
     if os.environ.get("MLA_COMMIT"):
         return os.environ["MLA_COMMIT"]
     try:

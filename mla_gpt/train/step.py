@@ -86,7 +86,8 @@ class TrainStep:
     a micro-step's backward, and after the optimizer step for the next iteration), so the host's
     data work runs while the device computes. Calling it returns the iteration's mean loss as a
     0-dim device tensor, unread: in bf16 or float32 nothing in the step waits for the device (a
-    float16 run's GradScaler reads its inf check each step, and svd 'weight' its new basis).
+    float16 run's GradScaler reads its inf check each step, and an SVD of the values that factors
+    through torch.linalg, `step_capture_blocker` says when, waits for its factorization).
 
     cuda_graphs='step': the iteration's batches are copied into fixed input buffers and the whole
     iteration (every micro-step, the clip and the optimizer step) replays as one CUDA graph, so
