@@ -1,6 +1,12 @@
 """Which tile candidates of the attention kernels win, at the shapes the GPT trains on.
 
     python bench/tiles.py [--splits_only] [--out PATH.json]
+    python bench/tiles.py --core [--out PATH.json]
+
+With --core: a wider set of tile candidates (WIDE_CONFIGS, Hopper-sized: 128-row tiles, 8 warps) at
+the core grid of bench/attention.py (12 heads, B * T = 16384, head dims 16-128, and MLA's absorbed
+core with one KV head), each kernel's candidates timed by the autotuner, then the tuned kernels'
+forward and forward + backward timed from CUDA-graph replay beside SDPA's cuDNN and flash backends.
 
 Runs `flash_attention` forward and backward (bf16, eager, so Triton's own autotuner times every
 candidate that fits: the search is forced at every head dim, where the kernels skip it below
@@ -33,6 +39,15 @@ SHAPES = [
     ("gpt2s-mha-1k", 16, 1024, 12, 12, 64),
     ("d128-2k", 8, 2048, 16, 16, 128),
 ]
+# (name, B, T, heads, kv groups, head dim) of --core: B * T = 16384 tokens, as in bench/attention.py.
+CORE_SHAPES = [(f"d{d}-{T}", 16384 // T, T, 12, 12, d) for d in (16, 32, 64, 128) for T in (2048, 4096, 16384)]
+CORE_SHAPES += [(f"mla-d32-g1-{T}", 16384 // T, T, 12, 1, 32) for T in (4096, 16384)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) --core times, the kernels' own candidates first.
+WIDE_CONFIGS = {
+    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4)],
+    "dkdv": [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2)],
+    "dq": [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)],
+}
 KERNELS = {"fwd": attention._fwd_kernel, "dkdv": attention._bwd_dkdv_kernel, "dq": attention._bwd_dq_kernel}
 
 
@@ -79,12 +94,12 @@ def split_timings(B, T, H, G, D):
     return found
 
 
-def tile_rows():
+def tile_rows(shapes=SHAPES):
     """Every tile candidate of each kernel at every shape, timed by the autotuner (the search forced
     at every head dim), then per kernel the candidate whose worst ratio to the fastest is smallest."""
     attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
     rows = []
-    for name, B, T, H, G, D in SHAPES:
+    for name, B, T, H, G, D in shapes:
         for kind, candidates in timings_at(name, B, T, H, G, D).items():
             best = min(candidates.values())
             for cand, ms in candidates.items():
@@ -123,14 +138,99 @@ def split_rows():
     return rows
 
 
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run(q, k, v):  # (B, T, heads, D) layouts, like flash_attention
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if k.shape[1] != q.shape[1]:  # what a user of SDPA runs for one KV head: repeat it
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        with sdpa_kernel([chosen]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    return run
+
+
+def graphed_core_rows(shapes):
+    """Forward and forward + backward of our core (tuned) and SDPA's cuDNN and flash backends, each
+    replayed from a CUDA graph, at every shape: ms, TFLOP/s (causal: forward 2 B H T^2 (2 D) / 2,
+    backward 2.5x that) and the ratio to cuDNN."""
+    rows = []
+    providers = {"triton": attention.flash_attention, "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
+    for name, B, T, H, G, D in shapes:
+        fwd_flops = 2 * B * H * T * T * 2 * D / 2
+        found, outputs = {}, {}
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, H, D)
+        k, v = (torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))  # (B, T, G, D)
+        dout = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)  # (B, T, H, D)
+        for provider, fn in providers.items():
+
+            def forward():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def forward_backward():
+                fn(q, k, v).backward(dout)
+            try:
+                forward_backward()  # tunes ours outside the capture
+                fwd = harness.median_ms(forward, graph=True)
+                both = harness.median_ms(forward_backward, graph=True)
+            except Exception as error:  # a peer that does not take this shape
+                print(f"{name:16s} {provider:6s} failed: {str(error).splitlines()[0][:100]}", flush=True)
+                continue
+            found[provider] = (fwd, both)
+            with torch.no_grad():
+                outputs[provider] = fn(q, k, v).float()
+        reference = outputs.get("cudnn", outputs.get("flash"))
+        for provider, (fwd, both) in found.items():
+            bwd = both - fwd
+            row = dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, provider=provider,
+                       fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both, fwd_tflops=fwd_flops / fwd / 1e9,
+                       bwd_tflops=2.5 * fwd_flops / bwd / 1e9, fwd_bwd_tflops=3.5 * fwd_flops / both / 1e9)
+            if "cudnn" in found:
+                row["vs_cudnn"] = found["cudnn"][1] / both
+            if reference is not None:  # a wrong tile shows here: bf16 outputs agree to ~1e-2
+                row["rel_err_vs_sdpa"] = ((outputs[provider] - reference).norm() / reference.norm()).item()
+            rows.append(row)
+            print(f"{name:16s} {provider:6s} fwd {fwd:7.3f} ms ({row['fwd_tflops']:5.0f} TF/s)  bwd {bwd:7.3f} ms "
+                  f"({row['bwd_tflops']:5.0f} TF/s)  fwd+bwd {both:7.3f} ms  x cuDNN {row.get('vs_cudnn', 0):.2f}  "
+                  f"err {row.get('rel_err_vs_sdpa', float('nan')):.1e}",
+                  flush=True)
+    return rows
+
+
+def chosen_tiles():
+    """The candidate the autotuner kept for each kernel at every tuned shape, as rows."""
+    rows = []
+    for kind, kernel in KERNELS.items():
+        for key, config in kernel.cache.items():
+            rows.append(dict(kernel=kind, key=str(key), candidate=label(config)))
+            print(f"chosen {kind:5s} {label(config)} for {key}", flush=True)
+    return rows
+
+
+def core_rows():
+    """--core: the wide candidates timed at CORE_SHAPES, then the tuned core against cuDNN and flash."""
+    for kind, kernel in KERNELS.items():
+        kernel.configs = attention._as_configs(WIDE_CONFIGS[kind])
+    rows = tile_rows(CORE_SHAPES)
+    return rows + chosen_tiles() + graphed_core_rows(CORE_SHAPES)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--splits_only", action="store_true", help="time only the dK/dV head splits")
+    p.add_argument("--core", action="store_true", help="wide candidates at the core grid, against cuDNN and flash")
     harness.add_out_argument(p, "tiles")
     args = p.parse_args()
     if not harness.on_gpu():
         raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
-    rows = ([] if args.splits_only else tile_rows()) + split_rows()
+    if args.core:
+        rows = core_rows()
+    else:
+        rows = ([] if args.splits_only else tile_rows()) + split_rows()
     path = harness.results_path(args.out, "tiles")
     harness.write_rows(path, rows, harness.environment(torch.bfloat16))
     harness.report_written(path)
