@@ -41,7 +41,7 @@ SHAPES = [
 ]
 # (name, B, T, heads, kv groups, head dim) of --core: B * T = 16384 tokens, as in bench/attention.py.
 CORE_SHAPES = [(f"d{d}-{T}", 16384 // T, T, 12, 12, d) for d in (16, 32, 64, 128) for T in (2048, 4096, 16384)]
-CORE_SHAPES += [(f"mla-d32-g1-{T}", 16384 // T, T, 12, 1, 32) for T in (4096, 16384)]
+CORE_SHAPES += [(f"mla-d{d}-g1-{T}", 16384 // T, T, 12, 1, d) for d in (32, 64) for T in (4096, 16384)]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) --core times, the kernels' own candidates first.
 WIDE_CONFIGS = {
     "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4)],
@@ -67,8 +67,9 @@ def timings_at(name, B, T, H, G, D):
     torch.cuda.synchronize()
     found = {}
     for kind, kernel in KERNELS.items():
-        if kernel.configs_timings is None:
-            raise RuntimeError(f"{kind} was not tuned at {name}: its autotune key repeats an earlier shape's")
+        if kernel.configs_timings is None:  # its autotune key repeats an earlier shape's (fwd ignores REP)
+            print(f"{name:14s} {kind:5s} tuned at an earlier shape with its key", flush=True)
+            continue
         found[kind] = {label(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in kernel.configs_timings.items()}
     return found
 
@@ -152,12 +153,24 @@ def _sdpa(backend):
     return run
 
 
+# Variants of our core timed side by side: (forward's lazy rescale, backward's dQ fused into dK/dV).
+OUR_VARIANTS = {"triton": (False, False), "triton-lazy": (True, False), "triton-lazy-fused": (True, True)}
+
+
+def _ours(lazy, fused):
+    def run(q, k, v):
+        attention.FWD_LAZY_RESCALE, attention.BWD_FUSED_DQ = lazy, fused
+        return attention.flash_attention(q, k, v)
+    return run
+
+
 def graphed_core_rows(shapes):
     """Forward and forward + backward of our core (tuned) and SDPA's cuDNN and flash backends, each
     replayed from a CUDA graph, at every shape: ms, TFLOP/s (causal: forward 2 B H T^2 (2 D) / 2,
     backward 2.5x that) and the ratio to cuDNN."""
     rows = []
-    providers = {"triton": attention.flash_attention, "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
+    providers = {**{name: _ours(*flags) for name, flags in OUR_VARIANTS.items()},
+                 "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
     for name, B, T, H, G, D in shapes:
         fwd_flops = 2 * B * H * T * T * 2 * D / 2
         found, outputs = {}, {}
@@ -211,24 +224,27 @@ def chosen_tiles():
     return rows
 
 
-def core_rows():
-    """--core: the wide candidates timed at CORE_SHAPES, then the tuned core against cuDNN and flash."""
-    for kind, kernel in KERNELS.items():
-        kernel.configs = attention._as_configs(WIDE_CONFIGS[kind])
-    rows = tile_rows(CORE_SHAPES)
-    return rows + chosen_tiles() + graphed_core_rows(CORE_SHAPES)
+def core_rows(tiles):
+    """--core: the wide candidates timed at CORE_SHAPES (with tiles), then the core against cuDNN and flash."""
+    rows = []
+    if tiles:
+        for kind, kernel in KERNELS.items():
+            kernel.configs = attention._as_configs(WIDE_CONFIGS[kind])
+        rows = tile_rows(CORE_SHAPES) + chosen_tiles()
+    return rows + graphed_core_rows(CORE_SHAPES)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--splits_only", action="store_true", help="time only the dK/dV head splits")
     p.add_argument("--core", action="store_true", help="wide candidates at the core grid, against cuDNN and flash")
+    p.add_argument("--no_tiles", action="store_true", help="with --core: only the core against cuDNN and flash")
     harness.add_out_argument(p, "tiles")
     args = p.parse_args()
     if not harness.on_gpu():
         raise SystemExit("tiles.py times the GPU kernels' candidates: it needs a CUDA device")
     if args.core:
-        rows = core_rows()
+        rows = core_rows(tiles=not args.no_tiles)
     else:
         rows = ([] if args.splits_only else tile_rows()) + split_rows()
     path = harness.results_path(args.out, "tiles")
