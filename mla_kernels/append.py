@@ -190,7 +190,7 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k
         if cache_seqlens.shape not in ((), (B,)) or cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cache_seqlens as a tensor must be int32/int64 of shape () or ({B},), got "
                              f"{cache_seqlens.dtype} shape {tuple(cache_seqlens.shape)}")
-        if cache_seqlens.dim() and cache_seqlens.stride(0) != 1:
+        if not cache_seqlens.is_contiguous():  # the kernel reads row b's start at b
             raise ValueError("cache_seqlens of shape (B,) must be contiguous")
     elif not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool):
         raise TypeError(f"cache_seqlens must be an int or a 0-dim integer tensor, got {type(cache_seqlens).__name__}")

@@ -351,11 +351,11 @@ def test_generation_composes_weights_once_per_cache(kwargs):
     x = torch.randn(2, 5, 96, dtype=torch.float64)
     with torch.no_grad():
         cache = mla.make_cache(2, 8, torch.float64, x.device)
-        mla(x[:, :4], cache, 0)
+        mla(x[:, :4], cache)  # a prefill
         composed = _COMPOSED_PER_CACHE[cache][1][None]
-        mla(x[:, 4:], cache, 4)
+        mla(x[:, 4:], cache, torch.full((2,), 4, dtype=torch.int32))  # a decode step at position 4
         assert _COMPOSED_PER_CACHE[cache][1][None] is composed  # one generation: composed once
-        mla(x[:, :4], cache, 0)
+        mla(x[:, :4], cache)
         assert _COMPOSED_PER_CACHE[cache][1][None] is not composed  # a new prefill composes afresh
         kept = len(_COMPOSED_PER_CACHE)
         mla(x, None)

@@ -126,7 +126,7 @@ def test_sdpa_attention_matches_reference_for_unequal_head_dims(d_qk, d_v, q_off
     q = torch.randn(2, 9, 6, d_qk)
     k = torch.randn(2, 9 + q_offset, 3, d_qk)
     v = torch.randn(2, 9 + q_offset, 3, d_v)
-    got = sdpa_attention(q, k, v, 0.3, q_offset)
+    got = sdpa_attention(q, k, v, 0.3, torch.full((2,), q_offset, dtype=torch.int32) if q_offset else None)
     want = attention_ref(q.double(), k.double(), v.double(), 0.3, q_offset)[0]
     assert got.shape == (2, 9, 6, d_v)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

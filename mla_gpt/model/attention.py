@@ -1,7 +1,8 @@
 """Attention layers: nanoGPT's CausalSelfAttention and its drop-in, MultiHeadLatentAttention.
 
-Both take x (B, T, C) and return (B, T, C). With `cache` (a LatentKVCache) and `input_pos`
-they attend over the cached prefix too, for generation. Backends (`attn_backend`):
+Both take x (B, T, C) and return (B, T, C). With `cache` (a LatentKVCache) and `cache_seqlens`
+(`mla_gpt.model.core.cache_seqlens` says what it holds) they write the new tokens' keys and values
+into the cache and attend over what it holds, for generation. Backends (`attn_backend`):
 'triton' runs the kernels of `mla_kernels` (through the Triton interpreter on CPU when
 TRITON_INTERPRET=1), 'sdpa' runs the attention core on PyTorch's
 `F.scaled_dot_product_attention` (MLA on SDPA: the peer a user can write without a custom
@@ -59,7 +60,7 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
         if self.svd_mode == "weight":
             self._init_value_basis(self.n_head, self.head_size, self.svd_rank)
 
-    def forward(self, x, cache=None, input_pos=0):
+    def forward(self, x, cache=None, cache_seqlens=None):
         B, T, C = x.size()
         backend = resolve_backend(self.backend, x)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -75,15 +76,15 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             basis = self._value_basis()  # (nh, hs, k)
             v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, Tk, nh, .): the filled prefix, or all of it
+            k, v = cache.update(0 if cache_seqlens is None else cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
         if self.backend == "auto" or backend == "sdpa":  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
-            y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, input_pos,
+            y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, cache_seqlens,
                                dropout_p)
         elif cache is not None:
-            y = cached_attention(q, k, v, input_pos, self.softmax_scale, backend)
+            y = cached_attention(q, k, v, cache_seqlens, self.softmax_scale, backend)
         else:
-            y = causal_attention(q, k, v, self.softmax_scale, input_pos, backend)
+            y = causal_attention(q, k, v, self.softmax_scale, backend)
         if basis is not None:
             y = torch.einsum("bthk,hdk->bthd", y, basis)  # (B, T, nh, hs): back through U_k^T
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
@@ -225,7 +226,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def forward(self, x, cache=None, input_pos=0):
+    def forward(self, x, cache=None, cache_seqlens=None):
         B, T, C = x.size()
         backend = resolve_backend(self.backend, x)
         if self.svd_mode == "activation":
@@ -237,7 +238,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
         path = "absorbed" if cache is not None else self.choose_path(T)
         if path == "absorbed":
-            return self.resid_dropout(self._forward_absorbed(x, basis, cache, input_pos, backend))
+            return self.resid_dropout(self._forward_absorbed(x, basis, cache, cache_seqlens, backend))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
@@ -247,7 +248,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             y = mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=self.softmax_scale)
         elif backend == "sdpa":
             k, v = ref.expand_latent(c_k, w_uk), ref.expand_latent(c_v, w_uv)  # (B, T, nh, hs) each
-            y = sdpa_attention(q, k, v, self.softmax_scale, 0)
+            y = sdpa_attention(q, k, v, self.softmax_scale)
         else:
             y = ref.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, self.softmax_scale)[0]
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
@@ -259,7 +260,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         head_basis = basis.repeat_interleave(self.n_head // self.n_groups, dim=0)  # (nh, r, k)
         return torch.einsum("hrk,hrd->hkd", head_basis, self.v_expand.weight)  # (nh, k, hs)
 
-    def _absorbed_weights(self, basis, cache, input_pos, dtype=None):
+    def _absorbed_weights(self, basis, cache, cache_seqlens, dtype=None):
         """The composed weights of the absorbed form: (weight_in, bias_in, weight_out).
 
         weight_in (nh r + g r + g rv, C): q_proj composed with W_uk, then the key latent's
@@ -268,7 +269,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         W_uv composed with c_proj. dtype: cast them to it (autocast's dtype for the fused
         cache append), None keeps the parameters' dtype.
         A generation (a cache, no autograd) composes them once per dtype and reuses them until
-        its next prefill (input_pos 0) or another layer uses the cache: weights do not change
+        its next prefill (cache_seqlens None) or another layer uses the cache: weights do not change
         while a model generates, and a graph captured over them keeps reading live tensors.
         Every other call composes them afresh. Nothing is reused on the strength of parameter
         version counters: a replayed CUDA graph (the trainer's captured step) updates weights
@@ -277,8 +278,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compose_absorbed_weights(basis, dtype)
         owner, per_dtype = _COMPOSED_PER_CACHE.get(cache, (None, None))
-        prefill = isinstance(input_pos, int) and input_pos == 0
-        if prefill or owner is None or owner() is not self:
+        if cache_seqlens is None or owner is None or owner() is not self:
             per_dtype = {}
             _COMPOSED_PER_CACHE[cache] = (weakref.ref(self), per_dtype)
         if dtype not in per_dtype:
@@ -326,7 +326,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             c_v = torch.einsum("btgr,grk->btgk", c_v, basis)
         return c_k, c_v
 
-    def _forward_absorbed(self, x, basis, cache, input_pos, backend):
+    def _forward_absorbed(self, x, basis, cache, cache_seqlens, backend):
         """Latent-space attention with the projections composed into one GEMM on each side.
 
         In: q_proj composed with W_uk (C -> nh r) beside kv_latent_proj, one matmul on x.
@@ -336,19 +336,19 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
-        fused = cache is not None and backend == "triton" and T <= DECODE_MAX_QUERIES
+        fused = cache_seqlens is not None and backend == "triton" and T <= DECODE_MAX_QUERIES  # a decode step
         if fused and cache.quantized:  # the kernel quantizes a group's latent within one tile
             from mla_kernels.append import fp8_append_supported
 
             fused = fp8_append_supported(nh * r, r, 0 if self.caches_joint_latent else self.value_dim)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, input_pos, dtype)
-            q_lat, c_k, c_v = cache.project_update(input_pos, x if dtype is None else x.to(dtype),
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, cache_seqlens, dtype)
+            q_lat, c_k, c_v = cache.project_update(cache_seqlens, x if dtype is None else x.to(dtype),
                                                    weight_in, bias_in, nh * r)  # c_k, c_v: (B, Tk, g, .)
             q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
         else:
-            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, input_pos)
+            weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, cache_seqlens)
             projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
             q_lat = projected[..., : nh * r].view(B, T, nh, r)  # (B, T, nh, r)
             c_k = projected[..., nh * r : (nh + g) * r].view(B, T, g, r)  # (B, T, g, r)
@@ -356,14 +356,15 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             if not self.caches_joint_latent:
                 c_v = projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
             if cache is not None:
-                c_k, c_v = cache.update(input_pos, c_k, c_v)  # (B, Tk, g, .), c_v None when joint
+                start = 0 if cache_seqlens is None else cache_seqlens
+                c_k, c_v = cache.update(start, c_k, c_v)  # (B, T or max_seq, g, .), c_v None when joint
         if cache is None:
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory
             # (docs/decisions.md)
-            o_lat = causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, 0, backend)
+            o_lat = causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, backend)
         else:
-            o_lat = cached_attention(q_lat, c_k, c_v, input_pos, self.softmax_scale, backend)  # (B, T, nh, rv)
+            o_lat = cached_attention(q_lat, c_k, c_v, cache_seqlens, self.softmax_scale, backend)  # (B, T, nh, rv)
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 
     def _forward_activation_svd(self, x, backend):
@@ -373,4 +374,4 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         c_k, c_v = self._latents(self.kv_latent_proj(x), None)
         k = self.k_expand(c_k)  # (B, T, nh, hs)
         v = low_rank_per_sequence(self.v_expand(c_v), self.svd_rank, backend == "triton")  # (B, T, nh, hs)
-        return causal_attention(q, k, v, self.softmax_scale, 0, backend)
+        return causal_attention(q, k, v, self.softmax_scale, backend)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
+from mla_gpt.model.core import cache_seqlens
 
 A100_BF16_PEAK_FLOPS = 312e12  # nanoGPT's reference peak for MFU
 
@@ -49,8 +50,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, input_pos=0):
-        x = x + self.attn(self.ln_1(x), cache, input_pos)
+    def forward(self, x, cache=None, cache_seqlens=None):
+        x = x + self.attn(self.ln_1(x), cache, cache_seqlens)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -99,28 +100,30 @@ class GPT(nn.Module):
         Without: logits of the last position only (B, 1, vocab), loss None; or of position
         logits_at[b] in row b, with logits_at a (B,) tensor (rows of different lengths).
         caches: one LatentKVCache per layer (from `setup_caches`); idx then holds the tokens at
-        positions input_pos .. input_pos + T - 1. input_pos may be a 0-dim tensor on the device
-        (static shapes for CUDA graphs), or a (B,) tensor, one position per row (prompts of
-        different lengths); the caller then keeps it inside block_size. Passing
-        caches asks for generation, whose kernels (the fused cache append, the decode kernel)
-        have no backward: call it under torch.no_grad() or torch.inference_mode().
+        positions input_pos .. input_pos + T - 1 of each row. input_pos: 0 (training, eval, a
+        prefill into empty caches), another int, or a device tensor of shape () or (B,), one
+        position per row (decode steps: CUDA graphs, prompts of different lengths), which the
+        caller keeps inside block_size; without caches it must be 0. It is turned into the one
+        form the layers take by `mla_gpt.model.core.cache_seqlens`, whose docstring holds the
+        rule. Passing caches asks for generation, whose kernels (the fused cache append, the
+        decode kernel) have no backward: call it under torch.no_grad() or torch.inference_mode().
         """
         if caches is not None and torch.is_grad_enabled():
             raise RuntimeError("caches are for generation, which has no backward: call the model under "
                                "torch.no_grad() or torch.inference_mode() when passing caches")
         b, t = idx.size()
-        last = t if isinstance(input_pos, torch.Tensor) else input_pos + t
-        if last > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {input_pos + t} (input_pos={input_pos} + {t} tokens) exceeds "
-                f"block_size={self.config.block_size}"
-            )
-        steps = torch.arange(t, dtype=torch.long, device=idx.device)  # (t,)
-        per_row = isinstance(input_pos, torch.Tensor) and input_pos.dim() == 1
-        pos = input_pos[:, None] + steps if per_row else input_pos + steps  # (t,), or (b, t) per row
+        limit = ("block_size", self.config.block_size)
+        if caches is not None and caches[0].max_seq < limit[1]:
+            limit = ("the caches' max_seq", caches[0].max_seq)
+        seqlens = cache_seqlens(input_pos, b, t, limit, idx.device)  # None, or (b,) int32
+        if caches is None and seqlens is not None:
+            raise ValueError(f"input_pos without caches must be 0 (the call holds its whole context), got {input_pos}")
+        pos = torch.arange(t, dtype=torch.long, device=idx.device)  # (t,)
+        if seqlens is not None:
+            pos = seqlens[:, None] + pos  # (b, t): each row from its own position
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches[i], input_pos)
+            x = block(x, None if caches is None else caches[i], seqlens)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -203,7 +206,7 @@ class GPT(nn.Module):
                     step = _DecodeStep(self, caches, tokens[:, -1:], cuda_graph)
                 logits = step(tokens[:, -1:], tokens.size(1) - 1)
             else:
-                logits, _ = self(tokens[:, -block_size:], caches=caches, input_pos=0)
+                logits, _ = self(tokens[:, -block_size:], caches=caches)
             next_token = _sample(logits[:, -1, :], temperature, top_k)  # (B, 1)
             yield next_token
             tokens = torch.cat((tokens, next_token), dim=1)
@@ -256,7 +259,7 @@ class GPT(nn.Module):
             padded[row, : prompt.numel()] = prompt
         positions = torch.tensor(lengths, device=device)  # (B,) where each row's next token goes
         caches = self.setup_caches(B, max_seq, cache_dtype)
-        logits, _ = self(padded, caches=caches, input_pos=0, logits_at=positions - 1)  # (B, 1, vocab)
+        logits, _ = self(padded, caches=caches, logits_at=positions - 1)  # (B, 1, vocab)
         rows = torch.arange(B, device=device)  # which prompt each cache row holds
         generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (B, max_new_tokens)
         n_generated = [max_new_tokens] * B  # per prompt; a row that stops early has fewer
