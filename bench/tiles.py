@@ -153,24 +153,12 @@ def _sdpa(backend):
     return run
 
 
-# Variants of our core timed side by side: (forward's lazy rescale, backward's dQ fused into dK/dV).
-OUR_VARIANTS = {"triton": (False, False), "triton-lazy": (True, False), "triton-lazy-fused": (True, True)}
-
-
-def _ours(lazy, fused):
-    def run(q, k, v):
-        attention.FWD_LAZY_RESCALE, attention.BWD_FUSED_DQ = lazy, fused
-        return attention.flash_attention(q, k, v)
-    return run
-
-
 def graphed_core_rows(shapes):
     """Forward and forward + backward of our core (tuned) and SDPA's cuDNN and flash backends, each
     replayed from a CUDA graph, at every shape: ms, TFLOP/s (causal: forward 2 B H T^2 (2 D) / 2,
     backward 2.5x that) and the ratio to cuDNN."""
     rows = []
-    providers = {**{name: _ours(*flags) for name, flags in OUR_VARIANTS.items()},
-                 "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
+    providers = {"triton": attention.flash_attention, "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
     for name, B, T, H, G, D in shapes:
         fwd_flops = 2 * B * H * T * T * 2 * D / 2
         found, outputs = {}, {}

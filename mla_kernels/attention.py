@@ -60,12 +60,6 @@ MAX_RESIDENT_WEIGHT_BYTES = 128 * 1024
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs the reference
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
-# The forward rescales its accumulator only when a row's running maximum grows by more than this
-# (log2 units), so unnormalized probabilities stay below 2^8 = 256: far inside float32 and bf16.
-RESCALE_LOG2 = 8.0
-RESCALE_LOG2_C = tl.constexpr(RESCALE_LOG2)
-FWD_LAZY_RESCALE = False
-BWD_FUSED_DQ = False
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -155,7 +149,7 @@ def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
                DK_IN: tl.constexpr, DV_IN: tl.constexpr,
                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXPAND: tl.constexpr,
-               PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+               PREC: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi); MASKED applies causality and Tk."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,)
@@ -168,27 +162,14 @@ def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
         if MASKED:
             keep = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < Tk)
             s = tl.where(keep, s, float("-inf"))
-        m_row = tl.max(s, 1) * qk_scale  # (BLOCK_M,) log2 units
-        if LAZY_RESCALE:
-            # FA4's conditional rescale: keep a stale maximum until some row's grows by more than
-            # RESCALE_LOG2 (p then stays below 2^RESCALE_LOG2), and skip the accumulator's rescale
-            grow = tl.max((m_row > m_i + RESCALE_LOG2_C).to(tl.int32), 0) > 0
-            if grow:
-                m_new = tl.maximum(m_i, m_row)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(s * qk_scale - m_i[:, None])  # one FFMA and an exp2 per score
-            l_i = l_i + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        else:
-            m_new = tl.maximum(m_i, m_row)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-            m_i = m_new
+        # the scale goes into the exp2's argument, one FFMA per score (measured 1-3% faster than
+        # scaling the scores first); a conditional rescale (FA4's) was 8-10% slower (docs/decisions.md)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (BLOCK_M,) log2 units
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -201,7 +182,7 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
                 Tq, Tk, NH, REP, q_offset, qk_scale, TQ_BUCKET, TK_BUCKET,
                 DQ: tl.constexpr, DO: tl.constexpr, DK_IN: tl.constexpr, DV_IN: tl.constexpr,
                 DQ_P: tl.constexpr, DO_P: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
-                EXPAND: tl.constexpr, PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+                EXPAND: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
@@ -235,11 +216,11 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, skt, svt,
                                0, full_end, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
                                DK_IN, DV_IN, DK_IN == DK_P, DV_IN == DV_P,
-                               BLOCK_N, False, EXPAND, PREC, LAZY_RESCALE)
+                               BLOCK_N, False, EXPAND, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, skt, svt,
                                full_end, end, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
                                DK_IN, DV_IN, DK_IN == DK_P, DV_IN == DV_P,
-                               BLOCK_N, True, EXPAND, PREC, LAZY_RESCALE)
+                               BLOCK_N, True, EXPAND, PREC)
     acc = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_do[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_do[None, :] < DO))
@@ -265,12 +246,11 @@ def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
-                    stride_dqt, lo, hi, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale, sm_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    lo, hi, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
                     DQ: tl.constexpr, DV: tl.constexpr, EVEN_DQ: tl.constexpr, EVEN_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head; with FUSE_DQ also
-    add each query block's share of dQ into the float32 dq_base by atomics."""
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m  # (BLOCK_M,)
         q = _load_tile(q_base, rows, offs_dq, stride_qt, Tq, DQ, MASKED, not EVEN_DQ)
@@ -290,22 +270,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PREC) * sm_scale  # (BLOCK_M, DQ_P)
-            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_dq[None, :], dq,
-                          mask=(rows[:, None] < Tq) & (offs_dq[None, :] < DQ), sem="relaxed")
     return dk, dv
 
 
 @triton.autotune(_configs("dkdv"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P", "REP"],
-                 prune_configs_by={"early_config_prune": _prune}, cache_results=True, reset_to_zero=["DQ_ACC"])
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_, DQ_ACC,
+def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                     sdks, sdkb, sdkt, sdkh, sdvs, sdvb, sdvt, sdvh, sdqab, sdqat, sdqah,
+                     sdks, sdkb, sdkt, sdkh, sdvs, sdvb, sdvt, sdvh,
                      Tq, Tk, NH, G, REP, SPLITS, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                      DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
-                     PREC: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head), summed over REP / SPLITS of its query
     heads; split s writes its sums at DK + s * sdks (SPLITS > 1: float32 partials, summed after).
 
@@ -340,19 +316,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_, DQ_ACC,
         do_base = DO_ + b * sdb + h * sdh
         lse_base = LSE + (b * NH + h) * Tq
         delta_base = DELTA + (b * NH + h) * Tq
-        dq_base = DQ_ACC + b * sdqab + h * sdqah
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sdqat, lo, diag_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
-                                 qk_scale, sm_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC,
-                                 FUSE_DQ)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sdqat, diag_end, full_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
-                                 qk_scale, sm_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, False, PREC,
-                                 FUSE_DQ)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sdqat, full_end, q_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
-                                 qk_scale, sm_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC,
-                                 FUSE_DQ)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 lo, diag_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
+                                 DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 diag_end, full_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
+                                 qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, False, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                                 full_end, q_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset,
+                                 qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
     dk *= sm_scale
     row_ok = cols[:, None] < Tk
     tl.store(DK + split * sdks + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
@@ -493,7 +465,7 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
         Tq, Tk, nh, nh // g, q_offset, softmax_scale * LOG2E, *_length_buckets(Tq, Tk),
         DQ=dq, DO=d_out, DK_IN=dk_in, DV_IN=dv_in,
         DQ_P=tile_dim(dq), DO_P=tile_dim(d_out), DK_P=tile_dim(dk_in), DV_P=tile_dim(dv_in),
-        EXPAND=expand, PREC=_prec(q.dtype), LAZY_RESCALE=FWD_LAZY_RESCALE,
+        EXPAND=expand, PREC=_prec(q.dtype),
     )
     return out, lse
 
@@ -535,23 +507,14 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     common = dict(DQ=dq_dim, DV=dv_dim, DQ_P=tile_dim(dq_dim), DV_P=tile_dim(dv_dim), PREC=_prec(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    if BWD_FUSED_DQ:  # dQ summed by the dK/dV programs' atomics, in float32
-        dq_acc = torch.zeros(B, Tq, nh, dq_dim, device=q.device, dtype=torch.float32)  # (B, Tq, nh, Dq)
-    else:
-        dq_acc = dq
     wrap_triton(_bwd_dkdv_kernel)[lambda meta: (B * g * splits, triton.cdiv(Tk, meta["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk_sums, dv_sums, dq_acc, *strides, *sums_strides,
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+        q, k, v, do, lse, delta, dk_sums, dv_sums, *strides, *sums_strides,
         Tq, Tk, nh, g, rep, splits, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
-        FUSE_DQ=BWD_FUSED_DQ,
     )
-    if BWD_FUSED_DQ:
-        dq.copy_(dq_acc)
-    else:
-        wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
-            q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-            Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
-        )
+    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
+        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
+    )
     if splits == 1:
         return dq, dk_sums, dv_sums
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # in k's and v's layouts, as the op's fake promises
