@@ -1,16 +1,17 @@
 """GPT with nanoGPT's interface; its attention is standard or Multi-Head Latent Attention.
 
-Generation keeps a preallocated per-layer cache (latents only for MLA): the prompt is
-prefilled once, then each new token is one step over the cache.
+Generation (`mla_gpt.generate`) keeps a preallocated per-layer cache (latents only for MLA),
+made by `GPT.setup_caches`: the prompt is prefilled once, then each new token is one step over
+the cache.
 """
 import inspect
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mla_gpt import generate as generation
 from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
 from mla_gpt.model.core import cache_seqlens
 
@@ -160,7 +161,7 @@ class GPT(nn.Module):
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    # ---- generation ----------------------------------------------------------------------
+    # ---- generation (mla_gpt.generate) --------------------------------------------------------
 
     def setup_caches(self, max_batch, max_seq, dtype=None):
         """One preallocated cache per layer; dtype defaults to the dtype activations will have."""
@@ -171,169 +172,14 @@ class GPT(nn.Module):
                 dtype = torch.get_autocast_dtype(device.type)
         return [block.attn.make_cache(max_batch, max_seq, dtype, device) for block in self.transformer.h]
 
-    @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False, cache_dtype=None):
-        """Yield max_new_tokens sampled tokens, each (B, 1), continuing idx (B, T).
+        """Yield max_new_tokens sampled tokens, each (B, 1), continuing idx (B, T):
+        `mla_gpt.generate.generate_stream` on this model, which documents the arguments."""
+        return generation.generate_stream(self, idx, max_new_tokens, temperature, top_k, cuda_graph, cache_dtype)
 
-        temperature 0 or top_k 1 is greedy. The prompt is prefilled into the caches once, then
-        each step feeds one token. Past block_size the context slides (as nanoGPT crops it), so
-        each further step recomputes the last block_size tokens. svd_mode='activation' is not
-        causal and keeps no cache: every step recomputes the whole context.
-        cuda_graph: capture the one-token step once (static shapes) and replay it (CUDA only).
-        cache_dtype: the caches' dtype, by default the activations'; torch.float8_e4m3fn keeps the
-        latents in fp8 with a float32 scale per position and group (half of bf16's bytes plus
-        the scales), read as they are by the decode kernel: more context or rows per GPU, but
-        a slower decode step than bf16 today (docs/decisions.md).
-        """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if cuda_graph and idx.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got idx on {idx.device}")
-        block_size = self.config.block_size
-        cached = all(block.attn.supports_cache for block in self.transformer.h)
-        if not cached:
-            warnings.warn("svd_mode='activation' is not causal: generation recomputes the whole "
-                          "context at every step, without a KV cache", stacklevel=2)
-        caches = step = None
-        if cached:
-            caches = self.setup_caches(idx.size(0), min(block_size, idx.size(1) + max_new_tokens), cache_dtype)
-        tokens = idx
-        for i in range(max_new_tokens):
-            if i > 0 and cached and tokens.size(1) <= block_size:
-                if step is None:
-                    step = _DecodeStep(self, caches, tokens[:, -1:], cuda_graph)
-                logits = step(tokens[:, -1:], tokens.size(1) - 1)
-            else:
-                logits, _ = self(tokens[:, -block_size:], caches=caches)
-            next_token = _sample(logits[:, -1, :], temperature, top_k)  # (B, 1)
-            yield next_token
-            tokens = torch.cat((tokens, next_token), dim=1)
-
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False, lengths=None,
                  stop_token=None, cache_dtype=None):
-        """idx (B, T) -> (B, T + max_new_tokens), sampled with the KV cache (see generate_stream).
-
-        Prompts of different lengths, in one batch: idx a list of 1-D token tensors, or a padded
-        (B, T) batch with `lengths` (B,) (tokens past a row's length are ignored). Each row then
-        runs at its own position in the cache (the prompts are prefilled together, right-padded,
-        and each decode step feeds every row's token at that row's position), and the result is
-        a list of 1-D tensors, each prompt followed by its new tokens. A row that samples
-        stop_token ends there (the stop token included); its cache row is dropped from the batch,
-        so finished rows cost no more work. Every prompt plus max_new_tokens must fit block_size.
-        cache_dtype: as in `generate_stream`.
-        """
-        if isinstance(idx, (list, tuple)):
-            if lengths is not None:
-                raise ValueError("lengths goes with a padded (B, T) batch; a list of prompts carries its own")
-            prompts = list(idx)
-        elif lengths is not None or stop_token is not None:
-            lengths = [idx.size(1)] * idx.size(0) if lengths is None else torch.as_tensor(lengths).tolist()
-            if len(lengths) != idx.size(0) or not all(1 <= n <= idx.size(1) for n in lengths):
-                raise ValueError(f"lengths must hold {idx.size(0)} values in [1, {idx.size(1)}], got {lengths}")
-            prompts = [row[:n] for row, n in zip(idx, lengths)]
-        else:
-            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, cuda_graph, cache_dtype))
-            return torch.cat([idx, *new], dim=1)
-        return self._generate_rows(prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token, cache_dtype)
-
-    def _generate_rows(self, prompts, max_new_tokens, temperature, top_k, cuda_graph, stop_token, cache_dtype):
-        """`generate` for prompts of different lengths: a list of 1-D tensors in, the same out."""
-        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
-        if not all(block.attn.supports_cache for block in self.transformer.h):
-            raise ValueError("prompts of different lengths need a KV cache; svd_mode='activation' keeps none")
-        lengths = [p.numel() for p in prompts]
-        max_seq = max(lengths) + max_new_tokens
-        if max_seq > self.config.block_size:
-            raise ValueError(f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"must fit block_size={self.config.block_size}")
-        device = prompts[0].device
-        if cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got prompts on {device}")
-        B = len(prompts)
-        padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)  # (B, T), right-padded
-        for row, prompt in enumerate(prompts):
-            padded[row, : prompt.numel()] = prompt
-        positions = torch.tensor(lengths, device=device)  # (B,) where each row's next token goes
-        caches = self.setup_caches(B, max_seq, cache_dtype)
-        logits, _ = self(padded, caches=caches, logits_at=positions - 1)  # (B, 1, vocab)
-        rows = torch.arange(B, device=device)  # which prompt each cache row holds
-        generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (B, max_new_tokens)
-        n_generated = [max_new_tokens] * B  # per prompt; a row that stops early has fewer
-        steps = {}  # decode step per batch size
-        for i in range(max_new_tokens):
-            token = _sample(logits[:, -1, :], temperature, top_k)  # (n, 1)
-            generated[rows, i] = token[:, 0]  # on the device: no host work per row and token
-            if i == max_new_tokens - 1:
-                break
-            if stop_token is not None:
-                going = token[:, 0] != stop_token  # (n,)
-                if not bool(going.all()):  # one sync per step, only when stopping is asked for
-                    for row in rows[~going].tolist():
-                        n_generated[row] = i + 1  # its stop token included
-                    keep = going.nonzero()[:, 0]  # (n',)
-                    if keep.numel() == 0:
-                        break
-                    for cache in caches:
-                        cache.keep_rows(keep)
-                    rows, positions, token = rows[keep], positions[keep], token[keep]
-            n = rows.numel()
-            if n not in steps:
-                steps[n] = _DecodeStep(self, caches, token, cuda_graph, positions)
-            logits = steps[n](token, positions)
-            positions = positions + 1
-        return [torch.cat([prompt, generated[row, :n]]) for row, (prompt, n) in enumerate(zip(prompts, n_generated))]
-
-
-class _DecodeStep:
-    """One token through the model over the caches: logits (B, 1, vocab).
-
-    Plain: the position is an int and each layer attends over the filled prefix. With
-    cuda_graph: static shapes (the position lives in a device tensor, attention reads the whole
-    cache with its valid length), captured once as a CUDA graph and replayed every step.
-    positions: a (B,) tensor for rows at different positions (one per row, `generate` with
-    prompts of different lengths); the step then takes (B,) positions, not an int.
-    """
-
-    def __init__(self, model, caches, token, cuda_graph, positions=None):
-        self.model, self.caches, self.graph = model, caches, None
-        if not cuda_graph:
-            return
-        self.token = token.clone()  # (B, 1)
-        shape = () if positions is None else positions.shape
-        self.position = torch.zeros(shape, dtype=torch.long, device=token.device)
-        self.position.fill_(caches[0].max_seq - 1)  # warm up on the last slot: overwritten before it is read
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            model(self.token, caches=caches, input_pos=self.position)  # compiles kernels, no capture
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, _ = model(self.token, caches=caches, input_pos=self.position)
-
-    def __call__(self, token, position):
-        if self.graph is None:
-            return self.model(token, caches=self.caches, input_pos=position)[0]
-        self.token.copy_(token)
-        if isinstance(position, torch.Tensor):
-            self.position.copy_(position)
-        else:
-            self.position.fill_(position)
-        self.graph.replay()
-        return self.logits
-
-
-def _sample(logits, temperature, top_k):
-    """logits (B, V) -> next token (B, 1)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+        """idx (B, T) -> (B, T + max_new_tokens), or a list of prompts of different lengths -> a list:
+        `mla_gpt.generate.generate` on this model, which documents the arguments."""
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, cuda_graph, lengths, stop_token,
+                                   cache_dtype)
