@@ -26,11 +26,13 @@ class LatentKVCache(nn.Module):
     svd_mode='weight' the value latent is the rank-reduced z = c^v U_k, so value_dim is the
     SVD rank. Standard attention is the degenerate case n_groups = n_head,
     key_dim = value_dim = head_size (its K and V themselves).
-    Rows are written by `update` in place; nothing grows by concatenation.
+    A container: `update` writes rows in place (nothing grows by concatenation), `latents` hands
+    out views of them, `keep_rows` compacts the batch; the layers write decode steps' latents
+    with `mla_kernels.append.project_append` into `.k` / `.v` themselves.
 
     dtype=torch.float8_e4m3fn stores the latents in fp8 with one float32 scale per (row,
     position, group) (`mla_kernels.reference.quantize_fp8`), quantized as they are written;
-    `update` then hands out `QuantizedLatents`, which `latent_decode` reads directly. Why this
+    `latents` then hands out `QuantizedLatents`, which `latent_decode` reads directly. Why this
     granularity (`bench/fp8_scales.py`): a position's latent is complete when it is written, so
     its scale never changes (a scale per tile of positions would have to rescale a tile's older
     positions whenever a new one raised its amax), and on the small trained models of that
@@ -106,46 +108,19 @@ class LatentKVCache(nn.Module):
             if buf.numel():
                 buf[:n] = buf[rows]
 
-    def project_update(self, cache_seqlens, x, weight, bias, query_dim):
-        """Project the new tokens and write their latents in one kernel (`mla_kernels.append`).
-
-        x: (B, T, C); weight: (query_dim + g key_dim + g value_dim, C), bias: (same,) or None,
-        output columns [query | key latent | value latent] (no value columns when joint).
-        Returns (q, k, v): q (B, T, query_dim), and k, v as `update` returns them. An fp8 cache
-        is quantized in the kernel (`mla_kernels.append.fp8_append_supported` says for which widths).
-        """
-        from mla_kernels.append import project_append
-
-        q = project_append(x, weight, bias, query_dim, self.k, self.v, cache_seqlens, self.k_scales, self.v_scales)
-        return (q, *self._filled(x.shape[0], x.shape[1], cache_seqlens))
-
-    def _filled(self, B, T, cache_seqlens):
-        """Views (B, end, g, dim) of the first B rows: the filled prefix, or all of it for a tensor
-        cache_seqlens; `QuantizedLatents` of such views and their (B, end, g) scales when fp8."""
-        end = self.max_seq if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens + T
-        k, v = self.k[:B, :end], None if self.joint else self.v[:B, :end]  # (B, end, g, dim) each
-        if not self.quantized:
-            return k, v
-        k_scale = self.k_scales[:B, :end]  # (B, end, g)
-        v_scale = None if self.joint else self.v_scales[:B, :end]
-        return QuantizedLatents(k, k_scale), None if self.joint else QuantizedLatents(v, v_scale)
-
     def update(self, cache_seqlens, k_new, v_new=None):
-        """Write the latents of new tokens at positions cache_seqlens.. and return the cache.
+        """Write the latents of new tokens at positions cache_seqlens.. of rows 0 .. B - 1.
 
         cache_seqlens: tokens already in each row's cache, where its first new token goes: an
-          int (the same for every row), or an integer tensor on the cache's device of shape ()
-          (static-shape decode steps, CUDA graphs) or (B,) (rows at different positions).
+          int (the same for every row, checked against max_seq), or an integer tensor on the
+          cache's device of shape () or (B,) (decode steps: not range-checked, that would
+          synchronize with the device).
         k_new: (B, T, n_groups, key_dim); v_new: (B, T, n_groups, value_dim), None when joint.
-        Returns (k, v): with an int cache_seqlens, views (B, cache_seqlens + T, n_groups, dim) of
-        the filled prefix; with a tensor, the whole buffers (B, max_seq, n_groups, dim), whose
-        valid length (cache_seqlens + T) the caller passes on to `latent_decode`. v is None when
-        joint.
-        A tensor cache_seqlens is not range-checked (that would synchronize with the device).
+        An fp8 cache quantizes them as it stores them. `latents` hands out what was written.
         """
         B, T = k_new.shape[:2]
-        static = isinstance(cache_seqlens, torch.Tensor)
-        if not static and (cache_seqlens < 0 or cache_seqlens + T > self.max_seq):
+        on_device = isinstance(cache_seqlens, torch.Tensor)
+        if not on_device and (cache_seqlens < 0 or cache_seqlens + T > self.max_seq):
             raise ValueError(
                 f"cache overflow: positions [{cache_seqlens}, {cache_seqlens + T}) do not fit max_seq={self.max_seq}"
             )
@@ -153,7 +128,7 @@ class LatentKVCache(nn.Module):
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         if (v_new is None) != self.joint:
             raise ValueError(f"v_new must be {'None' if self.joint else 'given'} for this cache")
-        if static:  # (B, T) slots: each row from its own start
+        if on_device:  # (B, T) slots: each row from its own start
             rows = torch.arange(B, device=k_new.device)[:, None]  # (B, 1)
             slots = (rows, cache_seqlens.expand(B)[:, None] + torch.arange(T, device=k_new.device))
         else:
@@ -174,4 +149,15 @@ class LatentKVCache(nn.Module):
             if tuple(new.shape) != expected:
                 raise ValueError(f"{name} must be {expected}, got {tuple(new.shape)}")
             buf[slots] = new
-        return self._filled(B, T, cache_seqlens)
+
+    def latents(self, batch, length=None):
+        """(k, v): views (batch, length, n_groups, dim) of rows 0 .. batch - 1 and positions
+        0 .. length - 1 (length None: all max_seq), v None when joint; for an fp8 cache each is
+        `QuantizedLatents` of such a view and its (batch, length) scales, as `latent_decode` reads them."""
+        end = self.max_seq if length is None else length
+        k, v = self.k[:batch, :end], None if self.joint else self.v[:batch, :end]  # (batch, end, g, dim) each
+        if not self.quantized:
+            return k, v
+        k_scale = self.k_scales[:batch, :end]  # (batch, end, g)
+        v_scale = None if self.joint else self.v_scales[:batch, :end]
+        return QuantizedLatents(k, k_scale), None if self.joint else QuantizedLatents(v, v_scale)

@@ -129,18 +129,21 @@ def test_follows_autocast_like_f_linear():
     assert_close("key latent cache", k16, k_ref, *TOLS[torch.float16], equal_nan=True)
 
 
-def test_cache_method_returns_prefix_views_like_update():
+def test_append_into_a_cache_equals_its_update():
+    """The layer's two ways to write a step's latents into a LatentKVCache, project_append into
+    its `.k` / `.v` and F.linear then `update`, leave the same latents, which `latents` hands out."""
     B, T, C, g, r, rv = 2, 3, 40, 2, 16, 8
     qd = 4 * r
     x = torch.randn(B, T, C)
     weight = torch.randn(qd + g * r + g * rv, C)
     fused = LatentKVCache(MAX_BATCH, MAX_SEQ, g, r, rv, dtype=torch.float32, device="cpu")
     plain = LatentKVCache(MAX_BATCH, MAX_SEQ, g, r, rv, dtype=torch.float32, device="cpu")
-    q, k, v = fused.project_update(5, x, weight, None, qd)
+    q = project_append(x, weight, None, qd, fused.k, fused.v, 5)
     y = x @ weight.T
-    k_plain, v_plain = plain.update(5, y[..., qd : qd + g * r].reshape(B, T, g, r),
-                                    y[..., qd + g * r :].reshape(B, T, g, rv))
+    plain.update(5, y[..., qd : qd + g * r].reshape(B, T, g, r), y[..., qd + g * r :].reshape(B, T, g, rv))
+    (k, v), (k_plain, v_plain) = fused.latents(B, 5 + T), plain.latents(B, 5 + T)
     assert k.shape == k_plain.shape == (B, 5 + T, g, r) and v.shape == v_plain.shape == (B, 5 + T, g, rv)
+    assert k.data_ptr() == fused.k.data_ptr() and v.data_ptr() == fused.v.data_ptr()  # views, not copies
     torch.testing.assert_close(q, y[..., :qd], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, k_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v, v_plain, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import SMALL_GPT, rel_err, small_gpt
 
+from mla_kernels.append import project_append
 from mla_kernels.cache import LatentKVCache, QuantizedLatents
 from mla_kernels.reference import FP8_DTYPE
 
@@ -62,12 +63,14 @@ def test_fp8_cache_holds_values_and_scales_and_counts_both():
     assert fp8.bytes_per_token == 3 * 32 * 2 + 3 * 4 * 2  # fp8 keys and values, a float32 scale per group each
     assert fp8.bytes_per_token < 0.6 * bf16.bytes_per_token
     k_new, v_new = torch.randn(2, 4, 3, 32), torch.randn(2, 4, 3, 32)
-    k, v = fp8.update(5, k_new, v_new)
+    fp8.update(5, k_new, v_new)
+    k, v = fp8.latents(2, 9)
     assert isinstance(k, QuantizedLatents) and k.values.shape == (2, 9, 3, 32) and k.scales.shape == (2, 9, 3)
     back = k.dequantize(torch.float32)[:, 5:]
     assert ((back - k_new).abs() <= 2**-4 * k_new.abs().amax(-1, keepdim=True)).all()
     x, weight = torch.randn(2, 1, 8), torch.randn(4 * 32 + 6 * 32, 8)  # 4 query heads of width 32, 3 groups
-    q, k, v = fp8.project_update(9, x, weight, None, 4 * 32)  # quantized inside the fused kernel
+    q = project_append(x, weight, None, 4 * 32, fp8.k, fp8.v, 9, fp8.k_scales, fp8.v_scales)  # quantized in the kernel
+    k, v = fp8.latents(2, 10)
     y = x @ weight.T
     torch.testing.assert_close(q, y[..., : 4 * 32], atol=1e-5, rtol=1e-5)
     for got, want in ((k, y[..., 128:224]), (v, y[..., 224:])):

@@ -124,12 +124,13 @@ def test_cache_errors():
         LatentKVCache(1, 0, 1, 1, dtype=torch.float32, device="cpu")
 
 
-def test_cache_update_writes_in_place_and_returns_prefix():
+def test_cache_update_writes_in_place_and_latents_hands_out_the_prefix():
     cache = LatentKVCache(2, 8, 3, 5, dtype=torch.float64, device="cpu")  # joint latent
     first, second = torch.randn(2, 3, 3, 5, dtype=torch.float64), torch.randn(2, 2, 3, 5, dtype=torch.float64)
     cache.update(0, first)
-    k, v = cache.update(3, second)
-    assert v is None and k.shape == (2, 5, 3, 5)
+    cache.update(torch.tensor([3, 3]), second)  # per row, as a decode step writes
+    k, v = cache.latents(2, 5)
+    assert v is None and k.shape == (2, 5, 3, 5) and cache.latents(1)[0].shape == (1, 8, 3, 5)
     torch.testing.assert_close(k, torch.cat([first, second], dim=1), rtol=0, atol=0)
 
 

@@ -23,11 +23,13 @@ from mla_gpt.model.core import (
     dequantized,
     resolve_backend,
     sdpa_attention,
+    write_cache,
 )
 from mla_gpt.model.costs import mla_path_costs
 from mla_gpt.model.memory import KVCacheReport
 from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
+from mla_kernels.append import fp8_append_supported, project_append
 from mla_kernels.cache import LatentKVCache
 
 # A generation's composed weights, keyed by its cache (one per layer): (the layer, {dtype: weights}),
@@ -76,7 +78,7 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             basis = self._value_basis()  # (nh, hs, k)
             v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
-            k, v = cache.update(0 if cache_seqlens is None else cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
+            k, v = write_cache(cache, cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
         if self.backend == "auto" or backend == "sdpa":  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
             y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, cache_seqlens,
@@ -338,15 +340,14 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
         fused = cache_seqlens is not None and backend == "triton" and T <= DECODE_MAX_QUERIES  # a decode step
         if fused and cache.quantized:  # the kernel quantizes a group's latent within one tile
-            from mla_kernels.append import fp8_append_supported
-
             fused = fp8_append_supported(nh * r, r, 0 if self.caches_joint_latent else self.value_dim)
         if fused:  # one kernel projects and writes the latents into the cache (mla_kernels.append)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, cache_seqlens, dtype)
-            q_lat, c_k, c_v = cache.project_update(cache_seqlens, x if dtype is None else x.to(dtype),
-                                                   weight_in, bias_in, nh * r)  # c_k, c_v: (B, Tk, g, .)
+            q_lat = project_append(x if dtype is None else x.to(dtype), weight_in, bias_in, nh * r, cache.k, cache.v,
+                                   cache_seqlens, cache.k_scales, cache.v_scales)  # (B, T, nh r)
             q_lat = q_lat.view(B, T, nh, r)  # (B, T, nh, r)
+            c_k, c_v = cache.latents(B)  # (B, max_seq, g, .), c_v None when joint
         else:
             weight_in, bias_in, weight_out = self._absorbed_weights(basis, cache, cache_seqlens)
             projected = F.linear(x, weight_in, bias_in)  # (B, T, nh r + g r + g rv)
@@ -356,8 +357,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             if not self.caches_joint_latent:
                 c_v = projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
             if cache is not None:
-                start = 0 if cache_seqlens is None else cache_seqlens
-                c_k, c_v = cache.update(start, c_k, c_v)  # (B, T or max_seq, g, .), c_v None when joint
+                c_k, c_v = write_cache(cache, cache_seqlens, c_k, c_v)  # (B, T or max_seq, g, .), c_v None when joint
         if cache is None:
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory

@@ -104,6 +104,19 @@ def dequantized(latents, dtype):
     return latents.dequantize(dtype) if isinstance(latents, QuantizedLatents) else latents
 
 
+def write_cache(cache, cache_seqlens, k_new, v_new):
+    """Store a call's new keys and values, k_new (B, T, g, dk) and v_new (B, T, g, dv) or None
+    (a joint latent), in cache (a `LatentKVCache`) at cache_seqlens (`cache_seqlens`), and return
+    what `cached_attention` reads: views (B, T, g, .) of a prefill's positions (cache_seqlens
+    None), or of the whole cache (B, max_seq, g, .) for a decode step."""
+    B, T = k_new.shape[:2]
+    if cache_seqlens is None:
+        cache.update(0, k_new, v_new)
+        return cache.latents(B, T)
+    cache.update(cache_seqlens, k_new, v_new)
+    return cache.latents(B)
+
+
 def cached_attention(q, k, v, cache_seqlens, softmax_scale, backend):
     """New queries over a cache: q (B, T, nh, D); k (B, L, g, D); v (B, L, g, Dv), or None when
     the latent is joint (v = k); k and v are `QuantizedLatents` when the cache is fp8. Returns

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m pytest tests/gpu/test_append_bf16.py
 
-`mla_kernels.append.project_append` (and `LatentKVCache.project_update`, which calls it) computes
+`mla_kernels.append.project_append` computes
 y = x W^T + b and writes its latent columns into the cache views (max_batch, max_seq, g, dim) of a
 `LatentKVCache` (`.k`, `.v`; group-major storage) at positions [pos, pos + T) of rows [0, B),
 pos = cache_seqlens, the tokens already cached. It is compared with the float64 reference
@@ -117,15 +117,16 @@ def test_project_append_bf16(case, tensor_pos):
 
 
 @pytest.mark.parametrize("tensor_pos", [False, True], ids=["int-pos", "tensor-pos"])
-def test_cache_project_update_bf16(tensor_pos):
-    """`LatentKVCache.project_update` writes as project_append does and returns views of the cache:
-    the filled prefix (B, pos + T, g, dim) for an int position, the whole buffers for a tensor."""
+def test_append_into_cache_latents_bf16(tensor_pos):
+    """project_append into a LatentKVCache's `.k` / `.v`, as the model's decode step writes, and the
+    cache's `latents` views of it: the filled prefix (B, pos + T, g, dim), or the whole buffers."""
     B, T, C, nh, g, r, rv, pos, max_seq = 3, 2, 768, 12, 12, 32, 16, 510, 777
     x, weight, b = make_inputs(B, T, C, nh, g, r, rv, True)
     qd = nh * r
     cache = poisoned_cache(B + 1, max_seq, g, r, rv)
-    q, k, v = cache.project_update(torch.tensor(pos, device=DEVICE) if tensor_pos else pos, x, weight, b, qd)
+    q = project_append(x, weight, b, qd, cache.k, cache.v, torch.tensor(pos, device=DEVICE) if tensor_pos else pos)
     end = max_seq if tensor_pos else pos + T
+    k, v = cache.latents(B, end)
     assert k.shape == (B, end, g, r) and v.shape == (B, end, g, rv)
     assert k.data_ptr() == cache.k.data_ptr() and v.data_ptr() == cache.v.data_ptr()
 
