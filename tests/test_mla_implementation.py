@@ -12,7 +12,7 @@ import torch
 
 from mla_gpt.model import GPT, GPTConfig
 from mla_gpt.model.attention import _COMPOSED_PER_CACHE, CausalSelfAttention, MultiHeadLatentAttention
-from mla_gpt.model.costs import mla_path_costs
+from mla_gpt.model.costs import mla_form_costs
 from mla_kernels.cache import LatentKVCache
 
 SMALL = dict(n_embd=96, n_head=4, block_size=40, vocab_size=61, n_layer=2, bias=True, attn_backend="reference")
@@ -98,9 +98,13 @@ def test_config_errors_name_the_argument(kwargs, error, words):
 
 
 def test_latent_dim_above_head_size_is_allowed_and_expanded():
-    config = GPTConfig(n_embd=768, n_head=12, use_mla=True, mla_latent_dim=192, use_svd=True, svd_rank=32)
-    assert MultiHeadLatentAttention(config).choose_path(1024) == "expanded"
-    assert MultiHeadLatentAttention(GPTConfig(n_embd=768, n_head=12, use_mla=True)).choose_path(1024) == "absorbed"
+    x = torch.randn(1, 4, 768)  # on the CPU: the FLOP model chooses, SDPA or the reference runs the core
+    custom = dict(n_embd=768, n_head=12, use_mla=True, mla_latent_dim=192, use_svd=True, svd_rank=32)
+    assert MultiHeadLatentAttention(GPTConfig(**custom)).choose_form(1024, x) == ("materialized", "sdpa")
+    default = MultiHeadLatentAttention(GPTConfig(n_embd=768, n_head=12, use_mla=True))
+    assert default.choose_form(1024, x) == ("absorbed", "sdpa")
+    forced = MultiHeadLatentAttention(GPTConfig(**custom, attn_backend="reference", mla_path="expanded"))
+    assert forced.choose_form(1024, x) == ("expanded", "reference")
 
 
 def test_sequence_longer_than_block_size():
@@ -172,12 +176,15 @@ def test_compression_ratio_formula():
     assert mla.get_compression_ratio() == pytest.approx(standard_params / mla_params)
 
 
-def test_path_cost_model_prefers_latent_space_below_head_size():
+def test_form_cost_model_prefers_latent_space_below_head_size():
     for r in (8, 16, 32):
-        costs = mla_path_costs(2048, 768, 12, r, r)
-        assert costs["absorbed"] < costs["expanded"]
-    costs = mla_path_costs(2048, 768, 12, 192, 192)
-    assert costs["expanded"] < costs["absorbed"]
+        costs = mla_form_costs(2048, 768, 12, r, r)
+        assert costs["absorbed"] < min(costs["expanded"], costs["materialized"])
+    costs = mla_form_costs(2048, 768, 12, 192, 192)
+    assert min(costs["expanded"], costs["materialized"]) < costs["absorbed"]
+    # the fused kernel re-expands each K/V tile per query tile: at long lengths expanding once wins
+    long = mla_form_costs(16384, 768, 12, 192, 192)
+    assert long["materialized"] < long["expanded"]
 
 
 # ---- the two paths agree; every path is causal ---------------------------------------------------
@@ -192,19 +199,20 @@ PATH_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("form", ["expanded", "materialized"])
 @pytest.mark.parametrize("kwargs", PATH_CONFIGS.values(), ids=list(PATH_CONFIGS))
-def test_absorbed_equals_expanded_in_module(kwargs):
+def test_absorbed_equals_other_forms_in_module(kwargs, form):
     x = torch.randn(2, 17, 96, dtype=torch.float64)
     absorbed = layer(mla_config(mla_path="absorbed", **kwargs)).eval()
-    expanded = layer(mla_config(mla_path="expanded", **kwargs)).eval()
-    expanded.load_state_dict(absorbed.state_dict())
-    torch.testing.assert_close(absorbed(x), expanded(x), atol=1e-10, rtol=1e-10)
+    other = layer(mla_config(mla_path=form, **kwargs)).eval()
+    other.load_state_dict(absorbed.state_dict())
+    torch.testing.assert_close(absorbed(x), other(x), atol=1e-10, rtol=1e-10)
 
 
 CAUSAL_CONFIGS = {
     "standard": dict(use_mla=False),
     **{f"{name}-{path}": dict(kwargs, mla_path=path) for name, kwargs in PATH_CONFIGS.items()
-       for path in ("absorbed", "expanded")},
+       for path in ("absorbed", "expanded", "materialized")},
 }
 
 

@@ -4,10 +4,11 @@ Both take x (B, T, C) and return (B, T, C). With `cache` (a LatentKVCache) and `
 (`mla_gpt.model.core.cache_seqlens` says what it holds) they write the new tokens' keys and values
 into the cache and attend over what it holds, for generation. Backends (`attn_backend`):
 'triton' runs the kernels of `mla_kernels` (through the Triton interpreter on CPU when
-TRITON_INTERPRET=1), 'sdpa' runs the attention core on PyTorch's
-`F.scaled_dot_product_attention` (MLA on SDPA: the peer a user can write without a custom
-kernel), 'reference' runs `mla_kernels.reference`, 'auto' picks the kernels on CUDA and SDPA
-elsewhere (CausalSelfAttention: PyTorch's SDPA everywhere, nanoGPT's fast path).
+TRITON_INTERPRET=1); 'sdpa' runs the attention core on PyTorch's `F.scaled_dot_product_attention`
+(MLA on SDPA: the peer a user can write without a custom kernel), 'cudnn' and 'flash' the same
+restricted to that kernel; 'reference' runs `mla_kernels.reference`. 'auto': MLA's form and core
+per shape from the GPU's measured table (`mla_gpt.model.plan`), SDPA on a CPU; CausalSelfAttention
+runs PyTorch's SDPA everywhere, nanoGPT's fast path.
 """
 import math
 import weakref
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mla_gpt.model import plan
 from mla_gpt.model.core import (
     DECODE_MAX_QUERIES,
+    SDPA_CORES,
     cached_attention,
     causal_attention,
     dequantized,
@@ -25,7 +28,7 @@ from mla_gpt.model.core import (
     sdpa_attention,
     write_cache,
 )
-from mla_gpt.model.costs import mla_path_costs
+from mla_gpt.model.costs import mla_form_costs
 from mla_gpt.model.memory import KVCacheReport
 from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
@@ -79,10 +82,11 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
             k, v = write_cache(cache, cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
-        if self.backend == "auto" or backend == "sdpa":  # standard attention's 'auto' is SDPA on any device
+        if self.backend == "auto" or backend in SDPA_CORES:  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
+            core = backend if backend in SDPA_CORES and cache_seqlens is None else "sdpa"  # a decode step's mask
             y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, cache_seqlens,
-                               dropout_p)
+                               dropout_p, core)
         elif cache is not None:
             y = cached_attention(q, k, v, cache_seqlens, self.softmax_scale, backend)
         else:
@@ -145,8 +149,9 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
 
     q_proj: C -> C; kv_latent_proj: C -> (2 or 1) g r (separate or joint K/V latents);
     k_expand, v_expand: per-head (r, hs) expansions; c_proj: C -> C.
-    The attention core runs in latent space ('absorbed') or on expanded K/V built from the
-    latents ('expanded'), chosen by `mla_path_costs` unless config.mla_path forces one.
+    The attention runs in latent space ('absorbed'), on K/V tiles our kernel expands on chip
+    ('expanded') or on K/V expanded once in memory ('materialized'), its core on our kernel or
+    SDPA: `choose_form` decides unless config.mla_path and attn_backend force them.
     Attention-probability dropout is not applied (the fused kernels have none); dropout
     acts on the output, as resid_dropout.
     """
@@ -208,11 +213,23 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         """svd 'activation' is not causal, so its outputs cannot be cached."""
         return self.svd_mode != "activation"
 
-    def choose_path(self, seq_len):
+    def choose_form(self, seq_len, x):
+        """(form, core) of an uncached call of length seq_len on x: on a CUDA GPU from its measured
+        table (`mla_gpt.model.plan`), elsewhere the backend the layer resolves to and, unless
+        mla_path forces one, the form the FLOP model finds cheapest."""
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if x.is_cuda and self.backend != "reference":
+            shape = plan.layer_key(self.n_embd, self.n_head, self.head_size, self.latent_dim, self.value_dim,
+                                   self.n_groups, self.joint_kv, dtype)
+            return plan.choose(shape, seq_len, torch.is_grad_enabled(), plan.gpu_kind(x.device.index),
+                               self.backend, self.path)
+        core = resolve_backend(self.backend, x)
         if self.path != "auto":
-            return self.path
-        costs = mla_path_costs(seq_len, self.n_embd, self.n_head, self.latent_dim, self.value_dim)
-        return min(costs, key=costs.get)
+            return self.path, core
+        costs = mla_form_costs(seq_len, self.n_embd, self.n_head, self.latent_dim, self.value_dim)
+        forms = plan.FORMS if core in ("triton", "reference") else ("absorbed", "materialized")
+        return min(forms, key=costs.get), core
 
     # ---- svd 'weight': the value maps ------------------------------------------------------
 
@@ -238,21 +255,23 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
         basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
-        path = "absorbed" if cache is not None else self.choose_path(T)
-        if path == "absorbed":
+        if cache is not None:  # generation runs in latent space over the latent cache
             return self.resid_dropout(self._forward_absorbed(x, basis, cache, cache_seqlens, backend))
+        form, core = self.choose_form(T, x)
+        if form == "absorbed":
+            return self.resid_dropout(self._forward_absorbed(x, basis, None, None, core))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
-        if backend == "triton":
+        if form == "expanded" and core == "triton":
             from mla_kernels.attention import mla_attention_expanded
 
             y = mla_attention_expanded(q, c_k, c_v, w_uk, w_uv, softmax_scale=self.softmax_scale)
-        elif backend == "sdpa":
-            k, v = ref.expand_latent(c_k, w_uk), ref.expand_latent(c_v, w_uv)  # (B, T, nh, hs) each
-            y = sdpa_attention(q, k, v, self.softmax_scale)
-        else:
+        elif form == "expanded" and core == "reference":
             y = ref.mla_attention_expanded_ref(q, c_k, c_v, w_uk, w_uv, self.softmax_scale)[0]
+        else:  # materialized, and 'expanded' on a core that cannot fuse the expansion: the same math
+            k, v = ref.expand_latent(c_k, w_uk), ref.expand_latent(c_v, w_uv)  # (B, T, nh, hs) each
+            y = causal_attention(q, k, v, self.softmax_scale, core)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
     def _value_expansion(self, basis):

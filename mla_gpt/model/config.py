@@ -3,8 +3,8 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Optional, Union, get_args, get_origin
 
-ATTN_BACKENDS = ("auto", "triton", "sdpa", "reference")
-MLA_PATHS = ("auto", "absorbed", "expanded")
+ATTN_BACKENDS = ("auto", "triton", "sdpa", "cudnn", "flash", "reference")
+MLA_PATHS = ("auto", "absorbed", "expanded", "materialized")
 GELU_APPROXIMATIONS = ("none", "tanh")
 SVD_MODES = ("weight", "activation")
 
@@ -31,8 +31,11 @@ class GPTConfig:
     svd_rank: Optional[int] = None  # None -> full rank (MLA's latent dim in 'weight' mode, else the head size)
     svd_mode: str = "weight"  # 'weight': causal and cached; 'activation': per-sequence, not causal
 
-    attn_backend: str = "auto"  # 'auto': Triton kernels on CUDA, PyTorch's SDPA elsewhere; 'reference' for the tests
-    mla_path: str = "auto"  # 'auto': cheaper of absorbed / expanded by the cost model
+    # 'auto': MLA's core per shape from the GPU's measured table (mla_gpt.model.plan), standard
+    # attention on SDPA; 'triton' (ours), 'sdpa' (PyTorch picks), 'cudnn' or 'flash' (SDPA forced to
+    # one), 'reference' for the tests. On a CPU 'auto' is SDPA.
+    attn_backend: str = "auto"
+    mla_path: str = "auto"  # MLA's form: 'auto' (mla_gpt.model.plan), 'absorbed', 'expanded', 'materialized'
 
     def __post_init__(self):
         for f in fields(self):

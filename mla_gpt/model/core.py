@@ -4,8 +4,11 @@ inside the model (`cache_seqlens`).
 
 Layout (B, T, heads, dim) throughout; k and v carry g <= nh heads (grouped queries).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mla_kernels import reference as ref
 from mla_kernels.cache import QuantizedLatents
@@ -60,13 +63,19 @@ def resolve_backend(backend, x):
     return backend
 
 
-def sdpa_attention(q, k, v, softmax_scale, cache_seqlens=None, dropout_p=0.0):
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+SDPA_CORES = ("sdpa", *SDPA_BACKENDS)  # the backends that run PyTorch's SDPA
+
+
+def sdpa_attention(q, k, v, softmax_scale, cache_seqlens=None, dropout_p=0.0, backend="sdpa"):
     """PyTorch's fused attention on flash-attention's layout, causal.
 
     q (B, Tq, nh, D), k (B, Tk, g, D), v (B, Tk, g, Dv) -> (B, Tq, nh, Dv); g < nh through enable_gqa.
     cache_seqlens (`cache_seqlens`): None, the queries are the keys' positions (Tq = Tk); or
     (B,) int32, row b's query i sits at position cache_seqlens[b] + i and sees the keys up to it
     (a mask, which also hides a cache's unfilled tail).
+    backend: 'sdpa' lets PyTorch pick its kernel; 'cudnn' or 'flash' allows only that one (cuDNN
+    takes no grouped KV heads: they are repeated for it, as a user of it would).
     """
     Tq, Tk = q.size(1), k.size(1)
     d_qk, d_v = q.size(-1), v.size(-1)
@@ -74,16 +83,21 @@ def sdpa_attention(q, k, v, softmax_scale, cache_seqlens=None, dropout_p=0.0):
         q, k = F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk))
     elif d_v < d_qk:
         v = F.pad(v, (0, d_qk - d_v))
+    if backend == "cudnn" and k.size(2) != q.size(2):
+        k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))  # (B, Tk, nh, .)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     options = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=k.size(1) != q.size(1))
+    restricted = sdpa_kernel([SDPA_BACKENDS[backend]]) if backend in SDPA_BACKENDS else contextlib.nullcontext()
     if cache_seqlens is None:
         if Tq != Tk:
             raise ValueError(f"without cache_seqlens the queries are the keys' positions: Tq={Tq} != Tk={Tk}")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
+        with restricted:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
     else:
         q_pos = torch.arange(Tq, device=q.device)[:, None] + cache_seqlens[:, None, None]  # (B, Tq, 1)
         mask = torch.arange(Tk, device=q.device) <= q_pos  # (B, Tq, Tk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **options)  # one mask per row
+        with restricted:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **options)  # one mask per row
     return y[..., :d_v].transpose(1, 2)  # (B, Tq, nh, Dv)
 
 
@@ -94,9 +108,9 @@ def causal_attention(q, k, v, softmax_scale, backend):
         from mla_kernels.attention import flash_attention
 
         return flash_attention(q, k, v, softmax_scale=softmax_scale, q_offset=0)
-    if backend == "sdpa":
-        return sdpa_attention(q, k, v, softmax_scale)
-    return ref.attention_ref(q, k, v, softmax_scale, 0)[0]
+    if backend == "reference":
+        return ref.attention_ref(q, k, v, softmax_scale, 0)[0]
+    return sdpa_attention(q, k, v, softmax_scale, backend=backend)
 
 
 def dequantized(latents, dtype):
@@ -134,7 +148,7 @@ def cached_attention(q, k, v, cache_seqlens, softmax_scale, backend):
         v = k if v is None else v
     if cache_seqlens is None:
         return causal_attention(q, k, v, softmax_scale, backend)
-    if backend == "sdpa":
+    if backend in SDPA_CORES:  # a decode step's per-row mask: PyTorch picks the kernel that takes it
         return sdpa_attention(q, k, v, softmax_scale, cache_seqlens)
     seqlens = cache_seqlens + q.size(1)  # (B,) int32: the valid length of each row, new tokens included
     if kernels:

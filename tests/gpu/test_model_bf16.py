@@ -34,7 +34,7 @@ import pytest
 import torch
 from helpers import ERR_FLOOR, assert_within_torch_error, grads_by_name
 
-from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model import GPT, GPTConfig, plan
 
 DEVICE = "cuda"
 LOW = torch.bfloat16
@@ -57,13 +57,13 @@ def assert_within_bf16_error(checks, dtype):
                                for name, (got, want64, torch_low) in checks.items()})
 
 
-def model_triplet(kwargs, dtype):
-    """(kernels, torch_low, ref64): one set of weights in `dtype` on the kernels and on the
-    reference path, and those weights in float64 on the reference path; eval mode."""
+def model_triplet(kwargs, dtype, backend="triton"):
+    """(kernels, torch_low, ref64): one set of weights in `dtype` on `backend` (the kernels) and on
+    the reference path, and those weights in float64 on the reference path; eval mode."""
     base = GPT(GPTConfig(**GPT2ISH, **kwargs, attn_backend="reference")).to(DEVICE).eval()
     torch_low = base.to(dtype)
     ref64 = copy.deepcopy(torch_low).double()
-    kernels = GPT(GPTConfig(**GPT2ISH, **kwargs, attn_backend="triton")).to(DEVICE).to(dtype).eval()
+    kernels = GPT(GPTConfig(**GPT2ISH, **kwargs, attn_backend=backend)).to(DEVICE).to(dtype).eval()
     kernels.load_state_dict(torch_low.state_dict())
     return kernels, torch_low, ref64
 
@@ -84,6 +84,22 @@ def test_loss_and_gradients_bf16(kwargs):
     loss_torch, grads_torch = loss_and_grads(torch_low, idx)
     loss_kernels, grads_kernels = loss_and_grads(kernels, idx)
     assert grads_kernels.keys() == grads64.keys() == grads_torch.keys()
+    checks = {"loss": (loss_kernels, loss64, loss_torch)}
+    checks.update({name: (grads_kernels[name], grads64[name], grads_torch[name]) for name in grads64})
+    assert_within_bf16_error(checks, LOW)
+
+
+@pytest.mark.parametrize("latent", [32, 192], ids=["r32", "r192"])
+@pytest.mark.parametrize("form, core", [*plan.candidates("auto", "auto"), ("auto", "auto")],
+                         ids=[*(f"{f}-{c}" for f, c in plan.candidates("auto", "auto")), "auto-auto"])
+def test_every_form_and_core_bf16(form, core, latent):
+    """Each (form, core) the layer can be forced to, and the one `plan.choose` picks: one training
+    forward + backward, held to the same rule."""
+    kernels, torch_low, ref64 = model_triplet(dict(mla_latent_dim=latent, mla_path=form), LOW, backend=core)
+    idx = torch.randint(0, GPT2ISH["vocab_size"], (BATCH, SEQ + 1), device=DEVICE)
+    loss64, grads64 = loss_and_grads(ref64, idx)
+    loss_torch, grads_torch = loss_and_grads(torch_low, idx)
+    loss_kernels, grads_kernels = loss_and_grads(kernels, idx)
     checks = {"loss": (loss_kernels, loss64, loss_torch)}
     checks.update({name: (grads_kernels[name], grads64[name], grads_torch[name]) for name in grads64})
     assert_within_bf16_error(checks, LOW)
