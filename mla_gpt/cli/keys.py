@@ -127,9 +127,9 @@ class ModelKeys(GPTConfig):
     svd_rank: Optional[int] = model_key("svd_rank", "kept rank; None -> full")
     svd_mode: str = model_key("svd_mode", "'weight' (causal, cached) or 'activation' (per sequence, not causal)")
     attn_backend: str = model_key(
-        "attn_backend", "'auto' (Triton on CUDA, SDPA elsewhere), 'triton', 'sdpa', 'reference'"
+        "attn_backend", "'auto' (MLA: the GPU's measured table; else SDPA), 'triton', 'sdpa', 'cudnn', 'flash', 'reference'"
     )
-    mla_path: str = model_key("mla_path", "'auto' (cost model), 'absorbed', 'expanded'")
+    mla_path: str = model_key("mla_path", "'auto' (the GPU's measured table), 'absorbed', 'expanded', 'materialized'")
 
     def __post_init__(self):
         """Values are checked by the configurator here and by GPTConfig when the model is built."""
