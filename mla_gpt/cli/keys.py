@@ -127,7 +127,7 @@ class ModelKeys(GPTConfig):
     svd_rank: Optional[int] = model_key("svd_rank", "kept rank; None -> full")
     svd_mode: str = model_key("svd_mode", "'weight' (causal, cached) or 'activation' (per sequence, not causal)")
     attn_backend: str = model_key(
-        "attn_backend", "'auto' (MLA: the GPU's measured table; else SDPA), 'triton', 'sdpa', 'cudnn', 'flash', 'reference'"
+        "attn_backend", "'auto' (MLA: the GPU's table; else SDPA), 'triton', 'sdpa', 'cudnn', 'flash', 'reference'"
     )
     mla_path: str = model_key("mla_path", "'auto' (the GPU's measured table), 'absorbed', 'expanded', 'materialized'")
 
