@@ -30,6 +30,8 @@ MAX_SEQ = 1024
 CHECK_CASES = [(1, 1, 17), (32, 1, 1000), (7, 5, 300)]  # (B, new tokens T, cache position)
 GPU_BATCH_SIZES, CPU_BATCH_SIZES = [1, 32, 64], [1]
 ERR_FACTOR, ERR_FLOOR = 2, 1e-3  # pass: error <= 2x the cuBLAS path's own + 1e-3 (flash-attention's rule)
+UNITS = {"rel_err_q": "", "rel_err_k": "", "rel_err_cublas": "", "untouched_slots_nan": "", "passed": "",
+         "us": "us", "GBps": "GB/s"}
 
 
 def make(B, mode, device, dtype, T=1):
@@ -68,8 +70,8 @@ def correctness(device, dtype):
             ok = err_q <= allowed and err_k <= allowed and untouched
             if rv:
                 ok = ok and rel(cache.v[:, new], v64[:, new]) <= allowed
-            rows.append(dict(table="correctness", case=f"{mode}-B{B}-T{T}-P{pos}", rel_err_q=err_q, rel_err_k=err_k,
-                             rel_err_cublas=err_cublas, untouched_slots_nan=untouched, passed=ok))
+            rows.append(dict(table="correctness", provider="fused", case=f"{mode}-B{B}-T{T}-P{pos}", rel_err_q=err_q,
+                             rel_err_k=err_k, rel_err_cublas=err_cublas, untouched_slots_nan=untouched, passed=ok))
             print(f"correctness {rows[-1]['case']}: q {err_q:.2e} k {err_k:.2e} (cuBLAS {err_cublas:.2e}), "
                   f"other slots untouched {untouched} -> {'ok' if ok else 'FAIL'}", flush=True)
     return rows
@@ -118,8 +120,7 @@ def main():
     print(json.dumps(env), flush=True)
     rows = correctness(device, dtype) + timings(device, dtype, args.batch_sizes or
                                                  (GPU_BATCH_SIZES if gpu else CPU_BATCH_SIZES))
-    path = harness.write_rows(harness.results_path(args.out, "append"), rows, env)
-    harness.report_written(path)
+    harness.write_results(harness.results_path(args.out, "append"), harness.result_rows("append", rows, UNITS, env))
 
 
 if __name__ == "__main__":

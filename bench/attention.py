@@ -14,7 +14,7 @@ Two tables:
   `MultiHeadLatentAttention` on the reference path and on the kernels (absorbed, expanded).
 For each: forward, backward and forward+backward median ms (`harness.median_ms`), TFLOP/s
 (core only) and peak MB allocated above the inputs. Writes the rows (key `table`: core or layer)
-to the results JSON, <stem>_core.csv and <stem>_layer.csv beside it, and <stem>.png.
+to the results JSON and <stem>.png beside it.
 Without a GPU it runs the reference paths at small sizes: kernel timings need a GPU.
 """
 import argparse
@@ -34,6 +34,8 @@ from mla_kernels.attention import flash_attention
 BWD_FLOP_FACTOR = 2.5  # backward of attention: 5 matmuls of the 2 in the forward
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 ERROR_CHARS = 120  # a failed provider's row keeps the first line of its error, this long at most
+UNITS = {**{f"{step}_{metric}": unit for step in ("fwd", "bwd", "fwd_bwd")
+            for metric, unit in (("ms", "ms"), ("mb", "MB"), ("tflops", "TFLOP/s"))}, "error": ""}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -42,7 +44,7 @@ ERROR_CHARS = 120  # a failed provider's row keeps the first line of its error, 
 def _peak_mb(fn, on_gpu):
     """Peak device memory allocated while fn runs, above what was allocated before (MB)."""
     if not on_gpu:
-        return float("nan")
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -249,25 +251,17 @@ def _fmt(row):
     parts = []
     for key in ("fwd", "bwd", "fwd_bwd"):
         tf = row.get(f"{key}_tflops")
+        mb = row[f"{key}_mb"]
         parts.append(f"{key} {row[f'{key}_ms']:8.3f} ms" + (f" {tf:6.1f} TF/s" if tf is not None else "")
-                     + f" {row[f'{key}_mb']:8.1f} MB")
+                     + (f" {mb:8.1f} MB" if mb is not None else ""))
     return head + " | " + " | ".join(parts)
 
 
-def write_results(rows, env, path):
-    """The rows to the results JSON, one CSV per table and the plot beside it."""
-    harness.write_rows(path, rows, env)
-    for table in ("core", "layer"):
-        selected = [r for r in rows if r["table"] == table]
-        if selected:
-            harness.write_csv(harness.beside(path, f"_{table}.csv"), selected)
-    plot(rows, env, harness.beside(path, ".png"))
-
-
-def plot(rows, env, path):
+def plot(rows, path):
     """Core fwd+bwd TFLOP/s and layer fwd+bwd peak MB against T (ms for both on a CPU)."""
     plt = harness.pyplot()
-    on_gpu = env["device"] != "cpu"
+    first = rows[0]
+    on_gpu = first["gpu"] != "cpu"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     core = [r for r in rows if r["table"] == "core" and "error" not in r]
     for prov, d in sorted({(r["provider"], r["d"]) for r in core}):
@@ -284,7 +278,7 @@ def plot(rows, env, path):
     for ax in axes:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{env['device']} {env['dtype']} torch {env['torch']} triton {env['triton']}", fontsize=9)
+    fig.suptitle(f"{first['gpu']} {first['dtype']} torch {first['torch']} triton {first['triton']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -344,13 +338,10 @@ def main(argv=None):
     rows = []
     if "core" not in args.skip:
         rows += bench_core(args, on_gpu, device, dtype)
-        write_results(rows, env, path)  # keep the core table should the layer sweep be cut short
+        harness.write_results(path, harness.result_rows("attention", rows, UNITS, env))  # kept if layers fail
     if "layer" not in args.skip:
         rows += bench_layers(args, on_gpu, device, dtype)
-    write_results(rows, env, path)
-    harness.report_written(path, harness.beside(path, "_core.csv"), harness.beside(path, "_layer.csv"),
-                           harness.beside(path, ".png"))
-
+    harness.write_results(path, harness.result_rows("attention", rows, UNITS, env), plot)
 
 if __name__ == "__main__":
     main()

@@ -9,8 +9,7 @@ in {hs, hs/2, hs/4} (plain weight SVD, and weighted by CALIB_BATCHES calibration
 loss right after conversion and after fine-tuning for 5% and 10% of `iters`; train an MLA model of
 the same r from scratch for iters + 10% steps (the same total). Every model is scored by train's own
 eval (eval_iters batches from the same seeded windows), so the numbers compare directly. Rows (key
-`table`): quality, one per (r, calibration), and summary; <stem>.csv holds the quality rows,
-<stem>.png the val losses.
+`table`): quality, one per (r, calibration), and summary; <stem>.png the val losses.
 
 --timing (target: < 2 s on the GPU): convert a random 12-layer, 768-wide, 12-head GPT (2 layers,
 128 wide, 4 heads without a GPU) at r = hs/2 and hs, plain and calibrated: one warm-up conversion
@@ -49,6 +48,14 @@ TIMING_GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, voca
 TIMING_CPU_MODEL = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65)
 SPECTRUM_RANK = 64  # the decaying low-rank part added to each random layer, so spectra look trained
 CALIBRATION_BATCHES_TIMING = 2  # random-token batches standing in for calibration data
+UNITS = {  # quality and summary rows, then timing rows
+    "kv_cache_saving": "", "rel_error_k": "", "rel_error_v": "", "optimal_rel_error": "", "convert_seconds": "s",
+    "original_val_loss": "", "converted_val_loss": "", "scratch_val_loss": "", "scratch_seconds": "s",
+    **{f"ft{round(frac * 100)}pct_val_loss": "" for frac in FINE_TUNE_FRACTIONS}, "gap_after_10pct": "",
+    "target_met": "", "best_gap_r_half_after_10pct": "", "total_seconds": "s",
+    "factor_seconds": "s", "factor_all": "s", "convert_model_seconds": "s", "convert_model_all": "s",
+    "rel_error": "", "full_rank_max_logit_diff": "",
+}
 
 
 def base_args(out_dir, iters, eval_iters, **overrides):
@@ -140,7 +147,8 @@ def quality_report(opts):
             shutil.copytree(conv_dir, eval_dir)
             loss0, _ = run_train(base_args(str(eval_dir), iters, eval_iters, init_from="resume", eval_only=True))
             row = {
-                "table": "quality", "latent_dim": r, "head_size": hs, "calibration_batches": calib,
+                "table": "quality", "provider": "convert", "latent_dim": r, "head_size": hs,
+                "calibration_batches": calib,
                 "kv_cache_saving": report["kv_cache_saving"],
                 "rel_error_k": sum(layer["k"] for layer in report["layers"]) / len(report["layers"]),
                 "rel_error_v": sum(layer["v"] for layer in report["layers"]) / len(report["layers"]),
@@ -160,7 +168,7 @@ def quality_report(opts):
 
     best_half = min(row["gap_after_10pct"] for row in rows if row["latent_dim"] == hs // 2)
     summary = {
-        "table": "summary", "iters": iters, "original_val_loss": base_loss, "target": TARGET,
+        "table": "summary", "provider": "convert", "iters": iters, "original_val_loss": base_loss, "target": TARGET,
         "target_met": best_half <= TARGET, "best_gap_r_half_after_10pct": best_half,
         "total_seconds": time.perf_counter() - t_start,
         "machine": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
@@ -171,8 +179,14 @@ def quality_report(opts):
     return rows, summary
 
 
-def plot(rows, base_loss, iters, path):
-    """Val loss per r, converted and fine-tuned, against the standard model and MLA from scratch."""
+def plot(rows, path):
+    """Val loss per r, converted and fine-tuned, against the standard model and MLA from scratch
+    (nothing to draw for the timing rows)."""
+    summary = next((row for row in rows if row["table"] == "summary"), None)
+    if summary is None:
+        return
+    base_loss, iters = summary["original_val_loss"], summary["iters"]
+    rows = [row for row in rows if row["table"] == "quality"]
     plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
@@ -261,7 +275,8 @@ def timing_report():
             t_model, all_model, (mla, _) = timed(
                 lambda: convert_model(model, r, moments=m, generator=gen.manual_seed(0)))
             row = {
-                "table": "timing", "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+                "table": "timing", "provider": "convert", "repeats": TIMING_REPEATS, "n_layer": config.n_layer,
+                "n_head": config.n_head, "n_embd": config.n_embd,
                 "latent_dim": r, "calibrated": calibrated, "factor_seconds": t_factor, "factor_all": all_factor,
                 "convert_model_seconds": t_model, "convert_model_all": all_model,
                 "kv_cache_saving": report["kv_cache_saving"],
@@ -288,19 +303,15 @@ def main():
     harness.add_out_argument(parser, "convert")
     opts = parser.parse_args()
     if opts.timing:
-        env = harness.environment(torch.float32)
-        path = harness.write_rows(harness.results_path(opts.out, "convert_timing"), timing_report(), env)
-        harness.report_written(path)
+        rows = harness.result_rows("convert", timing_report(), UNITS, harness.environment(torch.float32))
+        harness.write_results(harness.results_path(opts.out, "convert_timing"), rows)
         return
     if harness.on_gpu():
         print("the quality report trains on the CPU (its numbers were measured there)")
     env = harness.environment(torch.float32)
-    path = harness.results_path(opts.out, "convert_quality")
     rows, summary = quality_report(opts)
-    harness.write_rows(path, rows + [summary], env)
-    harness.write_csv(harness.beside(path, ".csv"), rows)
-    plot(rows, summary["original_val_loss"], opts.iters, harness.beside(path, ".png"))
-    harness.report_written(path, harness.beside(path, ".csv"), harness.beside(path, ".png"))
+    harness.write_results(harness.results_path(opts.out, "convert_quality"),
+                          harness.result_rows("convert", rows + [summary], UNITS, env), plot)
 
 
 if __name__ == "__main__":

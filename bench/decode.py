@@ -19,7 +19,7 @@ tokens/s = B / step time (one layer). Timings: `harness.median_ms` (do_bench or 
 
 Rows (key `table`): copy (the device's copy bandwidth), timing, correctness (bf16 kernel against
 the float64 reference), autotune (the tiles the autotuner chose), memory (bytes per token and what
-fits --budget_gb). Writes the results JSON, <stem>_timings.csv, <stem>_memory.csv and <stem>.png.
+fits --budget_gb; provider: the cache layout). Writes the results JSON and <stem>.png.
 
 On a machine without CUDA it runs the reference and the plain-PyTorch latent decode at small
 sizes plus the analytic memory report, and says that kernel timings need a GPU.
@@ -54,6 +54,10 @@ CPU_SHAPES = [(4, 1024), (1, 4096)]  # (B, L) without a GPU: the reference loop 
 COPY_ELEMENTS = 2**29  # float32: a 2 GiB copy, far beyond L2
 MEMORY_SHAPE = (8, 4096)  # (B, L) of the caches allocated for the measured bytes per token
 ERROR_CHARS = 80  # an unavailable backend is reported with its error's first line, this long at most
+UNITS = {"copy_GBps": "GB/s", "us": "us", "GBps": "GB/s", "tokens_per_s": "tokens/s", "num_splits": "",
+         "rel_err": "", "rel_err_bf16_ref": "", "lse_max_abs_err": "", "passed": "", "config": "",
+         "bytes_per_token_layer_analytic": "bytes", "bytes_per_token_layer_measured": "bytes",
+         "max_context_B1": "tokens", "max_batch_L1024": "", "max_batch_L4096": "", "saving_vs_mha": ""}
 
 
 def parse_shape(text):
@@ -134,7 +138,7 @@ def correctness(device):
         lse_err = (lse.cpu().double() - ref_lse).abs().max().item()
         ok = bool(torch.isfinite(out).all()) and err <= 2 * err_bf16 + 1e-3 and lse_err < 1e-2
         case = f"B{B}-L{L}-T{Tq}-H{nh}-G{g}-D{r}" + ("-joint" if joint else f"-V{rv}") + f"-S{S}"
-        rows.append(dict(table="correctness", case=case, rel_err=err, rel_err_bf16_ref=err_bf16,
+        rows.append(dict(table="correctness", provider="ours", case=case, rel_err=err, rel_err_bf16_ref=err_bf16,
                          lse_max_abs_err=lse_err, passed=ok))
         print(f"correctness {rows[-1]['case']}: rel err {err:.2e} (bf16 reference {err_bf16:.2e}), "
               f"lse {lse_err:.1e} -> {'ok' if ok else 'FAIL'}", flush=True)
@@ -286,7 +290,8 @@ def memory_report(device, budget_gb, layers):
         analytic = g * (dk + (dv or 0)) * torch.empty((), dtype=dtype).element_size() + scale_bytes
         measured, how = measured_bytes_per_token(g, dk, dv, dtype, device)
         per_token_model = analytic * layers
-        rows.append(dict(table="memory", layout=name, bytes_per_token_layer_analytic=analytic,
+        rows.append(dict(table="memory", provider=name, budget_gb=budget_gb, layers=layers,
+                         bytes_per_token_layer_analytic=analytic,
                          bytes_per_token_layer_measured=measured, measured_by=how,
                          max_context_B1=int(budget // per_token_model),
                          max_batch_L1024=int(budget // (per_token_model * 1024)),
@@ -295,8 +300,11 @@ def memory_report(device, budget_gb, layers):
     return rows
 
 
-def plot(timings, memory, budget_gb, layers, path):
+def plot(rows, path):
     """Step time per provider and shape; the largest batch that fits the budget per context length."""
+    timings = [r for r in rows if r["table"] == "timing"]
+    memory = [r for r in rows if r["table"] == "memory"]
+    budget_gb, layers = memory[0]["budget_gb"], memory[0]["layers"]
     plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     ax = axes[0]
@@ -316,7 +324,7 @@ def plot(timings, memory, budget_gb, layers, path):
     contexts = [2**k for k in range(8, 18)]  # 256 .. 128k tokens
     for row in memory:
         per_seq = [row["bytes_per_token_layer_analytic"] * layers * c for c in contexts]
-        ax.plot(contexts, [budget_gb * 1e9 // p for p in per_seq], marker="o", label=row["layout"])
+        ax.plot(contexts, [budget_gb * 1e9 // p for p in per_seq], marker="o", label=row["provider"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
@@ -333,7 +341,7 @@ def print_summary(rows, copy_gbps):
     """Memory per layout; on a GPU ours against its peers per shape."""
     print("\nmemory (bytes per token per layer, bf16):")
     for m in (r for r in rows if r["table"] == "memory"):
-        print(f"  {m['layout']:32s} analytic {m['bytes_per_token_layer_analytic']:6d}  measured "
+        print(f"  {m['provider']:32s} analytic {m['bytes_per_token_layer_analytic']:6d}  measured "
               f"{m['bytes_per_token_layer_measured']:8.1f}  x{m['saving_vs_mha']:.1f} vs MHA  "
               f"max context (B1) {m['max_context_B1']:>10d}  max batch L4k {m['max_batch_L4096']}")
     if copy_gbps is None:
@@ -358,7 +366,7 @@ def main():
     rows, copy_gbps = [], None
     if gpu:
         copy_gbps = copy_bandwidth(device)
-        rows.append(dict(table="copy", copy_GBps=copy_gbps))
+        rows.append(dict(table="copy", provider="torch", copy_GBps=copy_gbps))
         print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
     else:
         print("no CUDA device: kernel timings need a GPU; timing the reference and the plain-PyTorch latent "
@@ -370,19 +378,12 @@ def main():
                 torch.cuda.empty_cache()
     if gpu:  # after the timings, so the autotuner picks tiles on the benchmark shapes, not these small ones
         rows += correctness(device)
-        rows += [dict(table="autotune", key=str(k), config=str(v))
+        rows += [dict(table="autotune", provider="ours", key=str(k), config=str(v))
                  for k, v in dec._decode_partial_tuned.cache.items()]
     rows += memory_report(device, args.budget_gb, args.layers)
-    path = harness.results_path(args.out, "decode")
-    harness.write_rows(path, rows, env)
-    timings = [r for r in rows if r["table"] == "timing"]
-    memory = [r for r in rows if r["table"] == "memory"]
-    harness.write_csv(harness.beside(path, "_timings.csv"), timings)
-    harness.write_csv(harness.beside(path, "_memory.csv"), memory)
-    plot(timings, memory, args.budget_gb, args.layers, harness.beside(path, ".png"))
     print_summary(rows, copy_gbps)
-    harness.report_written(path, harness.beside(path, "_timings.csv"), harness.beside(path, "_memory.csv"),
-                           harness.beside(path, ".png"))
+    harness.write_results(harness.results_path(args.out, "decode"), harness.result_rows("decode", rows, UNITS, env),
+                          plot)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ NH, B, L, TQ = 12, 64, 4096, 1
 LAYOUTS = {"default": dict(g=12, r=32, joint=False), "joint": dict(g=1, r=256, joint=True)}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 FP8_SCALE_BYTES = 4
+UNITS = {"loop_instructions": "", "warp_instructions_per_byte": "", "registers": "", "stack_bytes": "bytes",
+         "top_opcodes": ""}
 
 
 def argument_values(g, r):
@@ -117,9 +119,10 @@ def report(work_dir):
                 block_n = config.kwargs["BLOCK_N"]
                 per_byte = n * config.num_warps / (block_n * bytes_per_position)
                 top = dict(sorted(opcodes.items(), key=lambda kv: -kv[1])[:6])
-                rows.append(dict(layout=layout, cache=cache, block_n=block_n, num_warps=config.num_warps,
-                                 num_stages=config.num_stages, loop_instructions=n, warp_instructions_per_byte=per_byte,
-                                 registers=registers, stack_bytes=stack, top_opcodes=top))
+                rows.append(dict(provider="ours", layout=layout, cache=cache, block_n=block_n,
+                                 num_warps=config.num_warps, num_stages=config.num_stages, loop_instructions=n,
+                                 warp_instructions_per_byte=per_byte, registers=registers, stack_bytes=stack,
+                                 top_opcodes=top))
                 print(f"{layout:8} {cache:5} BLOCK_N {block_n:3} warps {config.num_warps} stages {config.num_stages}: "
                       f"{n:5} per iteration, {per_byte:.3f} per byte ({per_byte / ISSUE_BUDGET:.1f}x the budget), "
                       f"{registers} registers, stack {stack}, {top}", flush=True)
@@ -135,9 +138,10 @@ def main():
     print(f"issue budget at copy rate: {ISSUE_BUDGET:.3f} warp instructions per byte (H200)")
     with tempfile.TemporaryDirectory() as work_dir:
         rows = report(work_dir)
-    env = {**harness.environment(torch.bfloat16), "target": f"{TARGET.backend} sm_{TARGET.arch}",
-           "issue_budget": ISSUE_BUDGET}  # device: the machine that compiled; target: what for
-    harness.report_written(harness.write_rows(harness.results_path(args.out, "decode_sass"), rows, env))
+    settings = dict(target=f"{TARGET.backend} sm_{TARGET.arch}", issue_budget=ISSUE_BUDGET)  # gpu: what compiled
+    env = harness.environment(torch.bfloat16)
+    harness.write_results(harness.results_path(args.out, "decode_sass"),
+                          harness.result_rows("decode_sass", rows, UNITS, env, settings))
 
 
 if __name__ == "__main__":

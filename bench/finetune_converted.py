@@ -13,7 +13,7 @@ Each run measures its val loss EVALS_PER_RUN times and keeps the checkpoint of t
 (g 1, DeepSeek-V2's layout), each scored right after conversion and over --ft_steps steps of
 fine-tuning (the last val loss and the best, the start included); the unconverted model
 fine-tuned alike is the baseline. Without a GPU a 2-layer model runs a few steps: the numbers then say nothing.
-Rows (key `table`): finetune, one per variant; the PNG beside the JSON plots the val losses.
+Rows (key `table`): finetune, one per variant (the provider); the PNG beside the JSON plots the val losses.
 """
 import argparse
 import math
@@ -38,6 +38,9 @@ GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=3
 CPU_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=4, dropout=0.0, device="cpu",
                  compile=False, dtype="float32")
 GPU_SETTINGS = dict(iters=2000, ft_steps=300, eval_iters=40)
+UNITS = {"kv_cache_saving": "", "original_val_loss": "", "standard_finetuned_val_loss": "",
+         "standard_finetuned_best_val_loss": "", "converted_val_loss": "", "finetuned_val_loss": "",
+         "finetuned_best_val_loss": "", "gap_to_standard_finetuned": ""}
 CPU_SETTINGS = dict(iters=20, ft_steps=4, eval_iters=2)
 FINE_TUNE_LR_FACTOR = 0.5  # of the base run's peak: the converted weights are already trained
 JOINT_LATENT = 256
@@ -119,7 +122,7 @@ def report(opts):
         shutil.rmtree(converted, ignore_errors=True)
         conversion = convert_cli.convert(load_config(
             [f"--in_dir={standard}", f"--out_dir={converted}", *flags], convert_cli.ConvertConfig))
-        row = dict(table="finetune", variant=name, latent_dim=conversion["latent_dim"],
+        row = dict(table="finetune", provider=name, latent_dim=conversion["latent_dim"],
                    kv_cache_saving=conversion["kv_cache_saving"], iters=opts.iters, ft_steps=opts.ft_steps,
                    original_val_loss=base_loss, standard_finetuned_val_loss=baseline["val_loss"],
                    standard_finetuned_best_val_loss=baseline["best_val_loss"],
@@ -139,7 +142,7 @@ def plot(rows, path):
     """Val loss per variant, converted and fine-tuned, against the standard model fine-tuned alike."""
     plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
-    names = [row["variant"] for row in rows]
+    names = [row["provider"] for row in rows]
     width = 0.4
     ax.bar([i - width / 2 for i in range(len(rows))], [row["converted_val_loss"] for row in rows], width,
            label="converted, no fine-tuning")
@@ -170,8 +173,9 @@ def main():
     if not harness.on_gpu():
         print("no GPU: a 2-layer model for a few steps; these numbers say nothing")
     rows = report(opts)
-    harness.write_plotted(harness.results_path(opts.out, "finetune_converted"), rows,
-                          harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32), plot)
+    env = harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32)
+    harness.write_results(harness.results_path(opts.out, "finetune_converted"),
+                          harness.result_rows("finetune_converted", rows, UNITS, env), plot)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ cache stores) are rounded to float8_e4m3fn with one float32 scale per
 and the val loss is measured teacher-forced with every attention reading the rounded latents
 (the expanded path, whose latents pass through kv_latent_proj as a module: same math as the
 absorbed path the cache serves). `bf16` rounds them to bfloat16 instead: the bf16 cache, the
-reference each fp8 row is compared with. Per row: bytes per token and layer, the latents'
-relative error, the val loss and its change against bf16. Without a GPU a small model trains for
-a few hundred steps on the CPU (a couple of minutes); on a GPU, GPT-2 small's shape.
+reference each fp8 row is compared with. Per row (provider: the granularity): bytes per token and
+layer, the latents' relative error, the val loss and its change against bf16. Without a GPU a small
+model trains for a few hundred steps on the CPU (a couple of minutes); on a GPU, GPT-2 small's shape.
 """
 import argparse
 import tempfile
@@ -41,6 +41,7 @@ CPU_SETTINGS = dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, 
 CHUNKS = [32, 16]  # latent columns per scale, finer than a whole position's latent
 TILES = [16, 64]  # positions per scale
 SCALE_BYTES = 4  # one float32
+UNITS = {"bytes_per_token_layer": "bytes", "latent_rel_err": "", "val_loss": "", "val_loss_change_vs_bf16": ""}
 
 
 def layouts(n_head, head_size):
@@ -156,7 +157,7 @@ def report(opts):
             name, kind, size = granularity
             loss, latent_err = val_loss_with_rounding(model, x, y, granularity, settings["batch_size"], autocast)
             bf16_loss = loss if kind == "bf16" else bf16_loss
-            row = dict(layout=layout, granularity=name, latent_dim=attn.latent_dim, groups=attn.n_groups,
+            row = dict(layout=layout, provider=name, latent_dim=attn.latent_dim, groups=attn.n_groups,
                        bytes_per_token_layer=bytes_per_token(n_latents, attn.n_groups, attn.latent_dim, kind, size),
                        latent_rel_err=latent_err, val_loss=loss, val_loss_change_vs_bf16=loss / bf16_loss - 1)
             rows.append(row)
@@ -171,12 +172,12 @@ def plot(rows, path):
     plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for layout in dict.fromkeys(row["layout"] for row in rows):
-        fp8 = sorted((r for r in rows if r["layout"] == layout and r["granularity"] != "bf16"),
+        fp8 = sorted((r for r in rows if r["layout"] == layout and r["provider"] != "bf16"),
                      key=lambda r: r["bytes_per_token_layer"])
         ax.plot([r["bytes_per_token_layer"] for r in fp8], [100 * r["val_loss_change_vs_bf16"] for r in fp8],
                 "o-", label=layout)
         for r in fp8:
-            ax.annotate(r["granularity"], (r["bytes_per_token_layer"], 100 * r["val_loss_change_vs_bf16"]),
+            ax.annotate(r["provider"], (r["bytes_per_token_layer"], 100 * r["val_loss_change_vs_bf16"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("cache bytes per token and layer (fp8 values + float32 scales)")
@@ -197,8 +198,9 @@ def main():
                         help="checkpoints of the two models")
     harness.add_out_argument(parser, "fp8_scales")
     opts = parser.parse_args()
-    harness.write_plotted(harness.results_path(opts.out, "fp8_scales"), report(opts),
-                          harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32), plot)
+    env = harness.environment(torch.bfloat16 if harness.on_gpu() else torch.float32)
+    harness.write_results(harness.results_path(opts.out, "fp8_scales"),
+                          harness.result_rows("fp8_scales", report(opts), UNITS, env), plot)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ Eager rows run only up to --eager_max_batch: each step launches every kernel fro
 (and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
 reference path in the same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
-the results JSON and a bar chart beside it (.png);
-`python bench/generate.py --replot RESULTS.json` redraws the chart of an earlier run.
+the results JSON and a bar chart beside it (.png), which `python bench/plot.py RESULTS.json` redraws.
 """
 import argparse
 import time
-from pathlib import Path
 
 import harness  # first: it puts the repository root on sys.path
 import torch
@@ -37,6 +35,7 @@ from mla_gpt.model import GPT, GPTConfig
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
 GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
 CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=4, n_embd=128)
+UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": ""}
 
 
 def recompute_generate(model, idx, new_tokens):
@@ -85,7 +84,7 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.set_ylabel("generated tokens / s (higher is better)")
     first = rows[0]
-    ax.set_title(f"GPT.generate, {first['n_layer']} layers x {first['n_embd']}, {first['device']}, {first['dtype']}")
+    ax.set_title(f"GPT.generate, {first['n_layer']} layers x {first['n_embd']}, {first['gpu']}, {first['dtype']}")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -104,8 +103,6 @@ def parse_args():
     parser.add_argument("--eager_max_batch", type=int, default=1, help="largest batch for the eager rows")
     parser.add_argument("--check_tokens", type=int, default=32, help="tokens compared with the reference path")
     harness.add_out_argument(parser, "generate")
-    parser.add_argument("--replot", type=Path, default=None, metavar="RESULTS.json",
-                        help="only redraw the chart of a results file")
     args = parser.parse_args()
     defaults = GPU_SETTINGS if harness.on_gpu() else CPU_SETTINGS
     for key, value in defaults.items():  # unset options take the device's settings (see __doc__)
@@ -161,10 +158,6 @@ def bench_batch(models, batch, args, device, dtype):
 
 def main():
     args = parse_args()
-    if args.replot:
-        plot(harness.read_rows(args.replot), harness.beside(args.replot, ".png"))
-        harness.report_written(harness.beside(args.replot, ".png"))
-        return
     device = "cuda" if harness.on_gpu() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
@@ -180,8 +173,8 @@ def main():
     rows = []
     for batch in args.batch_sizes:
         rows += bench_batch(models, batch, args, device, dtype)
-    env = {**harness.environment(dtype), **shape}
-    harness.write_plotted(harness.results_path(args.out, "generate"), rows, env, plot)
+    harness.write_results(harness.results_path(args.out, "generate"),
+                          harness.result_rows("generate", rows, UNITS, harness.environment(dtype), shape), plot)
 
 
 if __name__ == "__main__":

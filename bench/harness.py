@@ -4,17 +4,20 @@ Timing: `median_ms` times a callable with CUDA events on a GPU (`triton.testing.
 `do_bench_cudagraph` for graph replay) and with the host clock on a CPU, where the numbers only
 show that a script works.
 
-Results: every script takes `--out PATH` (`add_out_argument`), the results JSON: a list of rows,
-each holding the run's environment (`environment`); CSV tables and the PNG go beside it, named
-from its stem (`beside`). Without --out the files go to the system temp folder
-(`<tmp>/mla_bench/<script>_<device>.json`), so a run never writes over the committed results in
-bench/results/ unless --out names them. Every script prints the paths it wrote.
+Results: one long-format schema for every benchmark. `result_rows` turns a script's measurements
+(one dict per provider and shape) into rows of one metric each: benchmark, provider, the shape
+keys, metric, value, unit, then gpu, driver, torch, triton, cuda, python, commit and time
+(`RUN_COLUMNS`). `write_results` writes them as a JSON list and draws the script's plot beside it
+from `measurements(rows)`, the inverse of `result_rows`; `python bench/plot.py FILE.json` draws
+it again from the file. Every script takes `--out PATH` (`add_out_argument`); without it the
+files go to the system temp folder (`<tmp>/mla_bench/<script>_<device>.json`), so a run never
+writes over the committed results in bench/results/ unless --out names them. Every script
+prints the paths it wrote.
 
 Importing this module also puts the repository root on sys.path, so `python bench/<script>.py`
 runs from a checkout without installing the package.
 """
 import cProfile
-import csv
 import io
 import json
 import os
@@ -135,7 +138,7 @@ def add_out_argument(parser, script):
     """The --out option every script takes, with the rule of where results go by default."""
     default = DEFAULT_DIR / f"{script}_<device>.json"
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"results JSON, CSV and PNG files beside it (default: {default}; "
+                        help=f"results JSON, its plot beside it (default: {default}; "
                              "bench/results/ is written only when --out names it)")
 
 
@@ -157,28 +160,75 @@ def read_rows(path):
 
 
 def write_rows(path, rows, env=None):
-    """Write rows as a JSON list, each row extended by env (the row's own keys win)."""
+    """Write rows as a JSON list, each row extended by env (the row's own keys win): the layout of
+    the scripts not yet on `result_rows`."""
     rows = [{**(env or {}), **row} for row in rows]
     Path(path).write_text(json.dumps(rows, indent=1) + "\n")
     return path
 
 
-def write_plotted(path, rows, env, plot):
-    """write_rows, then plot(the rows as written, the PNG beside them); prints where both went."""
-    write_rows(path, rows, env)
+ROW_KEYS = ("benchmark", "provider", "metric", "value", "unit")
+RUN_COLUMNS = ("gpu", "driver", "torch", "triton", "cuda", "python", "commit", "time")
+SCALARS = (str, int, float, bool, type(None))
+
+
+def result_rows(benchmark, measured, units, env, settings=None, measured_at=None):
+    """Long-format rows: one per measurement and metric.
+
+    measured: dicts, each one provider's numbers at one shape: `provider`, the metrics named in
+    `units` ({metric: unit}; '' for ratios, counts, flags and text) and any other keys, the shape
+    keys (scalars). settings: shape keys every row shares (model size, run settings); env's dtype
+    is one unless a measurement names its own. env: `environment()`, giving each row its gpu,
+    versions and time; measured_at: the commit (default `commit()`). A metric whose value is None
+    was not measured and gets no row.
+    """
+    run = dict(gpu=env["device"], **{key: env.get(key) for key in RUN_COLUMNS[1:-2]},
+               commit=measured_at or commit(), time=env.get("time"))
+    defaults = {**(settings or {}), **({} if env.get("dtype") is None else {"dtype": env["dtype"]})}
+    rows = []
+    for m in measured:
+        if "provider" not in m:
+            raise ValueError(f"{benchmark}: a measurement without a provider: {m}")
+        shape = {k: v for k, v in m.items() if k != "provider" and k not in units}
+        shape.update({k: v for k, v in defaults.items() if k not in shape})
+        clash = set(shape) & {*ROW_KEYS, *RUN_COLUMNS}
+        if clash:
+            raise ValueError(f"{benchmark}: shape keys {sorted(clash)} are names of the schema's columns")
+        odd = {k: v for k, v in shape.items() if not isinstance(v, SCALARS)}
+        if odd:
+            raise TypeError(f"{benchmark}: shape keys must be scalars, got {odd}")
+        for metric, unit in units.items():
+            if m.get(metric) is not None:
+                rows.append(dict(benchmark=benchmark, provider=m["provider"], **shape, metric=metric,
+                                 value=m[metric], unit=unit, **run))
+    return rows
+
+
+def measurements(rows):
+    """The inverse of `result_rows`: one dict per benchmark, provider, shape and run, its metrics
+    as keys (units dropped), in the order the rows first name them."""
+    merged = {}
+    for row in rows:
+        key = tuple((k, v) for k, v in row.items() if k not in ("metric", "value", "unit"))
+        merged.setdefault(key, dict(key))[row["metric"]] = row["value"]
+    return list(merged.values())
+
+
+def is_result_rows(rows):
+    """True for a list of rows in the long-format schema."""
+    return isinstance(rows, list) and bool(rows) and all(
+        isinstance(r, dict) and {*ROW_KEYS, *RUN_COLUMNS} <= r.keys() for r in rows)
+
+
+def write_results(path, rows, plot=None):
+    """rows (`result_rows`) to the results JSON at path, one row per line; with plot, also
+    plot(measurements(rows), <stem>.png), which may draw nothing. Prints what it wrote."""
+    path = Path(path)
+    path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
     png = beside(path, ".png")
-    plot(read_rows(path), png)
-    report_written(path, png)
-    return path
-
-
-def write_csv(path, rows):
-    """rows as a CSV table, the columns in the order they first appear."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    if plot is not None and rows:
+        plot(measurements(rows), png)
+    report_written(path, *([png] if plot is not None else []))
     return path
 
 

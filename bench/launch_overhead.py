@@ -23,6 +23,7 @@ from mla_kernels.attention import flash_attention
 
 B, T, H, D = 1, 128, 6, 32
 WARMUP_CALLS = 10  # untimed calls first: compilation, autotuning, the allocator
+UNITS = {"us_per_call": "us"}
 
 
 def ours(q, k, v):
@@ -83,7 +84,8 @@ def main():
     print(f"host time per forward + backward call, B {B} T {T} H {H} D {D} {env['dtype']}, {env['device']}")
     for row in rows:
         print(f"  {row['provider']:26} {row['us_per_call']:8.1f} us")
-    harness.report_written(harness.write_rows(harness.results_path(args.out, "launch_overhead"), rows, env))
+    harness.write_results(harness.results_path(args.out, "launch_overhead"),
+                          harness.result_rows("launch_overhead", rows, UNITS, env))
 
 
 if __name__ == "__main__":

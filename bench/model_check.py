@@ -7,7 +7,8 @@
    reference path (PyTorch's own bf16 error); the kernels pass within 2x of it (+ a small floor),
    in four configurations (r = hs/2, r = 3 hs expanded, one joint latent, SVD rank 16).
 2. torch.compile(fullgraph=True) of that model: no graph break at attention (GPU only).
-Rows (key `table`): correctness, one per configuration, and compile. Without a GPU it runs a
+Rows (key `table`): correctness (`passed`, one per configuration), tensor (per configuration
+and tensor: `err_kernels`, `err_torch_bf16`, `passed`) and compile. Without a GPU it runs a
 1-layer, 128-wide GPT in float16 (the kernels through Triton's interpreter when
 TRITON_INTERPRET=1, whose dot is wrong on bf16; else their reference) and no compile.
 """
@@ -29,6 +30,12 @@ CPU_MODEL = dict(n_layer=1, n_head=4, n_embd=128, block_size=128, vocab_size=97,
 GPU_BATCH, CPU_BATCH = (2, 512), (1, 33)  # (batch, sequence length)
 SVD_RANK = 16
 COMPILE_SHAPE = (2, 256)  # (batch, sequence length) of the compiled step
+UNITS = {"err_kernels": "", "err_torch_bf16": "", "passed": "", "first_step_s": "s", "loss": ""}
+
+
+def config_name(variant):
+    """A configuration's shape key: its keys beyond the model's, 'default' for none."""
+    return ", ".join(f"{k}={v}" for k, v in variant.items()) or "default"
 
 
 def rel_err(x, ref):
@@ -44,8 +51,10 @@ def loss_and_grads(model, idx):
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_model(config_kwargs, batch, seq_len):
-    """Loss and gradients of the kernels (LOW) and of the reference (LOW) against float64."""
+def check_model(model, variant, batch, seq_len):
+    """Loss and gradients of the kernels (LOW) and of the reference (LOW) against float64: the
+    configuration's correctness row, then a row per tensor."""
+    config_kwargs = {**model, **variant}
     # Eval mode (there is no dropout) freezes the svd 'weight' basis, so all three models share
     # the one computed here rather than each drawing its own randomized SVD.
     torch.manual_seed(0)
@@ -66,11 +75,13 @@ def check_model(config_kwargs, batch, seq_len):
         e_ref, e_ker = rel_err(got_ref, want), rel_err(got_ker, want)
         passed = e_ker <= ERR_FACTOR * e_ref + ERR_FLOOR
         ok &= passed
-        rows.append(dict(tensor=name, err_kernels=e_ker, err_torch_bf16=e_ref, passed=passed))
+        rows.append(dict(table="tensor", provider="triton", config=config_name(variant), batch=batch, seq_len=seq_len,
+                         tensor=name, err_kernels=e_ker, err_torch_bf16=e_ref, passed=passed))
     worst = max(rows, key=lambda r: r["err_kernels"] / max(r["err_torch_bf16"], 1e-6))
     print(f"{config_kwargs}: {'PASS' if ok else 'FAIL'}; worst {worst['tensor']}: kernels "
           f"{worst['err_kernels']:.2e} vs torch {str(LOW).removeprefix('torch.')} {worst['err_torch_bf16']:.2e}")
-    return dict(table="correctness", config=config_kwargs, batch=batch, seq_len=seq_len, passed=ok, rows=rows)
+    return [dict(table="correctness", provider="triton", config=config_name(variant), batch=batch, seq_len=seq_len,
+                 passed=ok), *rows]
 
 
 def check_compile(config_kwargs):
@@ -84,7 +95,8 @@ def check_compile(config_kwargs):
     loss.backward()
     seconds = time.perf_counter() - start
     print(f"torch.compile(fullgraph=True) fwd+bwd ok ({seconds:.1f} s incl. compile), loss {loss.item():.4f}")
-    return dict(table="compile", config=config_kwargs, fullgraph=True, first_step_s=seconds, loss=loss.item())
+    return dict(table="compile", provider="triton", config=config_name({}), batch=batch, seq_len=seq_len,
+                fullgraph=True, first_step_s=seconds, loss=loss.item())
 
 
 def main():
@@ -100,14 +112,15 @@ def main():
     model, (batch, seq_len) = (GPU_MODEL, GPU_BATCH) if gpu else (CPU_MODEL, CPU_BATCH)
     hs = model["n_embd"] // model["n_head"]
     rows = [
-        check_model(model, 2 * batch, 2 * seq_len),
-        check_model({**model, "mla_latent_dim": 3 * hs}, batch, seq_len),
-        check_model({**model, "mla_kv_groups": 1, "mla_joint_kv": True, "mla_latent_dim": 2 * hs}, batch, seq_len),
-        check_model({**model, "use_svd": True, "svd_rank": SVD_RANK}, batch, seq_len),
+        *check_model(model, {}, 2 * batch, 2 * seq_len),
+        *check_model(model, {"mla_latent_dim": 3 * hs}, batch, seq_len),
+        *check_model(model, {"mla_kv_groups": 1, "mla_joint_kv": True, "mla_latent_dim": 2 * hs}, batch, seq_len),
+        *check_model(model, {"use_svd": True, "svd_rank": SVD_RANK}, batch, seq_len),
     ]
     if gpu and not args.skip_compile:
         rows.append(check_compile(model))
-    harness.report_written(harness.write_rows(harness.results_path(args.out, "model_check"), rows, env))
+    harness.write_results(harness.results_path(args.out, "model_check"),
+                          harness.result_rows("model_check", rows, UNITS, env, settings=model))
 
 
 if __name__ == "__main__":

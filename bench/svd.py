@@ -9,8 +9,8 @@ against none.
 
     python bench/svd.py [--out PATH.json]
 
-Rows (key `table`): correctness, shape, breakdown, model; <stem>.csv holds the shape and
-model rows, <stem>.png the times. Without a GPU it runs small shapes (the kernels through
+Rows (key `table`): correctness, shape, breakdown (`part`: a piece of the kernels' time), model;
+<stem>.png the times per shape. Without a GPU it runs small shapes (the kernels through
 Triton's interpreter when TRITON_INTERPRET=1, else their reference) and no breakdown: the
 numbers need a GPU.
 """
@@ -32,6 +32,8 @@ BF16_MAX_ELEMENTS = 1 << 20  # bf16 inputs are checked on matrices up to this si
 OVERSAMPLE, N_ITER = 8, 2
 SLOW_MS = 250  # calls slower than this (torch.linalg.svd of 4096 x 4096) are timed once
 GPU_MODEL_SHAPE, CPU_MODEL_SHAPE = (16, 1024, 768, 12), (2, 64, 128, 4)  # (B, T, C, nh) of the MLA layer
+UNITS = {"finite": "", "s_rel_diff": "", "err": "", "err_ref": "", "u_orth": "", "v_orth": "", "ok": "",
+         "ms": "ms", "rel_err": "", "optimal_rel_err": ""}
 
 
 def make_matrix(batch, m, n, device, seed):
@@ -90,7 +92,8 @@ def check_correctness(device, shapes):
             Ur, Sr, Vhr = randomized_svd_ref(A.float(), rank, generator=torch.Generator(device=device).manual_seed(0))
             eye = torch.eye(rank, device=device, dtype=torch.float64)
             row = dict(
-                table="correctness", shape=f"{batch}x{m}x{n}", rank=rank, dtype=str(dtype).replace("torch.", ""),
+                table="correctness", provider="triton_rsvd", shape=f"{batch}x{m}x{n}", rank=rank,
+                dtype=str(dtype).replace("torch.", ""),
                 finite=bool(torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()),
                 s_rel_diff=float(((S.double() - Sr) / Sr[..., :1]).abs().max()),
                 err=rel_error(A, U, S, Vh), err_ref=rel_error(A, Ur, Sr, Vhr),
@@ -135,7 +138,6 @@ def bench_breakdown(device, shapes):
     omega = torch.nn.functional.pad(torch.randn(n, l, device=device), (0, svd.tile_dim(l) - l))
     Q, Z, gram, _ = svd._range_fused(A, omega, l, N_ITER)
     out = dict(
-        table="breakdown",
         fused_range_finder_ms=bench_ms(lambda: svd._range_fused(A, omega, l, N_ITER)),
         eigh_fp64_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l])),
         eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram[:, :l, :l].float())),
@@ -174,7 +176,8 @@ def bench_breakdown(device, shapes):
         big_eigh_fp32_ms=bench_ms(lambda: torch.linalg.eigh(gram.float())),
     )
     print("breakdown", out, flush=True)
-    return [out]
+    return [dict(table="breakdown", provider="triton_rsvd", part=name.removesuffix("_ms"), ms=ms)
+            for name, ms in out.items()]
 
 
 def bench_model(device, shape):
@@ -206,8 +209,12 @@ def bench_model(device, shape):
     return rows
 
 
-def plot(rows, path, device):
+def plot(rows, path):
     """Median ms per provider and shape, log scale."""
+    device = rows[0]["gpu"]
+    rows = [r for r in rows if r["table"] == "shape"]
+    if not rows:
+        return
     plt = harness.pyplot()
     labels = list(dict.fromkeys(f"{r['shape']} r{r['rank']}" for r in rows))
     names = list(dict.fromkeys(r["provider"] for r in rows))
@@ -249,9 +256,10 @@ def main():
     if not gpu:
         print("no GPU: small shapes, no breakdown; the numbers need a GPU")
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
-    env = {**harness.environment(torch.float32), "oversample": OVERSAMPLE, "n_iter": N_ITER}
+    env = harness.environment(torch.float32)
     print(json.dumps(env), flush=True)
     path = harness.results_path(args.out, "svd")
+    settings = dict(oversample=OVERSAMPLE, n_iter=N_ITER)
     sections = [lambda: check_correctness(device, shapes), lambda: bench_shapes(device, shapes),
                 lambda: bench_model(device, GPU_MODEL_SHAPE if gpu else CPU_MODEL_SHAPE)]
     if gpu:  # the breakdown calls the kernels' launchers directly
@@ -262,15 +270,9 @@ def main():
             rows += section()
         except Exception:  # a failed section is reported; the others still run and are written
             traceback.print_exc()
-        harness.write_rows(path, rows, env)
-    timed = [r for r in rows if r["table"] in ("shape", "model")]
-    if timed:
-        harness.write_csv(harness.beside(path, ".csv"), timed)
-    shape_rows = [r for r in rows if r["table"] == "shape"]
-    if shape_rows:
-        plot(shape_rows, harness.beside(path, ".png"), env["device"])
+        harness.write_results(path, harness.result_rows("svd", rows, UNITS, env, settings))
     print_summary(rows)
-    harness.report_written(path, harness.beside(path, ".csv"), harness.beside(path, ".png"))
+    harness.write_results(path, harness.result_rows("svd", rows, UNITS, env, settings), plot)
 
 
 if __name__ == "__main__":

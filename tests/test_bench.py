@@ -1,8 +1,11 @@
 """Every bench/ script on a CPU at its smallest settings: it runs, writes its rows where --out says
-(and, without --out, to the temp folder, never into bench/results/), and keeps its row keys."""
+(and, without --out, to the temp folder, never into bench/results/) in the results schema with the
+metrics it promises; the committed results are in that schema and bench/plot.py draws them."""
+import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,21 @@ SCRIPT_TIMEOUT_S = 300
 TRAIN_ROW_KEYS = {"variant", "shape", "T", "B", "mode", "ms_per_step", "tokens_per_s", "device_ms_per_step",
                   "host_bound_share", "peak_memory_mb", "mfu", "first_step_s", "startup_s", "device", "torch"}
 ENV_KEYS = {"device", "driver", "torch", "triton", "python", "dtype"}
+# the scripts that write the results schema (the others, train.py, tiles.py, configs.py and tiles_sm90.py, still
+# write harness.write_rows' older layout); bench/results/<script>_*.json is one of theirs
+SCHEMA_SCRIPTS = ("append", "attention", "convert", "decode", "decode_sass", "finetune_converted", "fp8_scales",
+                  "generate", "launch_overhead", "model_check", "svd")
+NO_PLOT = {"append", "model_check", "launch_overhead", "decode_sass"}  # scripts that draw no plot
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("harness", REPO / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _harness()
 
 
 def run_script(name, *args, tmpdir=None):
@@ -31,12 +49,29 @@ def run_script(name, *args, tmpdir=None):
 
 
 def read_rows(path):
-    """The rows of a results JSON: a non-empty list, each row holding the run's environment."""
+    """The rows of a results JSON in the older layout: a non-empty list, each row holding the run's environment."""
     rows = json.loads(path.read_text())
     assert isinstance(rows, list) and rows
     for row in rows:
         assert ENV_KEYS <= set(row), sorted(row)
     return rows
+
+
+def read_results(path, benchmark, metrics):
+    """A results JSON in the schema: every row has the schema's columns, this benchmark, a unit, the
+    run's commit, and one of exactly `metrics`. -> its measurements (harness.measurements)."""
+    rows = json.loads(path.read_text())
+    assert harness.is_result_rows(rows), rows[:1]
+    assert {row["benchmark"] for row in rows} == {benchmark}
+    assert {row["metric"] for row in rows} == set(metrics)
+    for row in rows:
+        assert isinstance(row["unit"], str) and row["commit"] and row["torch"] and row["gpu"] == "cpu"
+    return harness.measurements(rows)
+
+
+def schema_results():
+    """The committed results files of the scripts that write the schema."""
+    return [p for p in sorted(RESULTS.glob("*.json")) if p.name.startswith(tuple(f"{s}_" for s in SCHEMA_SCRIPTS))]
 
 
 def results_listing():
@@ -49,7 +84,8 @@ def test_default_output_goes_to_the_temp_folder(tmp_path):
     out = run_script("launch_overhead", "--calls", 1, "--rounds", 1, tmpdir=tmp_path)
     written = tmp_path / "mla_bench" / "launch_overhead_cpu.json"
     assert f"wrote {written}" in out
-    assert {row["provider"] for row in read_rows(written)} == {"flash_attention eager", "sdpa eager"}
+    rows = read_results(written, "launch_overhead", {"us_per_call"})
+    assert {row["provider"] for row in rows} == {"flash_attention eager", "sdpa eager"}
     assert results_listing() == before
 
 
@@ -57,30 +93,32 @@ def test_attention(tmp_path):
     out = tmp_path / "attention.json"
     run_script("attention", "--seqlens", 32, "--layer_seqlens", 32, "--core_heads", 2, "--core_dims", 16,
                "--heads", 2, "--head_sizes", 16, "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "attention", {f"{step}_{metric}" for step in ("fwd", "bwd", "fwd_bwd")
+                                           for metric in ("ms", "tflops")})  # no memory on a CPU
     assert {row["table"] for row in rows} == {"core", "layer"}
     assert all("fwd_bwd_ms" in row for row in rows)
-    for suffix in ("_core.csv", "_layer.csv", ".png"):
-        assert (tmp_path / f"attention{suffix}").stat().st_size > 0
+    assert (tmp_path / "attention.png").stat().st_size > 0
 
 
 def test_decode(tmp_path):
     out = tmp_path / "decode.json"
     run_script("decode", "--shapes", "2x256", "--modes", "default", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "decode", {"us", "GBps", "tokens_per_s", "bytes_per_token_layer_analytic",
+                                        "bytes_per_token_layer_measured", "max_context_B1", "max_batch_L1024",
+                                        "max_batch_L4096", "saving_vs_mha"})
     providers = {row["provider"] for row in rows if row["table"] == "timing"}
     assert providers == {"torch_latent_math", "torch_latent", "reference"}
-    memory = {row["layout"]: row for row in rows if row["table"] == "memory"}
+    memory = {row["provider"]: row for row in rows if row["table"] == "memory"}
     assert len(memory) == 5
     assert memory["MLA default, fp8"]["bytes_per_token_layer_measured"] == 12 * 64 + 12 * 2 * 4  # values + scales
-    for suffix in ("_timings.csv", "_memory.csv", ".png"):
-        assert (tmp_path / f"decode{suffix}").stat().st_size > 0
+    assert (tmp_path / "decode.png").stat().st_size > 0
 
 
 def test_append(tmp_path):
     out = tmp_path / "append.json"
     run_script("append", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "append", {"rel_err_q", "rel_err_k", "rel_err_cublas", "untouched_slots_nan", "passed",
+                                        "us", "GBps"})
     assert all(row["passed"] for row in rows if row["table"] == "correctness")
     assert {(row["mode"], row["provider"]) for row in rows if row["table"] == "timing"} == {
         (mode, provider) for mode in ("default", "joint") for provider in ("fused", "unfused")}
@@ -89,26 +127,31 @@ def test_append(tmp_path):
 def test_svd(tmp_path):
     out = tmp_path / "svd.json"
     stdout = run_script("svd", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "svd", {"finite", "s_rel_diff", "err", "err_ref", "u_orth", "v_orth", "ok", "ms",
+                                     "rel_err", "optimal_rel_err"})
     assert {row["table"] for row in rows} == {"correctness", "shape", "model"}
+    assert all(row["oversample"] == 8 and row["n_iter"] == 2 for row in rows)
     assert "checks ok: True" in stdout
-    assert (tmp_path / "svd.csv").stat().st_size > 0 and (tmp_path / "svd.png").stat().st_size > 0
+    assert (tmp_path / "svd.png").stat().st_size > 0
 
 
 def test_generate(tmp_path):
     out = tmp_path / "generate.json"
     run_script("generate", "--prompt", 8, "--new_tokens", 4, "--check_tokens", 4, "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "generate", {"seconds", "tokens_per_s", "fraction"})  # no peak memory on a CPU
     speed = {row["provider"] for row in rows if row["table"] == "speed"}
     assert speed == {"mla-recompute", "mla-latent-cache", "standard-kv-cache", "mla-latent-cache-ragged"}
     assert all(row["fraction"] == 1.0 for row in rows if row["table"] == "check")
+    assert all(row["n_layer"] == 2 and row["n_embd"] == 128 for row in rows)
     assert (tmp_path / "generate.png").stat().st_size > 0
 
 
 def test_convert_timing(tmp_path):
     out = tmp_path / "convert_timing.json"
     run_script("convert", "--timing", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "convert", {"factor_seconds", "factor_all", "convert_model_seconds", "convert_model_all",
+                                         "kv_cache_saving", "rel_error", "optimal_rel_error",
+                                         "full_rank_max_logit_diff"})
     assert {(row["latent_dim"], row["calibrated"]) for row in rows} == {(16, False), (16, True), (32, False),
                                                                         (32, True)}
     assert next(row for row in rows if row["latent_dim"] == 32 and not row["calibrated"])[
@@ -118,19 +161,30 @@ def test_convert_timing(tmp_path):
 def test_convert_quality(tmp_path):
     out = tmp_path / "convert_quality.json"
     run_script("convert", "--iters", 4, "--eval_iters", 1, "--work_dir", tmp_path / "work", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "convert", {"kv_cache_saving", "rel_error_k", "rel_error_v", "optimal_rel_error",
+                                         "convert_seconds", "original_val_loss", "converted_val_loss",
+                                         "scratch_val_loss", "scratch_seconds", "ft5pct_val_loss", "ft10pct_val_loss",
+                                         "gap_after_10pct", "target_met", "best_gap_r_half_after_10pct",
+                                         "total_seconds"})
     quality = [row for row in rows if row["table"] == "quality"]
     assert {(row["latent_dim"], row["calibration_batches"]) for row in quality} == {
         (r, calib) for r in (32, 16, 8) for calib in (0, 8)}
     assert next(row for row in rows if row["table"] == "summary")["iters"] == 4
-    assert (tmp_path / "convert_quality.csv").stat().st_size > 0
+    assert (tmp_path / "convert_quality.png").stat().st_size > 0
 
 
 def test_model_check(tmp_path):
     out = tmp_path / "model_check.json"
     run_script("model_check", "--out", out)
-    rows = read_rows(out)
-    assert [row["table"] for row in rows] == ["correctness"] * 4 and all(row["passed"] for row in rows)
+    rows = read_results(out, "model_check", {"err_kernels", "err_torch_bf16", "passed"})
+    checks = [row for row in rows if row["table"] == "correctness"]
+    assert [row["config"] for row in checks] == ["default", "mla_latent_dim=96",
+                                                 "mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=64",
+                                                 "use_svd=True, svd_rank=16"]
+    assert all(row["passed"] for row in rows)
+    tensors = [row for row in rows if row["table"] == "tensor"]
+    assert {row["config"] for row in tensors} == {row["config"] for row in checks}
+    assert {"loss", "transformer.wte.weight"} <= {row["tensor"] for row in tensors}
 
 
 def test_train(tmp_path):
@@ -155,8 +209,10 @@ def test_finetune_converted(tmp_path):
     out = tmp_path / "finetune.json"
     run_script("finetune_converted", "--iters", 6, "--ft_steps", 2, "--eval_iters", 1, "--work_dir", tmp_path / "w",
                "--out", out)
-    rows = read_rows(out)
-    assert [row["variant"] for row in rows] == ["r16", "r8", "r4", "g1-joint-r64"]
+    rows = read_results(out, "finetune_converted", {
+        "kv_cache_saving", "original_val_loss", "standard_finetuned_val_loss", "standard_finetuned_best_val_loss",
+        "converted_val_loss", "finetuned_val_loss", "finetuned_best_val_loss", "gap_to_standard_finetuned"})
+    assert [row["provider"] for row in rows] == ["r16", "r8", "r4", "g1-joint-r64"]
     assert all(math.isfinite(row["finetuned_val_loss"]) and math.isfinite(row["standard_finetuned_val_loss"])
                for row in rows)
     assert (tmp_path / "finetune.png").stat().st_size > 0
@@ -165,17 +221,18 @@ def test_finetune_converted(tmp_path):
 def test_fp8_scales(tmp_path):
     out = tmp_path / "fp8_scales.json"
     run_script("fp8_scales", "--iters", 4, "--windows", 2, "--work_dir", tmp_path / "w", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "fp8_scales", {"bytes_per_token_layer", "latent_rel_err", "val_loss",
+                                            "val_loss_change_vs_bf16"})
     by_layout = {layout: [r for r in rows if r["layout"] == layout] for layout in ("default", "joint")}
     # the CPU model: n_embd 128, 4 heads (hs 32): default r 16 in 4 groups, joint r 64 in one
-    assert [r["granularity"] for r in by_layout["default"]] == ["bf16", "position-16", "tile-16", "tile-64"]
-    assert [r["granularity"] for r in by_layout["joint"]] == ["bf16", "position-64", "position-32", "position-16",
-                                                              "tile-16", "tile-64"]
-    bytes_of = {(r["layout"], r["granularity"]): r["bytes_per_token_layer"] for r in rows}
+    assert [r["provider"] for r in by_layout["default"]] == ["bf16", "position-16", "tile-16", "tile-64"]
+    assert [r["provider"] for r in by_layout["joint"]] == ["bf16", "position-64", "position-32", "position-16",
+                                                           "tile-16", "tile-64"]
+    bytes_of = {(r["layout"], r["provider"]): r["bytes_per_token_layer"] for r in rows}
     assert bytes_of["default", "bf16"] == 2 * 2 * 4 * 16 and bytes_of["default", "position-16"] == 128 + 4 * 2 * 4
     assert bytes_of["joint", "position-32"] == 64 + 4 * 2 and bytes_of["joint", "tile-64"] == 64 + 4 / 64
     for row in rows:
-        assert math.isfinite(row["val_loss"]) and 0 < row["latent_rel_err"] < (1e-2 if row["granularity"] == "bf16"
+        assert math.isfinite(row["val_loss"]) and 0 < row["latent_rel_err"] < (1e-2 if row["provider"] == "bf16"
                                                                                 else 0.1)
     assert (tmp_path / "fp8_scales.png").stat().st_size > 0
 
@@ -184,10 +241,12 @@ def test_decode_sass(tmp_path):
     """The decode kernel compiled for sm_90 on this machine: its main loop counted per candidate."""
     out = tmp_path / "decode_sass.json"
     run_script("decode_sass", "--out", out)
-    rows = read_rows(out)
+    rows = read_results(out, "decode_sass", {"loop_instructions", "warp_instructions_per_byte", "registers",
+                                             "stack_bytes", "top_opcodes"})
     assert {(r["layout"], r["cache"]) for r in rows} == {(layout, cache) for layout in ("default", "joint")
                                                          for cache in ("bf16", "fp8")}
     for row in rows:
+        assert row["target"] == "cuda sm_90"
         assert row["loop_instructions"] > 0 and 0 < row["warp_instructions_per_byte"] < 10
         assert 0 < row["registers"] <= 255 and sum(row["top_opcodes"].values()) <= row["loop_instructions"]
 
@@ -202,3 +261,26 @@ def test_tiles_sm90(tmp_path):
                                                             for d in (128, 256)}
     assert all(r["fits"] for r in rows if r["kept"])
     assert {r["kernel"] for r in rows if r["head_dim"] == 256 and not r["fits"]} == {"fwd-expand", "dkdv", "dq"}
+
+
+def test_committed_results_in_the_schema():
+    """Every results file of the scripts that write the schema holds schema rows of one benchmark, each
+    with the commit it was measured at."""
+    assert len(schema_results()) >= len(SCHEMA_SCRIPTS)
+    for path in schema_results():
+        rows = json.loads(path.read_text())
+        assert harness.is_result_rows(rows), path.name
+        assert all(row["commit"] and row["commit"] != "unknown" for row in rows), path.name
+        assert len({row["benchmark"] for row in rows}) == 1, path.name
+
+
+def test_plot_draws_every_results_file(tmp_path):
+    """bench/plot.py redraws the committed results' plots from their rows (copies, in a temp folder)."""
+    files = [shutil.copy(path, tmp_path) for path in schema_results()]
+    stdout = run_script("plot", *files, tmpdir=tmp_path)
+    for path in map(Path, files):
+        benchmark = json.loads(path.read_text())[0]["benchmark"]
+        drawn = harness.beside(path, ".png").exists()
+        assert drawn == (benchmark not in NO_PLOT and path.name != "convert_timing_h200.json"), (path.name, stdout)
+    with pytest.raises(AssertionError, match="no such results file"):
+        run_script("plot", tmp_path / "missing.json")
