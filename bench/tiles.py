@@ -26,8 +26,8 @@ import harness  # first: it puts the repository root on sys.path
 import torch
 import triton
 
-from mla_kernels import attention
 from mla_kernels._tiles import num_sms
+from mla_kernels.attention import flash_attention, kernels, launch
 
 # (name, B, T, heads, kv groups, head dim): the absorbed MLA core at the char config and at GPT-2
 # small (r 32, one latent group), then standard-attention shapes at head dims 64 and 128.
@@ -48,7 +48,7 @@ WIDE_CONFIGS = {
     "dkdv": [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2)],
     "dq": [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)],
 }
-KERNELS = {"fwd": attention._fwd_kernel, "dkdv": attention._bwd_dkdv_kernel, "dq": attention._bwd_dq_kernel}
+KERNELS = {"fwd": kernels._fwd_kernel, "dkdv": kernels._bwd_dkdv_kernel, "dq": kernels._bwd_dq_kernel}
 
 
 def label(config):
@@ -63,7 +63,7 @@ def timings_at(name, B, T, H, G, D):
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, H, D)
     k = torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, G, D)
     v = torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, G, D)
-    attention.flash_attention(q, k, v).backward(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16))
+    flash_attention(q, k, v).backward(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     found = {}
     for kind, kernel in KERNELS.items():
@@ -78,27 +78,27 @@ def split_timings(B, T, H, G, D):
     """{head splits: median ms of the whole attention backward} for every divisor of H / G."""
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)  # (B, T, H, D)
     k, v = (torch.randn(B, T, G, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # (B, T, G, D)
-    out, lse = attention.attention_forward(q, k, v, D ** -0.5, 0)
+    out, lse = launch.attention_forward(q, k, v, D ** -0.5, 0)
     do = torch.randn_like(out)  # (B, T, H, D)
-    rule = attention.dkdv_head_splits
+    rule = launch.dkdv_head_splits
     found = {}
     try:
         for splits in (s for s in range(1, H // G + 1) if (H // G) % s == 0):
-            attention.dkdv_head_splits = lambda programs, rep, sms, query_blocks, splits=splits: splits
-            backward = lambda: attention.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0)  # noqa: E731
+            launch.dkdv_head_splits = lambda programs, rep, sms, query_blocks, splits=splits: splits
+            backward = lambda: launch.attention_backward(do, q, k, v, out, lse, D ** -0.5, 0)  # noqa: E731
             backward()  # autotune outside the capture
             # replayed from a CUDA graph: called eagerly, the launcher's host time (~1 ms through PyTorch's
             # tracing wrapper for user kernels) hides the kernels
             found[splits] = harness.median_ms(backward, graph=True)
     finally:
-        attention.dkdv_head_splits = rule
+        launch.dkdv_head_splits = rule
     return found
 
 
 def tile_rows(shapes=SHAPES):
     """Every tile candidate of each kernel at every shape, timed by the autotuner (the search forced
     at every head dim), then per kernel the candidate whose worst ratio to the fastest is smallest."""
-    attention.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
+    kernels.SEARCH_HEAD_DIM = 0  # time every candidate at every head dim
     rows = []
     for name, B, T, H, G, D in shapes:
         for kind, candidates in timings_at(name, B, T, H, G, D).items():
@@ -129,8 +129,8 @@ def split_rows():
             continue  # one query head per KV head: nothing to split
         timings = split_timings(B, T, H, G, D)
         best = min(timings.values())
-        blocks = triton.cdiv(T, attention.DKDV_BLOCK_N)
-        chosen = attention.dkdv_head_splits(B * G * blocks, H // G, sms, blocks)
+        blocks = triton.cdiv(T, kernels.DKDV_BLOCK_N)
+        chosen = launch.dkdv_head_splits(B * G * blocks, H // G, sms, blocks)
         for splits, ms in timings.items():
             rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel="backward",
                              candidate=f"splits{splits}", ms=ms, vs_best=ms / best, chosen=splits == chosen))
@@ -158,7 +158,7 @@ def graphed_core_rows(shapes):
     replayed from a CUDA graph, at every shape: ms, TFLOP/s (causal: forward 2 B H T^2 (2 D) / 2,
     backward 2.5x that) and the ratio to cuDNN."""
     rows = []
-    providers = {"triton": attention.flash_attention, "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
+    providers = {"triton": flash_attention, "cudnn": _sdpa("cudnn"), "flash": _sdpa("flash")}
     for name, B, T, H, G, D in shapes:
         fwd_flops = 2 * B * H * T * T * 2 * D / 2
         found, outputs = {}, {}
@@ -217,7 +217,7 @@ def core_rows(tiles):
     rows = []
     if tiles:
         for kind, kernel in KERNELS.items():
-            kernel.configs = attention._as_configs(WIDE_CONFIGS[kind])
+            kernel.configs = kernels._as_configs(WIDE_CONFIGS[kind])
         rows = tile_rows(CORE_SHAPES) + chosen_tiles()
     return rows + graphed_core_rows(CORE_SHAPES)
 

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mla_kernels import attention
+from mla_kernels.attention import kernels, op
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED_BYTES = 227 * 1024  # an H200's (sm_90) shared memory per thread block, opted in
@@ -39,10 +39,10 @@ def kernel_cases(padded_dim):
     dims = dict(DQ=padded_dim, DV=padded_dim, DQ_P=padded_dim, DV_P=padded_dim, PREC="tf32")
     core_fwd = dict(dims, DO=padded_dim, DO_P=padded_dim, DK_IN=padded_dim, DV_IN=padded_dim,
                     DK_P=padded_dim, EXPAND=False)
-    head = min(attention.MAX_HEAD_DIM, attention.MAX_RESIDENT_WEIGHT_BYTES // (2 * padded_dim * BF16_BYTES))
+    head = min(op.MAX_HEAD_DIM, op.MAX_RESIDENT_WEIGHT_BYTES // (2 * padded_dim * BF16_BYTES))
     expand_fwd = dict(core_fwd, DQ=head, DQ_P=head, DO=head, DO_P=head, EXPAND=True)
-    return [("fwd", attention._fwd_kernel, core_fwd), ("fwd-expand", attention._fwd_kernel, expand_fwd),
-            ("dkdv", attention._bwd_dkdv_kernel, dims), ("dq", attention._bwd_dq_kernel, dims)]
+    return [("fwd", kernels._fwd_kernel, core_fwd), ("fwd-expand", kernels._fwd_kernel, expand_fwd),
+            ("dkdv", kernels._bwd_dkdv_kernel, dims), ("dq", kernels._bwd_dq_kernel, dims)]
 
 
 def compile_sm90(kernel, constexprs, config):
@@ -76,8 +76,8 @@ def main():
     rows = []
     for padded_dim in args.head_dims:
         for name, kernel, constexprs in kernel_cases(padded_dim):
-            configs = attention.gpu_configs(name.split("-")[0])
-            kept = attention._prune(configs, {}, **constexprs)
+            configs = kernels.gpu_configs(name.split("-")[0])
+            kept = kernels._prune(configs, {}, **constexprs)
             for config in configs:
                 shared = compile_sm90(kernel, constexprs, config).metadata.shared
                 rows.append(dict(kernel=name, head_dim=padded_dim, BLOCK_M=config.kwargs["BLOCK_M"],

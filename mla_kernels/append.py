@@ -28,6 +28,7 @@ from mla_kernels._dispatch import (
     on_kernel_device,
     tuned_candidates,
 )
+from mla_kernels._register import register_op
 from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
@@ -250,8 +251,7 @@ def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seq
     return _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
 
 
-@torch.library.custom_op("mla_kernels::project_append", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
-def _project_append_op(
+def _project_append_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], query_dim: int,
     k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
@@ -259,9 +259,13 @@ def _project_append_op(
     return _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale)
 
 
-@_project_append_op.register_fake
-def _(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
+def _project_append_fake(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
     return x.new_empty(x.shape[0], x.shape[1], query_dim)  # (B, T, query_dim)
+
+
+# opaque to Inductor, writing into the cache in place (a decode step is replayed from a CUDA graph)
+_project_append_op = register_op("project_append", _project_append_launch, _project_append_fake,
+                                 mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"), traceable=False)
 
 
 def project_append(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):

@@ -34,6 +34,7 @@ from mla_kernels._dispatch import (
     traced_or_eager,
     tuned_candidates,
 )
+from mla_kernels._register import register_op
 from mla_kernels._tiles import LOG2E, num_sms, tile_dim
 from mla_kernels.reference import FP8_DTYPE, latent_decode_ref
 
@@ -408,8 +409,7 @@ def _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, n
                                  v_scale)
 
 
-@torch.library.custom_op("mla_kernels::latent_decode", mutates_args=())
-def _latent_decode_op(
+def _latent_decode_launch(
     q_lat: torch.Tensor, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor], cache_seqlens: torch.Tensor,
     softmax_scale: float, num_splits: Optional[int], k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
@@ -417,13 +417,16 @@ def _latent_decode_op(
     return _latent_decode_impl(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale)
 
 
-@_latent_decode_op.register_fake
-def _(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale=None, v_scale=None):
+def _latent_decode_fake(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale=None, v_scale=None):
     B, Tq, nh, r = q_lat.shape
     rv = r if cache_v is None else cache_v.shape[3]
     out = q_lat.new_empty(B, Tq, nh, rv)  # (B, Tq, nh, rv)
     lse = q_lat.new_empty(B, nh, Tq, dtype=torch.float32)  # (B, nh, Tq)
     return out, lse
+
+
+# opaque to Inductor (a decode step is replayed from a CUDA graph, not compiled)
+_latent_decode_op = register_op("latent_decode", _latent_decode_launch, _latent_decode_fake, traceable=False)
 
 
 def latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits=None, check_seqlens=True,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import assert_close, dtype_name
 
-from mla_kernels import attention, reference
-from mla_kernels.attention import flash_attention, mla_attention_expanded
+from mla_kernels import reference
+from mla_kernels.attention import flash_attention, launch, mla_attention_expanded, op
 
 # (dtype, atol, rtol): float32 runs exact products in the interpreter; float16 rounds the
 # inputs, the probabilities and (fused path) the expanded K / V tiles to 11 bits.
@@ -48,8 +48,8 @@ def _case_id(case):
 def poison(monkeypatch):
     """Fill every tensor the launchers allocate with NaN, so an unwritten element shows."""
     empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(attention.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(attention.torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(launch.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(launch.torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
 
 
 def _leaf(shape, dtype, scale=1.0):
@@ -102,7 +102,7 @@ def test_dkdv_head_splits_agree(case, poison, monkeypatch):
     """The dK/dV backward gives the reference's gradients whether one program sums a group's query
     heads or several programs sum parts of them into float32 partials."""
     B, Tq, Tk, nh, g, dqk, dv, splits = case
-    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
+    monkeypatch.setattr(launch, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
     q = _leaf((B, Tq, nh, dqk), torch.float32)
     k, v = _leaf((B, Tk, g, dqk), torch.float32), _leaf((B, Tk, g, dv), torch.float32)
     dout = torch.randn(B, Tq, nh, dv)
@@ -122,7 +122,7 @@ def test_dkdv_head_splits_agree(case, poison, monkeypatch):
     (16, 5, 64, 5),  # no divisor of rep reaches the target: one program per head
 ])
 def test_dkdv_head_splits_fill_the_multiprocessors(programs, rep, query_blocks, splits):
-    assert attention.dkdv_head_splits(programs, rep, 132, query_blocks) == splits
+    assert launch.dkdv_head_splits(programs, rep, 132, query_blocks) == splits
 
 
 def test_causality(poison):
@@ -193,8 +193,8 @@ def test_expansion_too_wide_for_shared_memory_runs_in_device_memory(poison, monk
     """Expansion weights wider than the kernel keeps on chip (there hs 256 with r 256 in bf16; here
     every width, the limit set to 0): K / V are built in memory and the core kernel runs on them,
     with the reference's output and gradients (B2-T19-H4-G2-hs16-r24-rv8)."""
-    monkeypatch.setattr(attention, "MAX_RESIDENT_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(attention._EagerMLAExpanded, "apply", lambda *args: pytest.fail("the fused kernel ran"))
+    monkeypatch.setattr(op, "MAX_RESIDENT_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(op, "_mla_expanded_eager", lambda *args: pytest.fail("the fused kernel ran"))
     q, c_k, c_v = (_leaf(shape, torch.float32) for shape in ((2, 19, 4, 16), (2, 19, 2, 24), (2, 19, 2, 8)))
     w_uk, w_uv = _leaf((4, 24, 16), torch.float32, 24 ** -0.5), _leaf((4, 8, 16), torch.float32, 8 ** -0.5)
     leaves = (q, c_k, c_v, w_uk, w_uv)
@@ -230,7 +230,7 @@ def test_custom_ops_pass_opcheck():
 def test_backward_op_gradients_keep_the_inputs_layouts(splits, monkeypatch):
     """The backward op's dk / dv have k's and v's strides, as its fake says, whether the dK/dV
     kernel writes them directly or sums split partials into them (k / v here (B, g, T, D) transposed)."""
-    monkeypatch.setattr(attention, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
+    monkeypatch.setattr(launch, "dkdv_head_splits", lambda programs, rep, sms, query_blocks: splits)
     q = torch.randn(1, 20, 4, 16)
     k, v = (torch.randn(1, 2, 20, 16).transpose(1, 2) for _ in range(2))  # (B, T, g, D), not contiguous
     out, lse = torch.ops.mla_kernels.flash_attention_fwd(q, k, v, 0.25, 0)

@@ -8,8 +8,9 @@ shape measured).
 import pytest
 import torch
 
-from mla_kernels import append, attention, decode
+from mla_kernels import append, decode
 from mla_kernels._dispatch import tuned_candidates
+from mla_kernels.attention import kernels as attention
 
 PRUNES = {  # kernel -> (its prune hook, the GPU candidates, the named arguments and constexprs it sees)
     "attention-fwd": (attention._prune, attention.gpu_configs("fwd"), {},
