@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mla_kernels", "mla_kernels.*", "mla_gpt", "mla_gpt.*"]),
-    package_data={"mla_gpt": ["data/*/*.txt", "data/*/*.md"]},
+    package_data={"mla_gpt": ["data/*/*.txt", "data/*/*.md", "model/tables/*.json"]},
     python_requires=">=3.10",
     # Ranges that both the CPU machines (torch 2.13 CPU build, triton 3.6.0) and the GPU
     # machine (torch 2.11, triton 3.6, nothing installable) satisfy.
