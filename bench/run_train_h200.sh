@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end training measurements on the H200, each capped in time, results in $OUT.
 #   bash bench/run_train_h200.sh SECTION...   (on the device; OUT is the folder that comes back)
-# Sections: launch (host time per attention call, $OUT/launch_overhead_h200.json), gputests-kernels and gputests-model
+# Sections: forms (every MLA form and core in bf16), backends (the plan's table, $OUT/nvidia_h200.json), e2e and
+# e2e-compiled (bench/train.py's end-to-end rows), launch (host time per attention call, $OUT/launch_overhead_h200.json), gputests-kernels and gputests-model
 # (tests/gpu but the configs: about 10 minutes, one device call),
 # compiled (tests/gpu/test_compiled_launch.py alone), profile (host-time tables of the graphed char step),
 # configs-eager / configs-compiled / configs-compiler-graphs / configs-default (tests/gpu: every config trained through the
@@ -40,7 +41,7 @@ first_step() {  # first_step SECONDS LOG VARIANT ARGS...: bench/train.py's first
     caches=$(mktemp -d)
     run "$seconds" "$log" env TRITON_CACHE_DIR="$caches/triton" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
         python bench/train.py --shapes char --modes step_graph --variants "$variant" --steps 3 --rounds 1 \
-        --warmup 0 --profile_steps 1 "$@"
+        --warmup 0 --profile_steps 1 --latents r32 "$@"
 }
 
 # shellcheck disable=SC2086  # PYTEST_GPU_FLAGS is a list of words
@@ -58,16 +59,26 @@ for section in "$@"; do
         tiles) run 200 tiles.log python bench/tiles.py --out "$out/tiles_h200.json" ;;
         splits) run 120 tiles.log python bench/tiles.py --splits_only --out "$out/splits_h200.json" ;;
         first-step)  # time to the first step, each variant (FIRST_STEP_CASES: variant:autotune ...)
-            for case in ${FIRST_STEP_CASES:-mha:1 mla_kernels:1 mla_kernels:0 mla_sdpa:1}; do
+            for case in ${FIRST_STEP_CASES:-mha:1 mla:1 mla:0 mla_sdpa_absorbed:1}; do
                 MLA_KERNELS_AUTOTUNE="${case#*:}" first_step 120 first_step.log "${case%:*}" \
                     --out "$out/first_step_autotune${case#*:}_h200.json"
             done ;;
         first-step-profile)  # where the first step's seconds go: compile phases and a cProfile of the step,
             # MLA on the kernels against MLA on SDPA
-            for variant in mla_kernels mla_sdpa; do
+            for variant in mla mla_sdpa_absorbed; do
                 first_step 150 first_step_profile.log "$variant" --first_step_profile 60 \
                     --out "$out/first_step_profile_h200.json"
             done ;;
+        forms)  # every (form, core) of an MLA layer, and the planned one, against float64 in bf16
+            run 170 pytest_gpu_forms.log python -m pytest tests/gpu/test_model_bf16.py -k every_form -q -n 4 ;;
+        backends)  # the table mla_gpt.model.plan chooses from: copy $OUT/nvidia_h200.json to mla_gpt/model/tables/
+            run 420 backends.log python bench/backends.py --out "$out/nvidia_h200.json" ;;
+        e2e)  # every MLA latent against MHA and plain-PyTorch MLA, 12 L 768 char vocabulary, T 256-16384, graphed
+            train_rows 560 --shapes char gpt2s-char --modes eager_step_graph --steps 5 --rounds 3 --warmup 2 \
+                --profile_steps 0 ;;
+        e2e-compiled)  # the trainer's default step (compiled, one graph) for the default latent, both vocabularies
+            train_rows 560 --shapes gpt2s-char gpt2s --T 1024 4096 16384 --modes step_graph --latents r32 \
+                --variants mha mla mla_sdpa_absorbed --steps 5 --rounds 3 --warmup 2 --profile_steps 0 ;;
         char-graphs) train_rows 200 --shapes char --modes step_graph --device_table 25 ;;
         gpt2s-1k-graphs) train_rows 200 --shapes gpt2s --T 1024 --modes step_graph --device_table 25 ;;
         gpt2s-4k-graphs) train_rows 200 --shapes gpt2s --T 4096 --modes step_graph --device_table 25 ;;
@@ -75,7 +86,7 @@ for section in "$@"; do
         profile)  # where the graphed char step of MLA on the kernels spends host time, against MLA on SDPA
             run 240 train_profile.log env TORCH_LOGS=perf_hints TRITON_PRINT_AUTOTUNING=1 \
                 python bench/train.py --shapes char --modes compiler_graphs step_graph \
-                --variants mla_kernels mla_sdpa --host_table --out "$out/train_profile.json" ;;
+                --variants mla mla_sdpa_absorbed --latents r32 --host_table --out "$out/train_profile.json" ;;
         configs-eager|configs-compiled|configs-compiler-graphs|configs-default)  # ~4-5 minutes each
             run 330 pytest_gpu_configs.log python -m pytest tests/gpu/test_train_configs.py -q -rA -k "${section#configs-}" ;;
         configs-all|gputests-all)  # the four config step modes (gputests-all: and the rest of tests/gpu) side by

@@ -9,19 +9,27 @@ backward under bf16 autocast, gradient clip 1.0, optimizer step, the next batch 
 trainer's `Batches` while the device works), then times it as the trainer runs it: the loss is
 read once per `--steps` steps, as train.py reads it once per log line (`log_interval`).
 
-Variants, measured in one process:
-- mha: standard attention on PyTorch's SDPA (nanoGPT);
-- mla_kernels: MLA (r = head size / 2) on this project's Triton kernels;
-- mla_sdpa: the same MLA with its latent-space core on F.scaled_dot_product_attention
-  (enable_gqa): the peer a user can write without a custom kernel.
+Variants, measured in one process: mha (standard attention on PyTorch's SDPA, nanoGPT), and for
+each MLA latent (`--latents`: r32 = head size / 2, the default; r64 = the head size; r192, the
+custom config's attention without its SVD; g1-r256, one joint latent group):
+- mla-<latent>: MLA as a user gets it, `attn_backend='auto'` (form and core per `mla_gpt.model.plan`);
+- mla_triton-<latent>: every core on this project's Triton kernels (`attn_backend='triton'`);
+- mla_sdpa_absorbed-<latent>, mla_sdpa_materialized-<latent>: the same MLA written in plain PyTorch
+  on F.scaled_dot_product_attention, latent-space (absorbed) or over K/V expanded by one GEMM each
+  (materialized): the peers a user can write without a custom kernel.
 Modes, the trainer's step modes: eager (compile=False), compile (torch.compile's default mode),
 compiler_graphs (torch.compile's 'reduce-overhead': forward and backward as CUDA graphs, the
 optimizer eager), step_graph (compiled, the whole iteration captured as one CUDA graph: train.py's
 default on one CUDA GPU) and eager_step_graph (the same capture of the uncompiled model).
-Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 64) and gpt2s
-(GPT-2 small, vocab 50304) at T 1024 B 16, T 4096 B 4, T 8192 B 2. Dropout 0 everywhere (MLA's
-fused kernels have no attention dropout; MHA's SDPA would pay for it).
+Shapes: char (config/train_shakespeare_char.py's model: 6 L, 6 H, 384, T 256, B 64), gpt2s-char
+(GPT-2 small, 12 L 768, with the character vocabulary the CLI trains on: the rows to judge
+attention by) and gpt2s (the same with GPT-2's 50304-word vocabulary, whose LM head adds FLOPs no
+attention saves), each at T 256 to 16384 with B * T = 16384. Dropout 0 everywhere (MLA's fused
+kernels have no attention dropout; MHA's SDPA would pay for it).
 
+Each row carries its FLOP ceiling against MHA (`flop_ceiling`: the model's FLOPs per token with
+standard attention over those with MLA in its cheaper form, linear layers at 3x their forward
+and attention at 3.5x for forward + backward) beside the measured ratio.
 Per row: ms/step (wall time per step, median over `--rounds` rounds of `--steps` steps), tokens/s,
 device ms/step (profiler: the summed durations of the device-side events, kernels and copies, over
 profiled steps), host-bound share
@@ -32,7 +40,6 @@ an existing --out file: rows of other shapes, modes and variants are kept) and a
 CPU it runs tiny shapes that only show the script works: the numbers need a GPU.
 """
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -47,12 +54,20 @@ from mla_gpt.model import GPT, GPTConfig
 from mla_gpt.train.batches import Batches
 from mla_gpt.train.runtime import Runtime
 from mla_gpt.train.step import TrainStep, capturable_optimizer, compile_for_training
-from mla_kernels import attention as kernel_attention
+from mla_kernels._register import OP_KIND
 
-VARIANTS = {
-    "mha": dict(use_mla=False),
-    "mla_kernels": dict(use_mla=True, attn_backend="triton"),
-    "mla_sdpa": dict(use_mla=True, attn_backend="sdpa"),
+VARIANTS = {  # name -> GPTConfig settings of an MLA variant, beside "mha"
+    "mla": dict(attn_backend="auto"),
+    "mla_triton": dict(attn_backend="triton"),
+    "mla_sdpa_absorbed": dict(attn_backend="sdpa", mla_path="absorbed"),
+    "mla_sdpa_materialized": dict(attn_backend="sdpa", mla_path="materialized"),
+}
+DEFAULT_VARIANTS = ["mha", "mla", "mla_sdpa_absorbed", "mla_sdpa_materialized"]
+LATENTS = {
+    "r32": dict(mla_latent_dim=32),
+    "r64": dict(mla_latent_dim=64),
+    "r192": dict(mla_latent_dim=192),
+    "g1-r256": dict(mla_latent_dim=256, mla_kv_groups=1, mla_joint_kv=True),
 }
 MODES = {  # name -> the trainer's (compile, cuda_graphs) settings
     "eager": (False, "off"),
@@ -61,15 +76,44 @@ MODES = {  # name -> the trainer's (compile, cuda_graphs) settings
     "step_graph": (True, "step"),
     "eager_step_graph": (False, "step"),
 }
+LENGTHS = [(T, 16384 // T) for T in (256, 1024, 4096, 8192, 16384)]  # (T, B): 16384 tokens a step
 CHAR = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65)
+GPT2S_CHAR = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=65)
 GPT2S = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
 # name -> (model settings, [(T, B), ...])
-GPU_SHAPES = {"char": (CHAR, [(256, 64)]), "gpt2s": (GPT2S, [(1024, 16), (4096, 4), (8192, 2)])}
+GPU_SHAPES = {"char": (CHAR, [(256, 64)]), "gpt2s-char": (GPT2S_CHAR, LENGTHS), "gpt2s": (GPT2S, LENGTHS)}
 CPU_SHAPES = {"char": (dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65), [(64, 4)]),
+              "gpt2s-char": (dict(n_layer=2, n_head=4, n_embd=128, vocab_size=65), [(128, 2)]),
               "gpt2s": (dict(n_layer=2, n_head=4, n_embd=128, vocab_size=512), [(128, 2)])}
+CPU_LATENTS = {"r32": dict(mla_latent_dim=8), "r64": dict(mla_latent_dim=16), "r192": dict(mla_latent_dim=48),
+               "g1-r256": dict(mla_latent_dim=64, mla_kv_groups=1, mla_joint_kv=True)}
 STARTUP_STEPS = TrainStep.CAPTURE_AFTER_ITERS + 1  # compile, autotune and CUDA-graph capture happen in these
 MATMUL_N = 8192  # the bf16 matmul rate is measured on N x N x N
 TOKEN_FILE_TOKENS = 2_000_000  # random tokens the batches are drawn from
+
+
+def model_flops_per_token(config, T):
+    """FLOPs per token of one training step (forward + backward) of the GPT: matmuls at 3x their
+    forward, causal attention (T / 2 keys per query on average) at 3.5x. MLA counts its cheaper
+    form: absorbed (composed projections C -> nh r and nh rv -> C, the core at head dims r, rv)
+    or materialized (full q / output projections, the expansions as GEMMs, the core at hs)."""
+    C, nh, hs, L, keys = config.n_embd, config.n_head, config.head_size, config.n_layer, T / 2
+    mlp_and_head = L * 2 * (2 * C * 4 * C) + 2 * C * config.vocab_size
+    if not config.use_mla:
+        return 3 * (mlp_and_head + L * 2 * 4 * C * C) + 3.5 * L * 4 * C * keys
+    r, g = config.latent_dim, config.kv_groups
+    rv = config.svd_rank if config.use_svd and config.svd_mode == "weight" else r
+    latent_proj = 2 * C * g * (r if config.mla_joint_kv else r + rv)
+    absorbed = 3 * (2 * C * nh * r + latent_proj + 2 * nh * rv * C) + 3.5 * 2 * nh * (r + rv) * keys
+    materialized = 3 * (4 * C * C + latent_proj + 2 * nh * hs * (r + rv)) + 3.5 * 4 * C * keys
+    return 3 * mlp_and_head + L * min(absorbed, materialized)
+
+
+def flop_ceiling(config, T):
+    """The most MLA can gain over MHA by FLOPs at this shape: MHA's FLOPs per token over MLA's."""
+    mha = GPTConfig(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                    vocab_size=config.vocab_size, block_size=config.block_size)
+    return model_flops_per_token(mha, T) / model_flops_per_token(config, T)
 
 
 def matmul_rate(device):
@@ -140,11 +184,19 @@ def print_first_step_profile(profiler, limit, name):
           sep="\n", flush=True)
 
 
-def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops):
-    """Build one variant in one step mode at one shape, time its steps, return the row."""
+def variant_settings(variant, latents):
+    """GPTConfig settings of a variant name: 'mha', or '<MLA variant>-<latent>' (e.g. 'mla-r192')."""
+    if variant == "mha":
+        return dict(use_mla=False)
+    name, latent = variant.split("-", 1)
+    return dict(use_mla=True, **VARIANTS[name], **latents[latent])
+
+
+def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops, latents):
+    """Build one variant in one step mode at one shape, time its steps, return its measurement."""
     torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape recompiles across rows
     torch.manual_seed(0)
-    config = GPTConfig(**model_args, **VARIANTS[variant], block_size=T, dropout=0.0)
+    config = GPTConfig(**model_args, **variant_settings(variant, latents), block_size=T, dropout=0.0)
     model = GPT(config).to(rt.device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), rt.device_type)
     compile_model, cuda_graphs = MODES[mode]
@@ -168,67 +220,79 @@ def run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flo
         run_steps(step, args.warmup)
     wall_ms = statistics.median(run_steps(step, args.steps) for _ in range(args.rounds)) * 1000
     device_ms = (device_ms_per_step(step, args.profile_steps, args.host_table, args.device_table)
-                 if rt.device_type == "cuda" else None)
+                 if rt.device_type == "cuda" and args.profile_steps else None)
     row = dict(
-        variant=variant, shape=shape, T=T, B=B, mode=mode,
+        provider=variant, shape=shape, T=T, B=B, mode=mode,
         ms_per_step=wall_ms, tokens_per_s=B * T / wall_ms * 1000,
         device_ms_per_step=device_ms,
         host_bound_share=None if device_ms is None else max(0.0, 1 - device_ms / wall_ms),
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if rt.device_type == "cuda" else None,
         mfu=None if peak_flops is None else model.estimate_mfu(B, wall_ms / 1000, peak_flops),
-        first_step_s=first_step_s, startup_s=startup_s, commit=harness.commit(),
-        op_kind=kernel_attention.OP_KIND,
+        first_step_s=first_step_s, startup_s=startup_s, flop_ceiling_vs_mha=flop_ceiling(config, T),
+        op_kind=OP_KIND,
         params=model.get_num_params(), n_layer=config.n_layer, n_embd=config.n_embd,
-        latent_dim=config.latent_dim if config.use_mla else None,
+        latent_dim=config.latent_dim if config.use_mla else 0,
     )
     del step, stepped, model, optimizer
     return row
 
 
+UNITS = {"ms_per_step": "ms", "tokens_per_s": "tokens/s", "device_ms_per_step": "ms", "host_bound_share": "",
+         "peak_memory_mb": "MB", "mfu": "", "first_step_s": "s", "startup_s": "s", "flop_ceiling_vs_mha": ""}
+
+
 def row_key(row):
-    """What a row measures: a new row replaces an earlier one with the same key."""
-    return row["shape"], row["T"], row["mode"], row["variant"]
+    """What a measurement is of: a new one replaces an earlier one with the same key."""
+    return row["shape"], row["T"], row["mode"], row["provider"]
 
 
 def print_table(rows):
-    """Each row, with its tokens/s against MHA and MLA on SDPA at the same shape and mode."""
-    print(f"{'shape':6} {'T':>5} {'B':>3} {'mode':16} {'variant':12} {'ms/step':>8} {'tok/s':>10} "
-          f"{'dev ms':>7} {'host%':>6} {'MB':>7} {'mfu':>6} {'1st s':>6} {'vs mha':>7} {'vs sdpa':>7}")
-    by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
+    """Each measurement, with its tokens/s against MHA and against the faster plain-PyTorch MLA
+    (SDPA, absorbed or materialized) of the same latent, at the same shape and mode, and its FLOP
+    ceiling against MHA."""
+    print(f"{'shape':10} {'T':>5} {'B':>3} {'mode':16} {'variant':28} {'ms/step':>8} {'tok/s':>10} "
+          f"{'dev ms':>7} {'MB':>7} {'1st s':>6} {'vs mha':>7} {'ceiling':>7} {'vs sdpa':>7}")
+    by_key = {row_key(r): r for r in rows}
+    fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        mha = by_key.get((r["shape"], r["T"], r["mode"], "mha"))
-        sdpa = by_key.get((r["shape"], r["T"], r["mode"], "mla_sdpa"))
+        key = r["shape"], r["T"], r["mode"]
+        mha = by_key.get((*key, "mha"))
+        latent = r["provider"].split("-", 1)[1] if "-" in r["provider"] else None
+        peers = [by_key.get((*key, f"{name}-{latent}")) for name in ("mla_sdpa_absorbed", "mla_sdpa_materialized")]
+        peers = [p for p in peers if p]
+        sdpa = max(peers, key=lambda p: p["tokens_per_s"]) if peers else None
         ratio = lambda peer: f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"  # noqa: E731
-        fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['shape']:6} {r['T']:5d} {r['B']:3d} {r['mode']:16} {r['variant']:12} {r['ms_per_step']:8.2f} "
-              f"{r['tokens_per_s']:10,.0f} {fmt(r['device_ms_per_step'], '7.2f')} "
-              f"{fmt(None if r['host_bound_share'] is None else 100 * r['host_bound_share'], '6.1f')} "
-              f"{fmt(r['peak_memory_mb'], '7.0f')} {fmt(None if r['mfu'] is None else 100 * r['mfu'], '6.1f')} "
-              f"{r['first_step_s']:6.1f} {ratio(mha):>7} {ratio(sdpa):>7}")
+        print(f"{r['shape']:10} {r['T']:5d} {r['B']:3d} {r['mode']:16} {r['provider']:28} {r['ms_per_step']:8.2f} "
+              f"{r['tokens_per_s']:10,.0f} {fmt(r.get('device_ms_per_step'), '7.2f')} "
+              f"{fmt(r.get('peak_memory_mb'), '7.0f')} {r['first_step_s']:6.1f} {ratio(mha):>7} "
+              f"{r['flop_ceiling_vs_mha']:6.2f}x {ratio(sdpa):>7}")
 
 
 def plot(rows, path):
-    """tokens/s of each variant, relative to MHA in the same mode and shape, one group per shape."""
+    """tokens/s of each variant relative to MHA in the same shape and mode, one panel per shape and
+    mode, T on the x axis; the FLOP ceiling of each MLA variant dashed."""
     plt = harness.pyplot()
-    groups = sorted({(r["shape"], r["T"], r["mode"]) for r in rows},
-                    key=lambda k: (k[0], k[1], list(MODES).index(k[2])))
-    by_key = {(r["shape"], r["T"], r["mode"], r["variant"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4), dpi=110)
-    width = 0.8 / len(VARIANTS)
-    for i, variant in enumerate(VARIANTS):
-        xs, ys = [], []
-        for g, key in enumerate(groups):
-            row, mha = by_key.get((*key, variant)), by_key.get((*key, "mha"))
-            if row and mha:
-                xs.append(g + (i - 1) * width)
-                ys.append(row["tokens_per_s"] / mha["tokens_per_s"])
-        ax.bar(xs, ys, width, label=variant)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(groups)), [f"{s} T{t}\n{m}" for s, t, m in groups], fontsize=7)
-    ax.set_ylabel("training tokens/s relative to MHA")
-    ax.set_title(f"GPT training step, {rows[0]['device']}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    panels = sorted({(r["shape"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    by_key = {row_key(r): r for r in rows}
+    for ax, (shape, mode) in zip(axes[0], panels):
+        for variant in sorted({r["provider"] for r in rows if r["shape"] == shape and r["mode"] == mode} - {"mha"}):
+            points = sorted((r["T"], r["tokens_per_s"] / mha["tokens_per_s"], r["flop_ceiling_vs_mha"])
+                            for r in rows if (r["shape"], r["mode"], r["provider"]) == (shape, mode, variant)
+                            and (mha := by_key.get((shape, r["T"], mode, "mha"))))
+            if not points:
+                continue
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
+            if variant.startswith("mla-"):
+                ax.plot([p[0] for p in points], [p[2] for p in points], ls="--", color=line.get_color(), lw=0.8)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("T (B * T = 16384)")
+        ax.set_title(f"{shape}, {mode}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training tokens/s relative to MHA (dashed: FLOP ceiling)")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"GPT training step, {rows[0]['gpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -238,8 +302,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES), choices=list(GPU_SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=None, help="only these sequence lengths")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=["mha", *VARIANTS])
+    p.add_argument("--latents", nargs="+", default=list(LATENTS), choices=list(LATENTS))
+    p.add_argument("--modes", nargs="+", default=["step_graph"], choices=list(MODES))
     p.add_argument("--steps", type=int, default=10, help="steps per timed round, one loss read per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the startup ones")
@@ -261,37 +326,44 @@ def main():
     else:
         print("no GPU: tiny shapes on the CPU, eager only; these numbers say nothing about speed")
         args.modes = ["eager"]
-    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    shapes, latents = (GPU_SHAPES, LATENTS) if on_gpu else (CPU_SHAPES, CPU_LATENTS)
+    variants = [v if v == "mha" else f"{v}-{latent}" for v in args.variants
+                for latent in ([None] if v == "mha" else args.latents)]
     peak_flops = matmul_rate(device) if on_gpu else None
-    env = {**harness.environment(rt.ptdtype),
-           "bf16_matmul_tflops": None if peak_flops is None else peak_flops / 1e12}
+    env = harness.environment(rt.ptdtype)
+    settings = {"bf16_matmul_tflops": None if peak_flops is None else peak_flops / 1e12}
     out = harness.results_path(args.out, "train")
-    rows = harness.read_rows(out)  # rows of other shapes, modes and variants stay
-    failed = []
+    earlier = harness.read_rows(out) if Path(out).exists() else []
+    earlier = earlier if harness.is_result_rows(earlier) else []  # a file in another layout is replaced
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as data_dir:
-        for shape in args.shapes:
-            model_args, lengths = shapes[shape]
-            for T, B in lengths:
-                if args.T and T not in args.T:
-                    continue
-                for mode in args.modes:
-                    for variant in args.variants:
-                        try:
-                            row = run_row(variant, mode, shape, model_args, T, B, args, rt, data_dir, peak_flops)
-                        except Exception as e:  # a failed row is reported as one, and the others still run
-                            print(f"FAILED {shape} T {T} {mode} {variant}: {type(e).__name__}: {e}", flush=True)
-                            failed.append((shape, T, mode, variant))
-                            continue
-                        row.update(env)
-                        rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
-                        print(json.dumps(row), flush=True)
-                        harness.write_rows(out, rows)
+        jobs = [(shape, T, B, mode, variant) for shape in args.shapes for T, B in shapes[shape][1]
+                if not args.T or T in args.T for mode in args.modes for variant in variants]
+        for i, (shape, T, B, mode, variant) in enumerate(jobs, 1):
+            try:
+                row = run_row(variant, mode, shape, shapes[shape][0], T, B, args, rt, data_dir, peak_flops, latents)
+            except Exception as e:  # a failed row is reported as one, and the others still run
+                print(f"[{i}/{len(jobs)}] FAILED {shape} T {T} {mode} {variant}: {type(e).__name__}: {e}", flush=True)
+                failed.append((shape, T, mode, variant))
+                continue
+            rows.append(row)
+            print(f"[{i}/{len(jobs)}] {shape} T {T} B {B} {mode} {variant}: {row['ms_per_step']:.2f} ms/step, "
+                  f"{row['tokens_per_s']:,.0f} tokens/s, first step {row['first_step_s']:.1f} s", flush=True)
+            write(out, earlier, rows, env, settings, plot=None)  # each row kept as soon as it is measured
     if rows:
-        print_table(rows)
-        plot(rows, harness.beside(out, ".png"))
-        harness.report_written(out, harness.beside(out, ".png"))
+        kept = write(out, earlier, rows, env, settings, plot=plot)
+        print_table(harness.measurements(kept))
     if failed:
         raise SystemExit(f"{len(failed)} row(s) failed: {failed}")
+
+
+def write(out, earlier, measured, env, settings, plot):
+    """The results file: the earlier rows this run did not measure again, then this run's. Returns all rows."""
+    remeasured = {row_key(m) for m in measured}
+    rows = [r for r in earlier if row_key(r) not in remeasured]
+    rows += harness.result_rows("train", measured, UNITS, env, settings)
+    harness.write_results(out, rows, plot)
+    return rows
 
 
 if __name__ == "__main__":
