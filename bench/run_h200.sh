@@ -36,8 +36,7 @@ for section in $sections; do
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
-        run 240 attention_h200.log python bench/attention.py --seqlens 4096 8192 --core_dims 32 64 --flex_dims \
-            --latent_fracs 0.5 --layer_seqlens 4096 --reference_max_t 0 --out "$out/attention_h200.json" ;;
+        run 240 attention_h200.log python bench/attention.py --out "$out/attention_h200.json" ;;
     svd)  # randomized SVD kernels against torch.svd_lowrank / torch.linalg.svd
         run 120 svd_h200.log python bench/svd.py --out "$out/svd_h200.json" ;;
     finetune)  # a GPT-2-small-shaped model converted to MLA and fine-tuned (the bring-your-own-model report)

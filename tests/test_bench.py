@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mla_gpt.model.config import MLA_PATHS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SCRIPT_TIMEOUT_S = 300
@@ -91,13 +93,30 @@ def test_default_output_goes_to_the_temp_folder(tmp_path):
 
 def test_attention(tmp_path):
     out = tmp_path / "attention.json"
-    run_script("attention", "--seqlens", 32, "--layer_seqlens", 32, "--core_heads", 2, "--core_dims", 16,
-               "--heads", 2, "--head_sizes", 16, "--out", out)
+    stdout = run_script("attention", "--seqlens", 32, "--layer_seqlens", 32, "--core_heads", 2,
+                        "--core_shapes", "d16", "d16-kv1", "d16-dv8", "--heads", 2, "--head_sizes", 16,
+                        "--latents", "r8", "g1-r16-joint", "--out", out)
     rows = read_results(out, "attention", {f"{step}_{metric}" for step in ("fwd", "bwd", "fwd_bwd")
-                                           for metric in ("ms", "tflops")})  # no memory on a CPU
-    assert {row["table"] for row in rows} == {"core", "layer"}
-    assert all("fwd_bwd_ms" in row for row in rows)
+                                           for metric in ("ms", "tflops")})  # no memory nor graph on a CPU
+    core = [row for row in rows if row["table"] == "core"]
+    assert {(r["provider"], r["kv_heads"], r["d"], r["dv"]) for r in core} == {
+        (p, kv, d, dv) for p in ("reference", "sdpa_math") for kv, d, dv in ((2, 16, 16), (1, 16, 16), (2, 16, 8))}
+    layer = [row for row in rows if row["table"] == "layer"]
+    assert {(r["g"], r["r"], r["joint"]) for r in layer} == {(2, 8, False), (1, 16, True)}
+    forms = {f"mla_sdpa_{path}" for path in MLA_PATHS if path != "auto"}  # every form the model offers
+    assert {r["provider"] for r in layer} == {"std_sdpa_math", "mla_plain_math", "mla_reference", *forms}
+    assert "[1/" in stdout and f"[{len(rows)}/{len(rows)}]" in stdout
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--core_shapes", "64"], "is not d<D>"),
+                                            (["--core_shapes", "d32-kv5"], "do not divide"),
+                                            (["--latents", "r32-g1"], "is not [g<G>-]r<R>"),
+                                            (["--core_shapes", "d32", "--flex_shapes", "d64"], "not among")])
+def test_attention_bad_flags(flags, message):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "attention.py"), *flags], capture_output=True,
+                            text=True, timeout=SCRIPT_TIMEOUT_S)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_decode(tmp_path):
