@@ -25,7 +25,7 @@ from mla_kernels.attention import kernels, op
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED_BYTES = 227 * 1024  # an H200's (sm_90) shared memory per thread block, opted in
-POINTERS = {"LSE": "*fp32", "DELTA": "*fp32"}  # the others are bf16 tensors
+POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32"}  # the others are bf16 tensors
 FLOATS = {"qk_scale", "sm_scale"}
 INTEGERS = {"Tq", "Tk", "NH", "G", "REP", "SPLITS", "TQ_BUCKET", "TK_BUCKET", "q_offset"}
 EQUAL_TO_ONE = {"REP"}  # one query head per KV head: the JIT makes it a constant

@@ -17,10 +17,8 @@ from mla_gpt.model.config import MLA_PATHS
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SCRIPT_TIMEOUT_S = 300
-TRAIN_ROW_KEYS = {"variant", "shape", "T", "B", "mode", "ms_per_step", "tokens_per_s", "device_ms_per_step",
-                  "host_bound_share", "peak_memory_mb", "mfu", "first_step_s", "startup_s", "device", "torch"}
 ENV_KEYS = {"device", "driver", "torch", "triton", "python", "dtype"}
-# the scripts that write the results schema (the others, train.py, tiles.py, configs.py and tiles_sm90.py, still
+# the scripts that write the results schema (the others, tiles.py, configs.py and tiles_sm90.py, still
 # write harness.write_rows' older layout); bench/results/<script>_*.json is one of theirs
 SCHEMA_SCRIPTS = ("append", "attention", "convert", "decode", "decode_sass", "finetune_converted", "fp8_scales",
                   "generate", "launch_overhead", "model_check", "svd")
@@ -208,15 +206,27 @@ def test_model_check(tmp_path):
 
 def test_train(tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_script("train", "--steps", 2, "--rounds", 1, "--warmup", 0, "--out", out)
+    stdout = run_script("train", "--shapes", "char", "gpt2s-char", "--latents", "r32", "g1-r256", "--steps", 2,
+                        "--rounds", 1, "--warmup", 0, "--out", out)
     assert "these numbers say nothing about speed" in stdout
-    rows = read_rows(out)
-    assert {(r["shape"], r["variant"]) for r in rows} == {
-        (shape, variant) for shape in ("char", "gpt2s") for variant in ("mha", "mla_kernels", "mla_sdpa")
-    }
+    rows = read_results(out, "train", {"ms_per_step", "tokens_per_s", "first_step_s", "startup_s",
+                                       "flop_ceiling_vs_mha"})
+    variants = ["mha"] + [f"{v}-{latent}" for v in ("mla", "mla_sdpa_absorbed", "mla_sdpa_materialized")
+                          for latent in ("r32", "g1-r256")]
+    assert {(r["shape"], r["provider"]) for r in rows} == {(s, v) for s in ("char", "gpt2s-char") for v in variants}
     for row in rows:
-        assert TRAIN_ROW_KEYS <= set(row) and row["mode"] == "eager" and row["tokens_per_s"] > 0
+        assert row["mode"] == "eager" and row["tokens_per_s"] > 0
+        assert row["flop_ceiling_vs_mha"] == 1.0 if row["provider"] == "mha" else row["flop_ceiling_vs_mha"] > 0
     assert (tmp_path / "train.png").stat().st_size > 0
+
+
+def test_backends(tmp_path):
+    out = tmp_path / "backends.json"
+    stdout = run_script("backends", "--out", out)
+    assert "these numbers say nothing about speed" in stdout
+    rows = read_results(out, "backends", {"fwd_ms", "fwd_bwd_ms"})
+    assert [(r["provider"], r["layer"], r["T"]) for r in rows] == [("absorbed/reference", "test-r16", 64)]
+    assert rows[0]["fwd_bwd_ms"] > 0
 
 
 @pytest.mark.parametrize("script", ["run_h200.sh", "run_train_h200.sh"])

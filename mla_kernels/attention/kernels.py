@@ -75,8 +75,8 @@ def _prune(configs, named_args, **kwargs):
     only the first of them below SEARCH_HEAD_DIM."""
     args = {**named_args, **kwargs}
     widest = max(args[n] for n in ("DQ_P", "DO_P", "DK_P", "DV_P") if n in args)
-    if "Q" in args:  # tiles are sized for 16-bit inputs: a float32 dim d takes the bytes of a 16-bit 2d
-        widest *= max(1, args["Q"].element_size() // 2)
+    if "q_ptr" in args:  # tiles are sized for 16-bit inputs: a float32 dim d takes the bytes of a 16-bit 2d
+        widest *= max(1, args["q_ptr"].element_size() // 2)
     limit = _max_tile_area(widest, forward="EXPAND" in args, expand=bool(args.get("EXPAND")))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
     return tuned_candidates(kept if widest >= SEARCH_HEAD_DIM else kept[:1])
@@ -134,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
 @triton.autotune(_configs("fwd"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DO_P", "DK_P", "DV_P", "EXPAND"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
-def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
                 swkh, swkr, swvh, swvr, sob, sot, soh,
                 Tq, Tk, NH, REP, q_offset, qk_scale, TQ_BUCKET, TK_BUCKET,
@@ -155,15 +155,15 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
     offs_do = tl.arange(0, DO_P)
     offs_dk = tl.arange(0, DK_P)
     offs_dv = tl.arange(0, DV_P)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
     if EXPAND:
-        wk = _load_tile(WK + h * swkh, offs_dk, offs_dq, swkr, DK_IN, DQ, DK_IN != DK_P, DQ != DQ_P)
-        wv = _load_tile(WV + h * swvh, offs_dv, offs_do, swvr, DV_IN, DO, DV_IN != DV_P, DO != DO_P)
+        wk = _load_tile(wk_ptr + h * swkh, offs_dk, offs_dq, swkr, DK_IN, DQ, DK_IN != DK_P, DQ != DQ_P)
+        wv = _load_tile(wv_ptr + h * swvh, offs_dv, offs_do, swvr, DV_IN, DO, DV_IN != DV_P, DO != DO_P)
     else:
         wk = q
         wv = q
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
     q_pos = q_offset + offs_m  # (BLOCK_M,) absolute position of each query among the keys
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -180,13 +180,13 @@ def _fwd_kernel(Q, K, V, WK, WV, O, LSE,
                                DK_IN, DV_IN, DK_IN == DK_P, DV_IN == DV_P,
                                BLOCK_N, True, EXPAND, PREC)
     acc = acc / l_i[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_do[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_do[None, :] < DO))
-    tl.store(LSE + bh * Tq + offs_m, (m_i + tl.math.log2(l_i)) * LN2_C, mask=offs_m < Tq)
+    o_ptrs = o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_do[None, :]
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_do[None, :] < DO))
+    tl.store(lse_ptr + bh * Tq + offs_m, (m_i + tl.math.log2(l_i)) * LN2_C, mask=offs_m < Tq)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
+def _bwd_preprocess(o_ptr, do_ptr, dlse_ptr, delta_ptr, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
                     DV: tl.constexpr, DV_P: tl.constexpr, HAS_DLSE: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * NH)."""
@@ -195,12 +195,12 @@ def _bwd_preprocess(O, DO_, DLSE, DELTA, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
     h = bh % NH
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DV_P)
-    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, sot, Tq, DV, True, DV != DV_P)
-    do = _load_tile(DO_ + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, DV, True, DV != DV_P)
+    o = _load_tile(o_ptr + b * sob + h * soh, offs_m, offs_d, sot, Tq, DV, True, DV != DV_P)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, DV, True, DV != DV_P)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:  # d lse / d s = p, so a logsumexp gradient shifts delta
-        delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
+        delta -= tl.load(dlse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    tl.store(delta_ptr + bh * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
 @triton.jit
@@ -234,14 +234,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.autotune(_configs("dkdv"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P", "REP"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                      sdks, sdkb, sdkt, sdkh, sdvs, sdvb, sdvt, sdvh,
                      Tq, Tk, NH, G, REP, SPLITS, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                      DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head), summed over REP / SPLITS of its query
-    heads; split s writes its sums at DK + s * sdks (SPLITS > 1: float32 partials, summed after).
+    heads; split s writes its sums at dk_ptr + s * sdks (SPLITS > 1: float32 partials, summed after).
 
     Grid (B * G * SPLITS, cdiv(Tk, BLOCK_N)): the key block varies slowest, so the programs of the
     first key blocks, which see the most queries, start first and the short ones fill in after.
@@ -257,8 +257,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
     offs_m = tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, DQ_P)
     offs_dv = tl.arange(0, DV_P)
-    k = _load_tile(K + b * skb + kvh * skh, cols, offs_dq, skt, Tk, DQ, True, DQ != DQ_P)
-    v = _load_tile(V + b * svb + kvh * svh, cols, offs_dv, svt, Tk, DV, True, DV != DV_P)
+    k = _load_tile(k_ptr + b * skb + kvh * skh, cols, offs_dq, skt, Tk, DQ, True, DQ != DQ_P)
+    v = _load_tile(v_ptr + b * svb + kvh * svh, cols, offs_dv, svt, Tk, DV, True, DV != DV_P)
     dk = tl.zeros([BLOCK_N, DQ_P], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_P], tl.float32)
     # queries that see key start_n start at row start_n - q_offset; rows from
@@ -270,10 +270,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
     full_end = tl.maximum((Tq // BLOCK_M) * BLOCK_M, diag_end)  # the last, partial query block is masked
     for hh in range(split * heads_per_split, (split + 1) * heads_per_split):
         h = kvh * REP + hh
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO_ + b * sdb + h * sdh
-        lse_base = LSE + (b * NH + h) * Tq
-        delta_base = DELTA + (b * NH + h) * Tq
+        q_base = q_ptr + b * sqb + h * sqh
+        do_base = do_ptr + b * sdb + h * sdh
+        lse_base = lse_ptr + (b * NH + h) * Tq
+        delta_base = delta_ptr + (b * NH + h) * Tq
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt,
                                  lo, diag_end, cols, offs_m, offs_dq, offs_dv, Tq, q_offset, qk_scale,
                                  DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
@@ -285,10 +285,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO_, LSE, DELTA, DK, DV_,
                                  qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P, BLOCK_M, True, PREC)
     dk *= sm_scale
     row_ok = cols[:, None] < Tk
-    tl.store(DK + split * sdks + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
-             dk.to(DK.dtype.element_ty), mask=row_ok & (offs_dq[None, :] < DQ))
-    tl.store(DV_ + split * sdvs + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
+    tl.store(dk_ptr + split * sdks + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + offs_dq[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=row_ok & (offs_dq[None, :] < DQ))
+    tl.store(dv_ptr + split * sdvs + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + offs_dv[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -315,7 +315,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
 @triton.autotune(_configs("dq"), key=["TQ_BUCKET", "TK_BUCKET", "DQ_P", "DV_P"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
                    Tq, Tk, NH, REP, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                    DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
@@ -331,12 +331,12 @@ def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, DQ_P)
     offs_dv = tl.arange(0, DV_P)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
-    do = _load_tile(DO_ + b * sdb + h * sdh, offs_m, offs_dv, sdt, Tq, DV, True, DV != DV_P)
-    lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_dq, sqt, Tq, DQ, True, DQ != DQ_P)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, offs_m, offs_dv, sdt, Tq, DV, True, DV != DV_P)
+    lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * LOG2E_C
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
     q_pos = q_offset + offs_m
     dq = tl.zeros([BLOCK_M, DQ_P], tl.float32)
     full_end = (tl.minimum(q_offset + start_m + 1, Tk) // BLOCK_N) * BLOCK_N
@@ -348,5 +348,5 @@ def _bwd_dq_kernel(Q, K, V, DO_, LSE, DELTA, DQ_,
                        offs_n, offs_dq, offs_dv, Tk, qk_scale, DQ, DV, DQ == DQ_P, DV == DV_P,
                        BLOCK_N, True, PREC)
     dq *= sm_scale
-    tl.store(DQ_ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_dq[None, :],
-             dq.to(DQ_.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_dq[None, :] < DQ))
+    tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_dq[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_dq[None, :] < DQ))
