@@ -501,3 +501,17 @@ def test_caches_with_autograd_on_are_refused():
 
 if __name__ == "__main__":  # the original design's `cd tests && python test_mla_implementation.py`
     sys.exit(pytest.main([__file__, "-v", *sys.argv[1:]]))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_value_basis_ignores_autocast(backend):
+    """The SVD basis of the values is computed from the float32 weights in float32 under bf16
+    autocast too (PyTorch's QR on a GPU takes no bfloat16): the same basis as without autocast."""
+    config = mla_config(mla_latent_dim=24, use_svd=True, svd_rank=5, attn_backend=backend)
+    torch.manual_seed(0)
+    module = MultiHeadLatentAttention(config)
+    plain = module._compute_value_basis()
+    with torch.autocast("cpu", torch.bfloat16):
+        under_autocast = module._compute_value_basis()
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, atol=0, rtol=0)

@@ -123,10 +123,13 @@ class WeightSVDValues:
             self._basis_stamp = stamp
 
     def _compute_value_basis(self):
-        """Top-k left singular vectors of each value map: (groups, dim, k), no gradient."""
+        """Top-k left singular vectors of each value map: (groups, dim, k), no gradient. In the
+        maps' own dtype whatever autocast says: PyTorch's QR (the path off the kernels) takes no
+        bfloat16, and a basis is a property of the weights, not of the activations' precision."""
         maps = self._value_maps()
         kernels = resolve_backend(self.backend, maps) == "triton"
-        return _top_left_singular_vectors(maps, self.svd_rank, kernels).to(self._value_source().dtype)
+        with torch.autocast(maps.device.type, enabled=False):
+            return _top_left_singular_vectors(maps, self.svd_rank, kernels).to(self._value_source().dtype)
 
     def _value_basis(self):
         """The projector basis U_k (groups, dim, k): follows the weights while training, frozen in eval."""
