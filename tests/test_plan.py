@@ -89,3 +89,17 @@ def test_committed_tables_parse():
         for entries in shapes.values():
             for T, plans in entries:
                 assert T >= 1 and all(p in plan.candidates("auto", "auto") for p in plans)
+
+
+def test_gpu_kind_is_read_once_outside_the_graph(monkeypatch):
+    """torch.compile takes the GPU's name as a constant (read at trace time), so a compiled layer
+    looks its plan up without a graph break; here with a stand-in for the CUDA device."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+
+    def planned(x):
+        form, core = plan.choose(SHAPE, x.shape[1], True, plan.gpu_kind(0))
+        return x * (2.0 if core == "triton" else 3.0)
+
+    assert plan.gpu_kind(0) == "nvidia_h200@9"
+    assert torch.compile(planned, backend="eager", fullgraph=True)(torch.ones(1, 1024))[0, 0].item() == 2.0
