@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, add_out_argument, commit, environment, on_gpu, report_written, results_path, write_rows
+from harness import REPO, add_out_argument, environment, on_gpu, result_rows, results_path, write_results
 
 SCHEDULE = {"max_iters": 60, "eval_interval": 60, "eval_iters": 20, "log_interval": 10}
 CPU_SCHEDULE = {"max_iters": 2, "eval_interval": 2, "eval_iters": 1, "log_interval": 1}
@@ -53,7 +53,7 @@ def run_config(config, mode, schedule):
             rc, output = None, (e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or "")
         metrics_path = Path(out_dir) / "metrics.jsonl"
         records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    row = dict(config=config, mode=mode, overrides=overrides, rc=rc, commit=commit(),
+    row = dict(provider=config, mode=mode, overrides=json.dumps(overrides), rc=rc,
                op_kind=os.environ.get("MLA_KERNELS_OP", "triton_op"))
     modes = MODE_LINE.findall(output)
     row["cuda_graphs"] = modes[0] if modes else None
@@ -85,9 +85,9 @@ def main(argv=None):
     chosen = args.configs or [c for c in configs if gpu or c not in CPU_SKIP]
     schedule = SCHEDULE if gpu else CPU_SCHEDULE
     rows = [run_config(config, mode, schedule) for config in chosen for mode in args.modes]
-    path = results_path(args.out, "configs")
-    write_rows(path, rows, environment())
-    report_written(path)
+    units = {"rc": "", "tokens_per_iter": "tokens", "tokens_per_s": "tokens/s", "ms_per_step": "ms",
+             "first_step_s": "s", "train_loss": "", "val_loss": "", "log_tail": ""}
+    write_results(results_path(args.out, "configs"), result_rows("configs", rows, units, environment()))
     return 0 if all(row["rc"] == 0 for row in rows) else 1
 
 

@@ -159,14 +159,6 @@ def read_rows(path):
     return json.loads(Path(path).read_text()) if Path(path).exists() else []
 
 
-def write_rows(path, rows, env=None):
-    """Write rows as a JSON list, each row extended by env (the row's own keys win): the layout of
-    the scripts not yet on `result_rows`."""
-    rows = [{**(env or {}), **row} for row in rows]
-    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
-    return path
-
-
 ROW_KEYS = ("benchmark", "provider", "metric", "value", "unit")
 RUN_COLUMNS = ("gpu", "driver", "torch", "triton", "cuda", "python", "commit", "time")
 SCALARS = (str, int, float, bool, type(None))

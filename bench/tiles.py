@@ -104,15 +104,15 @@ def tile_rows(shapes=SHAPES):
         for kind, candidates in timings_at(name, B, T, H, G, D).items():
             best = min(candidates.values())
             for cand, ms in candidates.items():
-                rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel=kind,
-                                 candidate=cand, ms=ms, vs_best=ms / best))
+                rows.append(dict(provider=cand, shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel=kind,
+                                 ms=ms, vs_best=ms / best))
             listed = "  ".join(f"{c} {ms:.3f} ({ms / best:.2f}x)" for c, ms in candidates.items())
             print(f"{name:14s} {kind:5s} {listed}", flush=True)
     for kind in KERNELS:
         worst = {}
         for r in rows:
             if r["kernel"] == kind:
-                worst[r["candidate"]] = max(worst.get(r["candidate"], 0.0), r["vs_best"])
+                worst[r["provider"]] = max(worst.get(r["provider"], 0.0), r["vs_best"])
         pick = min(worst, key=worst.get)
         print(f"{kind}: one candidate for every shape: {pick}, at worst {worst[pick]:.3f}x the fastest; "
               "worst ratio of each: " + ", ".join(f"{c} {w:.2f}x" for c, w in worst.items()))
@@ -132,8 +132,8 @@ def split_rows():
         blocks = triton.cdiv(T, kernels.DKDV_BLOCK_N)
         chosen = launch.dkdv_head_splits(B * G * blocks, H // G, sms, blocks)
         for splits, ms in timings.items():
-            rows.append(dict(shape=name, B=B, T=T, heads=H, groups=G, head_dim=D, kernel="backward",
-                             candidate=f"splits{splits}", ms=ms, vs_best=ms / best, chosen=splits == chosen))
+            rows.append(dict(provider=f"splits{splits}", shape=name, B=B, T=T, heads=H, groups=G, head_dim=D,
+                             kernel="backward", ms=ms, vs_best=ms / best, chosen=splits == chosen))
         listed = "  ".join(f"{s} {ms:.3f} ({ms / best:.2f}x)" for s, ms in timings.items())
         print(f"{name:14s} backward by dK/dV head splits (the rule picks {chosen}): {listed}", flush=True)
     return rows
@@ -207,7 +207,7 @@ def chosen_tiles():
     rows = []
     for kind, kernel in KERNELS.items():
         for key, config in kernel.cache.items():
-            rows.append(dict(kernel=kind, key=str(key), candidate=label(config)))
+            rows.append(dict(provider=label(config), kernel=kind, key=str(key), chosen=True))
             print(f"chosen {kind:5s} {label(config)} for {key}", flush=True)
     return rows
 
@@ -235,9 +235,11 @@ def main():
         rows = core_rows(tiles=not args.no_tiles)
     else:
         rows = ([] if args.splits_only else tile_rows()) + split_rows()
-    path = harness.results_path(args.out, "tiles")
-    harness.write_rows(path, rows, harness.environment(torch.bfloat16))
-    harness.report_written(path)
+    units = {"ms": "ms", "vs_best": "", "chosen": "", "fwd_ms": "ms", "bwd_ms": "ms", "fwd_bwd_ms": "ms",
+             "fwd_tflops": "TFLOP/s", "bwd_tflops": "TFLOP/s", "fwd_bwd_tflops": "TFLOP/s", "vs_cudnn": "",
+             "rel_err_vs_sdpa": ""}
+    harness.write_results(harness.results_path(args.out, "tiles"),
+                          harness.result_rows("tiles", rows, units, harness.environment(torch.bfloat16)))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main():
             kept = kernels._prune(configs, {}, **constexprs)
             for config in configs:
                 shared = compile_sm90(kernel, constexprs, config).metadata.shared
-                rows.append(dict(kernel=name, head_dim=padded_dim, BLOCK_M=config.kwargs["BLOCK_M"],
+                rows.append(dict(provider=name, head_dim=padded_dim, BLOCK_M=config.kwargs["BLOCK_M"],
                                  BLOCK_N=config.kwargs["BLOCK_N"], num_warps=config.num_warps,
                                  num_stages=config.num_stages, shared_bytes=shared,
                                  kept=config in kept, fits=shared <= MAX_SHARED_BYTES))
@@ -88,9 +88,9 @@ def main():
                 verdict = ("kept" if r["kept"] else "dropped") + ("" if r["fits"] else ", does not fit")
                 print(f"d {padded_dim:3d} {name:10s} {r['BLOCK_M']:3d}x{r['BLOCK_N']:<3d} w{r['num_warps']} "
                       f"s{r['num_stages']}: {shared / 1024:5.0f} KB of shared memory: {verdict}", flush=True)
-    path = harness.results_path(args.out, "tiles_sm90")
-    harness.write_rows(path, rows, harness.environment())
-    harness.report_written(path)
+    units = {"shared_bytes": "bytes", "kept": "", "fits": ""}
+    harness.write_results(harness.results_path(args.out, "tiles_sm90"),
+                          harness.result_rows("tiles_sm90", rows, units, harness.environment()))
     too_big = [r for r in rows if r["kept"] and not r["fits"]]
     if too_big:
         print(f"{len(too_big)} kept candidates do not fit {MAX_SHARED_BYTES} bytes of shared memory", file=sys.stderr)

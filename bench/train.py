@@ -265,7 +265,7 @@ def print_table(rows):
         print(f"{r['shape']:10} {r['T']:5d} {r['B']:3d} {r['mode']:16} {r['provider']:28} {r['ms_per_step']:8.2f} "
               f"{r['tokens_per_s']:10,.0f} {fmt(r.get('device_ms_per_step'), '7.2f')} "
               f"{fmt(r.get('peak_memory_mb'), '7.0f')} {r['first_step_s']:6.1f} {ratio(mha):>7} "
-              f"{r['flop_ceiling_vs_mha']:6.2f}x {ratio(sdpa):>7}")
+              f"{fmt(r.get('flop_ceiling_vs_mha'), '6.2f')}x {ratio(sdpa):>7}")
 
 
 def plot(rows, path):
@@ -273,25 +273,31 @@ def plot(rows, path):
     mode, T on the x axis; the FLOP ceiling of each MLA variant dashed."""
     plt = harness.pyplot()
     panels = sorted({(r["shape"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    columns = min(4, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.5 * columns, 3.6 * grid_rows), dpi=110, squeeze=False)
     by_key = {row_key(r): r for r in rows}
-    for ax, (shape, mode) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (shape, mode) in zip(axes.flat, panels):
         for variant in sorted({r["provider"] for r in rows if r["shape"] == shape and r["mode"] == mode} - {"mha"}):
-            points = sorted((r["T"], r["tokens_per_s"] / mha["tokens_per_s"], r["flop_ceiling_vs_mha"])
+            points = sorted((r["T"], r["tokens_per_s"] / mha["tokens_per_s"], r.get("flop_ceiling_vs_mha"))
                             for r in rows if (r["shape"], r["mode"], r["provider"]) == (shape, mode, variant)
                             and (mha := by_key.get((shape, r["T"], mode, "mha"))))
             if not points:
                 continue
             line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
-            if variant.startswith("mla-"):
+            if variant.startswith("mla-") and all(p[2] is not None for p in points):
                 ax.plot([p[0] for p in points], [p[2] for p in points], ls="--", color=line.get_color(), lw=0.8)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("T (B * T = 16384)")
+        ax.set_xlabel("T")
         ax.set_title(f"{shape}, {mode}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training tokens/s relative to MHA (dashed: FLOP ceiling)")
-    axes[0][-1].legend(fontsize=6)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tokens/s / MHA's (dashed: FLOP ceiling)", fontsize=8)
+    labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(labelled.values(), labelled.keys(), fontsize=7, loc="upper right")
     fig.suptitle(f"GPT training step, {rows[0]['gpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -17,12 +17,13 @@ from mla_gpt.model.config import MLA_PATHS
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SCRIPT_TIMEOUT_S = 300
-ENV_KEYS = {"device", "driver", "torch", "triton", "python", "dtype"}
-# the scripts that write the results schema (the others, tiles.py, configs.py and tiles_sm90.py, still
-# write harness.write_rows' older layout); bench/results/<script>_*.json is one of theirs
-SCHEMA_SCRIPTS = ("append", "attention", "convert", "decode", "decode_sass", "finetune_converted", "fp8_scales",
-                  "generate", "launch_overhead", "model_check", "svd")
-NO_PLOT = {"append", "model_check", "launch_overhead", "decode_sass"}  # scripts that draw no plot
+# the scripts whose results bench/results/ holds, as <script>_*.json (tiles_sm90.py writes the schema too, into
+# the temp folder only)
+SCHEMA_SCRIPTS = ("append", "attention", "backends", "configs", "convert", "decode", "decode_sass",
+                  "finetune_converted", "fp8_scales", "generate", "launch_overhead", "model_check", "svd", "tiles",
+                  "train")
+# scripts that draw no plot
+NO_PLOT = {"append", "model_check", "launch_overhead", "decode_sass", "tiles", "tiles_sm90", "configs", "backends"}
 
 
 def _harness():
@@ -48,15 +49,6 @@ def run_script(name, *args, tmpdir=None):
     return result.stdout
 
 
-def read_rows(path):
-    """The rows of a results JSON in the older layout: a non-empty list, each row holding the run's environment."""
-    rows = json.loads(path.read_text())
-    assert isinstance(rows, list) and rows
-    for row in rows:
-        assert ENV_KEYS <= set(row), sorted(row)
-    return rows
-
-
 def read_results(path, benchmark, metrics):
     """A results JSON in the schema: every row has the schema's columns, this benchmark, a unit, the
     run's commit, and one of exactly `metrics`. -> its measurements (harness.measurements)."""
@@ -70,8 +62,8 @@ def read_results(path, benchmark, metrics):
 
 
 def schema_results():
-    """The committed results files of the scripts that write the schema."""
-    return [p for p in sorted(RESULTS.glob("*.json")) if p.name.startswith(tuple(f"{s}_" for s in SCHEMA_SCRIPTS))]
+    """Every committed results file: each is in the schema."""
+    return sorted(RESULTS.glob("*.json"))
 
 
 def results_listing():
@@ -285,17 +277,18 @@ def test_tiles_sm90(tmp_path):
     sm_90 on this machine; at head dim 256 some that it drops would not (the limit is needed)."""
     out = tmp_path / "tiles_sm90.json"
     run_script("tiles_sm90", "--head_dims", 128, 256, "--out", out)
-    rows = read_rows(out)
-    assert {(r["kernel"], r["head_dim"]) for r in rows} == {(k, d) for k in ("fwd", "fwd-expand", "dkdv", "dq")
+    rows = read_results(out, "tiles_sm90", {"shared_bytes", "kept", "fits"})
+    assert {(r["provider"], r["head_dim"]) for r in rows} == {(k, d) for k in ("fwd", "fwd-expand", "dkdv", "dq")
                                                             for d in (128, 256)}
     assert all(r["fits"] for r in rows if r["kept"])
-    assert {r["kernel"] for r in rows if r["head_dim"] == 256 and not r["fits"]} == {"fwd-expand", "dkdv", "dq"}
+    assert {r["provider"] for r in rows if r["head_dim"] == 256 and not r["fits"]} == {"fwd-expand", "dkdv", "dq"}
 
 
 def test_committed_results_in_the_schema():
     """Every results file of the scripts that write the schema holds schema rows of one benchmark, each
     with the commit it was measured at."""
-    assert len(schema_results()) >= len(SCHEMA_SCRIPTS)
+    # backends.py's results are the model's table (mla_gpt/model/tables/, tests/test_plan.py)
+    assert {json.loads(p.read_text())[0]["benchmark"] for p in schema_results()} >= set(SCHEMA_SCRIPTS) - {"backends"}
     for path in schema_results():
         rows = json.loads(path.read_text())
         assert harness.is_result_rows(rows), path.name
