@@ -20,6 +20,12 @@ Rows (key `table`: speed or check):
   and group), written by the fused append and read as stored by the decode kernel.
 Eager rows run only up to --eager_max_batch: each step launches every kernel from Python
 (and standard attention's SDPA meets a new key length, a new cuDNN plan, at every step).
+With --caches, instead: the cache table. For each prompt in --prompts and batch in --batch_sizes, every
+cache in CACHES (standard K/V, MLA's default latent, the same in fp8, one joint g 1 r 256 latent), each
+model built with a block just long enough, generating --new_tokens with the decode step replayed from
+a CUDA graph: tokens/s end to end (prefill included), the decode step's ms ((t(N) - t(1)) / (N - 1),
+so the prefill drops out), the cache bytes per token and layer, and the GB/s those bytes make at the
+step's mean filled length. A batch that does not fit is reported and skipped.
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
 reference path in the same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
 the results JSON and a bar chart beside it (.png), which `python bench/plot.py RESULTS.json` redraws.
@@ -35,7 +41,17 @@ from mla_gpt.model import GPT, GPTConfig
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
 GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
 CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=4, n_embd=128)
-UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": ""}
+UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": "", "step_ms": "ms",
+         "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s"}
+# --caches: name -> (GPTConfig settings, cache dtype; None: the model's)
+CACHES = {
+    "standard": (dict(), None),
+    "mla": (dict(use_mla=True), None),
+    "mla-fp8": (dict(use_mla=True), torch.float8_e4m3fn),
+    "mla-joint-g1-r256": (dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=256), None),
+}
+CPU_CACHES = {**CACHES, "mla-joint-g1-r256": (dict(use_mla=True, mla_kv_groups=1, mla_joint_kv=True,
+                                                   mla_latent_dim=64), None)}
 
 
 def recompute_generate(model, idx, new_tokens):
@@ -69,8 +85,11 @@ def timed(fn, new_tokens):
 
 
 def plot(rows, path):
-    """Tokens/s per provider, one group of bars per batch size (log scale: they span 3 decades)."""
+    """Tokens/s per provider, one group of bars per batch size (log scale: they span 3 decades);
+    for the cache table, each cache's decode-step speed against the standard cache's, per prompt."""
     plt = harness.pyplot()
+    if any(r["table"] == "caches" for r in rows):
+        return plot_caches(plt, [r for r in rows if r["table"] == "caches"], path)
     rows = [r for r in rows if r["table"] == "speed"]
     batches = sorted({r["batch"] for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -92,6 +111,65 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def plot_caches(plt, rows, path):
+    """Decode-step speed of each cache over the standard cache's, by prompt length, one line per batch."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_key = {(r["provider"], r["batch"], r["prompt"]): r for r in rows}
+    for name in dict.fromkeys(r["provider"] for r in rows):
+        for batch in sorted({r["batch"] for r in rows}):
+            points = sorted((r["prompt"], standard["step_ms"] / r["step_ms"]) for r in rows
+                            if (r["provider"], r["batch"]) == (name, batch)
+                            and (standard := by_key.get(("standard", batch, r["prompt"]))))
+            if points and name != "standard":
+                ax.plot(*zip(*points), marker="o", label=f"{name}, B {batch}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("decode step speed / the standard cache's")
+    first = rows[0]
+    ax.set_title(f"Decode step by cache, {first['n_layer']} layers x {first['n_embd']}, {first['gpu']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cache_rows(args, shape, device, dtype):
+    """--caches: the rows of every cache at every prompt length and batch size."""
+    gpu = device == "cuda"
+    rows = []
+    for prompt_len in args.prompts:
+        block = prompt_len + args.new_tokens
+        for name, (settings, cache_dtype) in (CACHES if gpu else CPU_CACHES).items():
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**{**shape, "block_size": block}, **settings)).to(device, dtype).eval()
+            per_token = model.transformer.h[0].attn.make_cache(1, 1, cache_dtype or dtype, "meta").bytes_per_token
+            for batch in args.batch_sizes:
+                prompt = torch.randint(0, GPT2_VOCAB, (batch, prompt_len), device=device)
+                run = lambda n: model.generate(prompt, n, top_k=1, cuda_graph=gpu, cache_dtype=cache_dtype)  # noqa: E731
+                if gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    _, one = timed(run, 1)
+                    _, seconds = timed(run, args.new_tokens)
+                except torch.OutOfMemoryError:
+                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} does not fit", flush=True)
+                    continue
+                step_s = (seconds - one) / (args.new_tokens - 1)
+                cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
+                rows.append(dict(table="caches", provider=name, batch=batch, prompt=prompt_len,
+                                 new_tokens=args.new_tokens, tokens_per_s=batch * args.new_tokens / seconds,
+                                 step_ms=step_s * 1e3, cache_bytes_per_token_layer=per_token,
+                                 cache_GBps=cache_gb / step_s,
+                                 peak_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None))
+                print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} step {step_s * 1e3:8.3f} ms  "
+                      f"{rows[-1]['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
+                      f"{cache_gb / step_s:8.1f} GB/s", flush=True)
+    return rows
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+")
@@ -102,6 +180,9 @@ def parse_args():
     parser.add_argument("--n_embd", type=int)
     parser.add_argument("--eager_max_batch", type=int, default=1, help="largest batch for the eager rows")
     parser.add_argument("--check_tokens", type=int, default=32, help="tokens compared with the reference path")
+    parser.add_argument("--caches", action="store_true", help="the cache table instead (see above)")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192, 32768],
+                        help="with --caches: prompt lengths")
     harness.add_out_argument(parser, "generate")
     args = parser.parse_args()
     defaults = GPU_SETTINGS if harness.on_gpu() else CPU_SETTINGS
@@ -164,6 +245,15 @@ def main():
         print("no GPU: running a small CPU configuration; kernel timings need a GPU")
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK_SIZE,
                  vocab_size=VOCAB_SIZE, bias=False)
+    if args.caches:
+        if args.new_tokens < 2:
+            raise SystemExit(f"--caches times the decode step by difference: --new_tokens must be >= 2, got "
+                             f"{args.new_tokens}")
+        rows = cache_rows(args, shape, device, dtype)
+        harness.write_results(harness.results_path(args.out, "generate"),
+                              harness.result_rows("generate", rows, UNITS, harness.environment(dtype),
+                                                  {k: v for k, v in shape.items() if k != "block_size"}), plot)
+        return
     torch.manual_seed(0)
     mla = GPT(GPTConfig(**shape, use_mla=True)).to(device, dtype).eval()
     mla_reference = GPT(GPTConfig(**shape, use_mla=True, attn_backend="reference")).to(device, dtype).eval()

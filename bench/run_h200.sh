@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
 #   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
-# Sections (default: all, in this order): append decode generate convert attention svd finetune fp8_scales model_check.
+# Sections (default: all but generate-caches, in this order): append decode generate convert attention svd finetune
+# fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768) on request.
 # Their time caps add up to about 33 minutes: split them over four device calls (finetune alone takes one).
 # Each writes $OUT/<name>_h200.json (CSV and PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
@@ -33,6 +34,9 @@ for section in $sections; do
     generate)  # B 1, 32, 128: CUDA-graph steps fused / unfused / fp8 / ragged, standard cache, recompute
         run 240 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 128 \
             --out "$out/generate_h200.json" ;;
+    generate-caches)  # every cache at prompts 1024 / 8192 / 32768, B 1 and 32: decode step ms, tokens/s, GB/s
+        run 540 generate_caches_h200.log python bench/generate.py --caches --batch_sizes 1 32 --new_tokens 128 \
+            --out "$out/generate_caches_h200.json" ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
@@ -46,7 +50,7 @@ for section in $sections; do
         run 300 fp8_scales_h200.log python bench/fp8_scales.py --out "$out/fp8_scales_h200.json" ;;
     model_check)  # the whole GPT on the kernels against float64, and its fullgraph compile
         run 150 model_check_h200.log python bench/model_check.py --out "$out/model_check_h200.json" ;;
-    *) echo "unknown section $section (allowed: append decode generate convert attention svd finetune fp8_scales model_check)"
+    *) echo "unknown section $section (allowed: append decode generate generate-caches convert attention svd finetune fp8_scales model_check)"
        exit 2 ;;
     esac
 done

@@ -155,6 +155,19 @@ def test_generate(tmp_path):
     assert (tmp_path / "generate.png").stat().st_size > 0
 
 
+def test_generate_caches(tmp_path):
+    out = tmp_path / "generate_caches.json"
+    run_script("generate", "--caches", "--prompts", 8, 16, "--new_tokens", 3, "--out", out)
+    rows = read_results(out, "generate", {"tokens_per_s", "step_ms", "cache_bytes_per_token_layer", "cache_GBps"})
+    caches = ["standard", "mla", "mla-fp8", "mla-joint-g1-r256"]
+    assert [(r["provider"], r["prompt"]) for r in rows] == [(c, p) for p in (8, 16) for c in caches]
+    per_token = {r["provider"]: r["cache_bytes_per_token_layer"] for r in rows}
+    # float32 on the CPU: K and V of 128 channels; MLA's default halves it; fp8 values plus float32 scales
+    assert per_token["standard"] == 2 * 128 * 4 and per_token["mla"] == 128 * 4
+    assert per_token["mla-fp8"] < per_token["mla"] and per_token["mla-joint-g1-r256"] == 64 * 4
+    assert (tmp_path / "generate_caches.png").stat().st_size > 0
+
+
 def test_convert_timing(tmp_path):
     out = tmp_path / "convert_timing.json"
     run_script("convert", "--timing", "--out", out)
