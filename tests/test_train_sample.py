@@ -608,7 +608,9 @@ def test_cuda_graphs_default_falls_back_where_the_step_cannot_be_captured():
     auto = {"cuda_graphs": None}
     assert use_cuda_graphs(auto, single, True, WIDE_SVD) == "compiler"
     assert use_cuda_graphs(auto, single, False, WIDE_SVD) == "off"
-    assert use_cuda_graphs(auto, single, True, {"use_svd": True, "attn_backend": "sdpa"}) == "compiler"
+    for backend in ("sdpa", "cudnn", "flash", "reference"):
+        assert use_cuda_graphs(auto, single, True, {"use_svd": True, "attn_backend": backend}) == "compiler"
+    assert use_cuda_graphs(auto, single, True, {"use_svd": True, "attn_backend": "triton"}) == "step"
     assert use_cuda_graphs(auto, fp16, True, MODEL_ARGS) == "compiler"
 
 

@@ -18,7 +18,7 @@ CUDA_GRAPH_MODES = ("step", "compiler", "off")
 def step_capture_blocker(model_args, rt):
     """Why the whole step cannot be captured as one CUDA graph with these settings, or None."""
     config = GPTConfig(**model_args)
-    if config.use_svd and config.attn_backend in ("sdpa", "reference"):
+    if config.use_svd and config.attn_backend not in ("auto", "triton"):  # the SVD kernels run on these two
         return (f"use_svd=True with attn_backend={config.attn_backend!r} computes its SVD in plain PyTorch "
                 "(torch.linalg), which waits on the host")
     if blocker := svd_capture_blocker(config):
