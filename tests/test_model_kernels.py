@@ -11,6 +11,8 @@ CONFIGS = {
     "r24-expanded": dict(mla_latent_dim=24),
     "g1-joint-r32": dict(mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=32),
     "svd-weight-k4": dict(use_svd=True, svd_rank=4),
+    "r24-materialized": dict(mla_latent_dim=24, mla_path="materialized"),
+    "g1-joint-r32-materialized": dict(mla_kv_groups=1, mla_joint_kv=True, mla_latent_dim=32, mla_path="materialized"),
     "standard": dict(use_mla=False),
     "standard-svd-weight-k4": dict(use_mla=False, use_svd=True, svd_rank=4),
 }
@@ -88,6 +90,7 @@ AUTOCAST_CONFIGS = {
     "joint-expanded": dict(mla_path="expanded", mla_kv_groups=1, mla_joint_kv=True),
     "svd-weight-absorbed": dict(mla_path="absorbed", use_svd=True, svd_rank=4),
     "svd-weight-expanded": dict(mla_path="expanded", use_svd=True, svd_rank=4),
+    "svd-weight-materialized": dict(mla_path="materialized", use_svd=True, svd_rank=4),
     "svd-activation": dict(use_svd=True, svd_rank=4, svd_mode="activation"),
     "standard": dict(use_mla=False),
 }
