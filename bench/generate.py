@@ -25,7 +25,9 @@ cache in CACHES (standard K/V, MLA's default latent, the same in fp8, one joint 
 model built with a block just long enough, generating --new_tokens with the decode step replayed from
 a CUDA graph: tokens/s end to end (prefill included), the decode step's ms ((t(N) - t(1)) / (N - 1),
 so the prefill drops out), the cache bytes per token and layer, and the GB/s those bytes make at the
-step's mean filled length. A batch that does not fit is reported and skipped.
+step's mean filled length. A batch that does not fit is reported and skipped. --profile_kernels N
+also prints, per row, the N kernels one decode step spends its device time in (projections, the
+decode kernel, the merge of split partials, the output projection), and records the step's device ms.
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
 reference path in the same dtype (reported, not asserted: bf16 argmax ties can differ). Writes
 the results JSON and a bar chart beside it (.png), which `python bench/plot.py RESULTS.json` redraws.
@@ -36,13 +38,15 @@ import time
 import harness  # first: it puts the repository root on sys.path
 import torch
 
+from mla_gpt.generate import decode_step, prefill
 from mla_gpt.model import GPT, GPTConfig
 
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
 GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
 CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=4, n_embd=128)
 UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": "", "step_ms": "ms",
-         "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s"}
+         "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s", "step_device_ms": "ms"}
+PROFILED_STEPS = 10  # decode steps profiled per row with --profile_kernels
 # --caches: name -> (GPTConfig settings, cache dtype; None: the model's)
 CACHES = {
     "standard": (dict(), None),
@@ -135,6 +139,25 @@ def plot_caches(plt, rows, path):
     plt.close(fig)
 
 
+def profile_decode(model, prompt, cache_dtype, n_steps, kernels):
+    """Print the kernels one decode step over a filled cache spends its device time in (graphed on
+    a GPU): `kernels` of them, by device time per step. Returns the step's device ms."""
+    gpu = prompt.is_cuda
+    caches = model.setup_caches(prompt.shape[0], prompt.shape[1] + n_steps + 1, cache_dtype)
+    with torch.no_grad():
+        token = prefill(model, prompt, caches)[:, -1:].argmax(-1)  # (B, 1)
+        positions = torch.full((prompt.shape[0],), prompt.shape[1], dtype=torch.int32, device=prompt.device)
+        step = decode_step(model, caches, token, positions, cuda_graph=gpu)
+
+        def steps():
+            for _ in range(n_steps):
+                step(token, positions)  # the same slot each time: the cache's length stays the prompt's
+            harness.synchronize()
+
+        device_us, _ = harness.device_time(steps, n_steps, kernels)
+    return device_us / 1000 / n_steps
+
+
 def cache_rows(args, shape, device, dtype):
     """--caches: the rows of every cache at every prompt length and batch size."""
     gpu = device == "cuda"
@@ -158,11 +181,16 @@ def cache_rows(args, shape, device, dtype):
                     print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} does not fit", flush=True)
                     continue
                 step_s = (seconds - one) / (args.new_tokens - 1)
+                device_ms = None
+                if args.profile_kernels:
+                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} kernels of one decode step:", flush=True)
+                    device_ms = profile_decode(model, prompt, cache_dtype, PROFILED_STEPS, args.profile_kernels)
+                    device_ms = device_ms if gpu else None  # no device events on a CPU
                 cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
                 rows.append(dict(table="caches", provider=name, batch=batch, prompt=prompt_len,
                                  new_tokens=args.new_tokens, tokens_per_s=batch * args.new_tokens / seconds,
                                  step_ms=step_s * 1e3, cache_bytes_per_token_layer=per_token,
-                                 cache_GBps=cache_gb / step_s,
+                                 cache_GBps=cache_gb / step_s, step_device_ms=device_ms,
                                  peak_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None))
                 print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} step {step_s * 1e3:8.3f} ms  "
                       f"{rows[-1]['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
@@ -183,6 +211,8 @@ def parse_args():
     parser.add_argument("--caches", action="store_true", help="the cache table instead (see above)")
     parser.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192, 32768],
                         help="with --caches: prompt lengths")
+    parser.add_argument("--profile_kernels", type=int, default=0, metavar="N",
+                        help="with --caches: print each row's N kernels by device time in one decode step")
     harness.add_out_argument(parser, "generate")
     args = parser.parse_args()
     defaults = GPU_SETTINGS if harness.on_gpu() else CPU_SETTINGS

@@ -86,6 +86,31 @@ def profiled(fn, *args):
     return profiler.runcall(fn, *args), profiler
 
 
+def device_time(fn, n_steps, table=0):
+    """(device microseconds, the profiler) of fn(), which runs n_steps steps, from torch.profiler:
+    the device-side events only (kernels, copies, sets; a host op's device time would count its
+    kernels twice). table: also print this many kernels by device time per step, with their calls
+    per step and share."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    device_us = sum(e.time_range.elapsed_us() for e in events)
+    if table:
+        us_by_name, count_by_name = {}, {}
+        for e in events:
+            us_by_name[e.name] = us_by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+            count_by_name[e.name] = count_by_name.get(e.name, 0) + 1
+        print(f"{'us/step':>9} {'share':>6} {'calls/step':>10}  kernel", flush=True)
+        for name, us in sorted(us_by_name.items(), key=lambda item: -item[1])[:table]:
+            print(f"{us / n_steps:9.1f} {us / max(device_us, 1e-9):6.1%} {count_by_name[name] / n_steps:10.1f}  "
+                  f"{name[:110]}")
+        print(f"{device_us / n_steps:9.1f} {1:6.1%} {len(events) / n_steps:10.1f}  all device events", flush=True)
+    return device_us, prof
+
+
 def profile_table(profiler, limit, order="tottime"):
     """The `limit` functions of a profile with the most host time by `order` ('tottime': their own,
     'cumulative': with what they called), as pstats prints them."""

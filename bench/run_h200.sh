@@ -36,7 +36,7 @@ for section in $sections; do
             --out "$out/generate_h200.json" ;;
     generate-caches)  # every cache at prompts 1024 / 8192 / 32768, B 1 and 32: decode step ms, tokens/s, GB/s
         run 540 generate_caches_h200.log python bench/generate.py --caches --batch_sizes 1 32 --new_tokens 128 \
-            --out "$out/generate_caches_h200.json" ;;
+            --profile_kernels 12 --out "$out/generate_caches_h200.json" ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA

@@ -133,36 +133,12 @@ def token_file(directory, vocab_size, n_tokens):
 
 
 def device_ms_per_step(step, n_steps, host_table=False, device_table=0):
-    """Device time per step from torch.profiler: kernels, copies and sets, summed.
-
-    host_table: also print the ops that took the most host time (where an idle GPU waits).
-    device_table: also print this many device kernels that took the most time per step (what to tune).
-    """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_steps(step, n_steps)
-    # device-side events only: a CPU op's own device-time figure repeats its kernels' time
-    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    device_us = sum(e.time_range.elapsed_us() for e in device_events)
+    """Device time per step (`harness.device_time`); host_table: also print the ops that took the
+    most host time (where an idle GPU waits); device_table: this many kernels by device time."""
+    device_us, prof = harness.device_time(lambda: run_steps(step, n_steps), n_steps, device_table)
     if host_table:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
-    if device_table:
-        print_device_table(device_events, n_steps, device_us, device_table)
     return device_us / 1000 / n_steps
-
-
-def print_device_table(device_events, n_steps, device_us, limit):
-    """The kernels that took the most device time per step, with their count and share."""
-    us_by_name, count_by_name = {}, {}
-    for e in device_events:
-        us_by_name[e.name] = us_by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
-        count_by_name[e.name] = count_by_name.get(e.name, 0) + 1
-    print(f"{'us/step':>9} {'share':>6} {'calls/step':>10}  kernel", flush=True)
-    for name, us in sorted(us_by_name.items(), key=lambda item: -item[1])[:limit]:
-        print(f"{us / n_steps:9.1f} {us / device_us:6.1%} {count_by_name[name] / n_steps:10.1f}  {name[:110]}")
-    print(f"{device_us / n_steps:9.1f} {1:6.1%} {len(device_events) / n_steps:10.1f}  all device events", flush=True)
 
 
 def run_steps(step, n_steps):
