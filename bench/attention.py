@@ -88,34 +88,47 @@ def _peak_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def randn(*shape, device, dtype, requires_grad=False):
+    """A random tensor drawn on the host and moved: a capture that fails leaves the CUDA generator
+    unusable for the rest of the process, and the rows after it still need inputs."""
+    return torch.randn(*shape).to(device, dtype).requires_grad_(requires_grad)
+
+
 def measure(forward, inputs, on_gpu):
     """forward(): output tensor from the leaves `inputs` (requires_grad). -> ms (and MB on a GPU) of
-    the forward, the backward and both eagerly, and on a GPU both replayed from a CUDA graph."""
-    out = forward()
-    dout = torch.randn_like(out)
+    the forward, the backward and both eagerly, and on a GPU both replayed from a CUDA graph.
+
+    The capture comes first, after one eager step (autotuning and compiling stay outside it), with
+    no other autograd graph of the inputs alive, as bench/tiles.py and bench/backends.py capture."""
+    with torch.no_grad():
+        like = forward()
+    dout = randn(*like.shape, device=like.device, dtype=like.dtype)
 
     def fwd():
         with torch.no_grad():
             forward()
 
-    def bwd():
-        out.backward(dout, retain_graph=True)
-
     def fwd_bwd():
         forward().backward(dout)
 
     res = {}
+    fwd_bwd()
+    if on_gpu:
+        try:  # a provider that runs eagerly but cannot be captured keeps its eager numbers
+            res["fwd_bwd_graph_ms"] = harness.median_ms(fwd_bwd, graph=True, rep=GRAPH_REP_MS)
+        except Exception as e:  # noqa: BLE001 - a capture failing is a result
+            res["graph_error"] = _error(e)
+    out = forward()
+
+    def bwd():
+        out.backward(dout, retain_graph=True)
+
     for name, fn in zip(STEPS, (fwd, bwd, fwd_bwd)):
         for x in inputs:
             x.grad = None
         res[f"{name}_ms"] = harness.median_ms(fn, warmup=WARMUP_MS, rep=REP_MS)
         if on_gpu:
             res[f"{name}_mb"] = _peak_mb(fn)
-    if on_gpu:
-        try:  # a provider that runs eagerly but cannot be captured keeps its eager numbers
-            res["fwd_bwd_graph_ms"] = harness.median_ms(fwd_bwd, graph=True, rep=GRAPH_REP_MS)
-        except Exception as e:  # noqa: BLE001 - a capture failing is a result
-            res["graph_error"] = _error(e)
     return res
 
 
@@ -187,20 +200,20 @@ def parse_core_shape(spec, nh):
 
 def core_cases(args, on_gpu, device, dtype):
     """(table, provider, shape, build) per core row: each shape at each length, every provider."""
-    cases = []
+    cases, providers = [], core_providers(on_gpu)
     for spec in args.core_shapes:
         d, dv, kv = parse_core_shape(spec, args.core_heads)
         for T in args.seqlens:
             B = max(1, args.batch_tokens // T)
             shape = dict(B=B, T=T, nh=args.core_heads, kv_heads=kv, d=d, dv=dv)
-            for name, fn in core_providers(on_gpu).items():
+            for name, fn in providers.items():
                 if name == "flex" and spec not in args.flex_shapes:
                     continue
 
                 def build(fn=fn, B=B, T=T, kv=kv, d=d, dv=dv):
-                    q = torch.randn(B, T, args.core_heads, d, device=device, dtype=dtype, requires_grad=True)
-                    k = torch.randn(B, T, kv, d, device=device, dtype=dtype, requires_grad=True)
-                    v = torch.randn(B, T, kv, dv, device=device, dtype=dtype, requires_grad=True)
+                    q = randn(B, T, args.core_heads, d, device=device, dtype=dtype, requires_grad=True)
+                    k = randn(B, T, kv, d, device=device, dtype=dtype, requires_grad=True)
+                    v = randn(B, T, kv, dv, device=device, dtype=dtype, requires_grad=True)
                     return (lambda: fn(q, k, v)), (q, k, v)
                 cases.append(("core", name, shape, build))
     return cases
@@ -311,7 +324,7 @@ def layer_cases(args, on_gpu, device, dtype):
 
                     def build(factory=factory, T=T, C=C):
                         layer = factory().to(device, dtype)
-                        x = torch.randn(args.layer_batch, T, C, device=device, dtype=dtype, requires_grad=True)
+                        x = randn(args.layer_batch, T, C, device=device, dtype=dtype, requires_grad=True)
                         return (lambda: layer(x)), (x,)
                     cases.append(("layer", name, shape, build))
     return cases
