@@ -4,7 +4,7 @@
 # Sections (default: all but generate-caches, in this order): append decode generate convert attention svd finetune
 # fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768) on request.
 # Their time caps add up to about 33 minutes: split them over four device calls (finetune alone takes one).
-# Each writes $OUT/<name>_h200.json (CSV and PNG beside it) and its log; copy them into
+# Each writes $OUT/<name>_h200.json (its PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
 # DECODE_SPLITS=1 (or a list, DECODE_SPLITS='1 4') times only those split counts and the heuristic's
 # instead of the whole sweep.
