@@ -96,6 +96,7 @@ def test_gpu_kind_is_read_once_outside_the_graph(monkeypatch):
     looks its plan up without a graph break; here with a stand-in for the CUDA device."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    plan._gpu_kind.cache_clear()
 
     def planned(x):
         form, core = plan.choose(SHAPE, x.shape[1], True, plan.gpu_kind(0))
@@ -103,3 +104,10 @@ def test_gpu_kind_is_read_once_outside_the_graph(monkeypatch):
 
     assert plan.gpu_kind(0) == "nvidia_h200@9"
     assert torch.compile(planned, backend="eager", fullgraph=True)(torch.ones(1, 1024))[0, 0].item() == 2.0
+    plan._gpu_kind.cache_clear()  # the stand-in's answer stays out of later tests
+
+
+def test_expanded_forced_on_a_core_that_cannot_fuse_it_runs_as_itself(h200_table):
+    """No (form, core) pair holds 'expanded' on cuDNN: the layer gets what it asked for and runs
+    the same math materialized (MultiHeadLatentAttention.forward)."""
+    assert plan.choose(SHAPE, 1024, True, "nvidia_h200@9", core="cudnn", form="expanded") == ("expanded", "cudnn")

@@ -28,7 +28,6 @@ from mla_gpt.model.core import (
     sdpa_attention,
     write_cache,
 )
-from mla_gpt.model.costs import mla_form_costs
 from mla_gpt.model.memory import KVCacheReport
 from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
@@ -84,9 +83,8 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             k, v = write_cache(cache, cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
         if self.backend == "auto" or backend in SDPA_CORES:  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
-            core = backend if backend in SDPA_CORES and cache_seqlens is None else "sdpa"  # a decode step's mask
             y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, cache_seqlens,
-                               dropout_p, core)
+                               dropout_p, backend if backend in SDPA_CORES else "sdpa")
         elif cache is not None:
             y = cached_attention(q, k, v, cache_seqlens, self.softmax_scale, backend)
         else:
@@ -219,17 +217,16 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         mla_path forces one, the form the FLOP model finds cheapest."""
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        shape = plan.layer_key(self.n_embd, self.n_head, self.head_size, self.latent_dim, self.value_dim,
+                               self.n_groups, self.joint_kv, dtype)
         if x.is_cuda and self.backend != "reference":
-            shape = plan.layer_key(self.n_embd, self.n_head, self.head_size, self.latent_dim, self.value_dim,
-                                   self.n_groups, self.joint_kv, dtype)
             return plan.choose(shape, seq_len, torch.is_grad_enabled(), plan.gpu_kind(x.device.index),
                                self.backend, self.path)
         core = resolve_backend(self.backend, x)
         if self.path != "auto":
             return self.path, core
-        costs = mla_form_costs(seq_len, self.n_embd, self.n_head, self.latent_dim, self.value_dim)
         forms = plan.FORMS if core in ("triton", "reference") else ("absorbed", "materialized")
-        return min(forms, key=costs.get), core
+        return plan.cheapest_form(shape, seq_len, forms), core
 
     # ---- svd 'weight': the value maps ------------------------------------------------------
 

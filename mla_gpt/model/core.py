@@ -75,8 +75,11 @@ def sdpa_attention(q, k, v, softmax_scale, cache_seqlens=None, dropout_p=0.0, ba
     (B,) int32, row b's query i sits at position cache_seqlens[b] + i and sees the keys up to it
     (a mask, which also hides a cache's unfilled tail).
     backend: 'sdpa' lets PyTorch pick its kernel; 'cudnn' or 'flash' allows only that one (cuDNN
-    takes no grouped KV heads: they are repeated for it, as a user of it would).
+    takes no grouped KV heads: they are repeated for it, as a user of it would) for the causal call;
+    a masked one (cache_seqlens given, a decode step) goes to whichever kernel PyTorch has for it.
     """
+    if cache_seqlens is not None:
+        backend = "sdpa"
     Tq, Tk = q.size(1), k.size(1)
     d_qk, d_v = q.size(-1), v.size(-1)
     if d_qk < d_v:  # PyTorch's fused kernels need one head dim: zero columns change no score or output
@@ -148,8 +151,8 @@ def cached_attention(q, k, v, cache_seqlens, softmax_scale, backend):
         v = k if v is None else v
     if cache_seqlens is None:
         return causal_attention(q, k, v, softmax_scale, backend)
-    if backend in SDPA_CORES:  # a decode step's per-row mask: PyTorch picks the kernel that takes it
-        return sdpa_attention(q, k, v, softmax_scale, cache_seqlens)
+    if backend in SDPA_CORES:
+        return sdpa_attention(q, k, v, softmax_scale, cache_seqlens, backend=backend)
     seqlens = cache_seqlens + q.size(1)  # (B,) int32: the valid length of each row, new tokens included
     if kernels:
         from mla_kernels.decode import latent_decode

@@ -16,6 +16,7 @@ not hold gets the rule in `_rule`. The choice depends on nothing but these argum
 made before a CUDA graph is captured and stays the same for every replay; torch.compile traces
 through it (the GPU's name is read once per device, outside the graph).
 """
+import functools
 import json
 from pathlib import Path
 
@@ -68,7 +69,13 @@ TABLES = _load_tables()
 @torch.compiler.assume_constant_result
 def gpu_kind(index):
     """The table name of CUDA device `index`: its name in lower case, words joined by '_'
-    ('NVIDIA H200' -> 'nvidia_h200'), then '@<compute capability major>' for `_rule`."""
+    ('NVIDIA H200' -> 'nvidia_h200'), then '@<compute capability major>' for `_rule`. Read once per
+    device: eager layers ask at every call."""
+    return _gpu_kind(index)
+
+
+@functools.cache
+def _gpu_kind(index):
     name = "_".join(torch.cuda.get_device_name(index).lower().replace("-", " ").split())
     return f"{name}@{torch.cuda.get_device_capability(index)[0]}"
 
@@ -93,14 +100,20 @@ def _nearest(entries, seq_len):
     return best
 
 
+def cheapest_form(shape, seq_len, forms):
+    """The form of `forms` the FLOP model (`costs.mla_form_costs`) finds cheapest for shape
+    (`layer_key`) at seq_len; ties go to the first in FORMS."""
+    n_embd, n_head, _, latent_dim, value_dim = shape[:5]
+    costs = mla_form_costs(seq_len, n_embd, n_head, latent_dim, value_dim)
+    return min((f for f in FORMS if f in forms), key=costs.get)
+
+
 def _rule(pairs, shape, seq_len, arch):
     """The choice without a measured table: the form the FLOP model finds cheapest; its core ours
     where the core's head dim is at most TRITON_MAX_HEAD_DIM on the architecture the kernels were
     tuned on, PyTorch's SDPA (tuned by PyTorch for every GPU) otherwise."""
-    n_embd, n_head, head_size, latent_dim, value_dim = shape[:5]
-    costs = mla_form_costs(seq_len, n_embd, n_head, latent_dim, value_dim)
-    forms = {f for f, _ in pairs}
-    form = min((f for f in FORMS if f in forms), key=costs.get)
+    head_size, latent_dim, value_dim = shape[2:5]
+    form = cheapest_form(shape, seq_len, {f for f, _ in pairs})
     head_dim = max(latent_dim, value_dim) if form == "absorbed" else head_size
     ours = arch == TUNED_ARCH and head_dim <= TRITON_MAX_HEAD_DIM
     cores = [c for f, c in pairs if f == form]
@@ -119,11 +132,14 @@ def choose(shape, seq_len, training, kind, core="auto", form="auto"):
     form), which narrow the candidates.
     """
     pairs = candidates(core, form)
+    if not pairs:  # 'expanded' forced on a core that cannot fuse it: the layer runs the same math materialized
+        return form, core
     name, arch = kind.rsplit("@", 1)
     entries = TABLES.get(name, {}).get(shape)
     if entries:
         plans = _nearest(entries, seq_len)[1]
-        timed = [(plans[p][1 if training else 0], p) for p in pairs if p in plans and plans[p][1 if training else 0]]
+        metric = 1 if training else 0  # (fwd_ms, fwd_bwd_ms)
+        timed = [(plans[p][metric], p) for p in pairs if p in plans and plans[p][metric] is not None]
         if timed:
             return min(timed)[1]
     return _rule(pairs, shape, seq_len, int(arch))
