@@ -26,6 +26,7 @@ import harness  # first: it puts the repository root on sys.path
 import torch
 import triton
 
+from mla_gpt.model.core import sdpa_attention
 from mla_kernels._tiles import num_sms
 from mla_kernels.attention import flash_attention, kernels, launch
 
@@ -140,16 +141,10 @@ def split_rows():
 
 
 def _sdpa(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
-
+    """The model's SDPA core restricted to one backend (`mla_gpt.model.core.sdpa_attention`: cuDNN
+    gets a single KV head repeated, flash takes it as grouped heads), default scale."""
     def run(q, k, v):  # (B, T, heads, D) layouts, like flash_attention
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if k.shape[1] != q.shape[1]:  # what a user of SDPA runs for one KV head: repeat it
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        with sdpa_kernel([chosen]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return sdpa_attention(q, k, v, q.shape[-1] ** -0.5, backend=backend)
     return run
 
 
