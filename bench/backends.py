@@ -32,6 +32,9 @@ SHAPES = {
     "gpt2-r64": dict(n_embd=768, n_head=12, mla_latent_dim=64),  # r = hs
     "custom": dict(n_embd=768, n_head=12, mla_latent_dim=192, use_svd=True, svd_rank=32),  # config/train_mla_custom.py
     "char-r32": dict(n_embd=384, n_head=6),  # config/train_shakespeare_char.py with use_mla
+    "char-r64": dict(n_embd=384, n_head=6, mla_latent_dim=64),  # bench/train.py's other latents at that width
+    "char-r192": dict(n_embd=384, n_head=6, mla_latent_dim=192),
+    "char-joint-g1-r256": dict(n_embd=384, n_head=6, mla_latent_dim=256, mla_kv_groups=1, mla_joint_kv=True),
     "test-r16": dict(n_embd=128, n_head=4, mla_latent_dim=16),  # config/train_mla_test.py
 }
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
