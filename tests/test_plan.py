@@ -83,6 +83,19 @@ def test_choose_traces_under_torch_compile_at_any_length(h200_table):
         assert compiled(torch.ones(1, T))[0, 0].item() == factor
 
 
+@pytest.mark.parametrize("core, form, shape", [
+    ("sdpa", "absorbed", SHAPE),  # the table times no 'sdpa' pair: the rule decides
+    ("auto", "auto", WIDE),  # no row for the shape
+], ids=["forced-sdpa", "unmeasured-shape"])
+def test_the_rule_traces_under_torch_compile_without_a_graph_break(h200_table, core, form, shape):
+    def scaled(x):
+        chosen_form, _ = plan.choose(shape, x.shape[1], True, "nvidia_h200@9", core=core, form=form)
+        return x * (2.0 if chosen_form == "absorbed" else 3.0)
+
+    expected = 2.0 if plan.choose(shape, 1024, True, "nvidia_h200@9", core=core, form=form)[0] == "absorbed" else 3.0
+    assert torch.compile(scaled, backend="eager", fullgraph=True)(torch.ones(1, 1024))[0, 0].item() == expected
+
+
 def test_committed_tables_parse():
     for name, shapes in plan._load_tables().items():
         assert "@" not in name and shapes, name

@@ -105,7 +105,11 @@ def cheapest_form(shape, seq_len, forms):
     (`layer_key`) at seq_len; ties go to the first in FORMS."""
     n_embd, n_head, _, latent_dim, value_dim = shape[:5]
     costs = mla_form_costs(seq_len, n_embd, n_head, latent_dim, value_dim)
-    return min((f for f in FORMS if f in forms), key=costs.get)
+    best = None
+    for form in FORMS:  # a loop, not min(key=): Dynamo breaks the graph on a keyed min
+        if form in forms and (best is None or costs[form] < costs[best]):
+            best = form
+    return best
 
 
 def _rule(pairs, shape, seq_len, arch):
