@@ -244,38 +244,77 @@ def print_table(rows):
               f"{fmt(r.get('flop_ceiling_vs_mha'), '6.2f')}x {ratio(sdpa):>7}")
 
 
+KIND_STYLES = {  # the plot's line of each MLA variant kind; mla (what a user gets) broad, under peers it may equal
+    "mla": dict(label="mla (auto)", color="C0", marker="o", lw=4, ms=8, alpha=0.45),
+    "mla_triton": dict(label="mla_triton", color="C1", marker="s", ms=4),
+    "mla_sdpa_absorbed": dict(label="mla_sdpa_absorbed", color="C2", marker="^", ms=5),
+    "mla_sdpa_materialized": dict(label="mla_sdpa_materialized", color="C3", marker="v", ms=5),
+}
+
+
+def variant_parts(variant):
+    """(kind, latent) of a variant name '<kind>-<latent>' (e.g. ('mla', 'g1-r256')); latent '' for mha
+    and for names from before the latents."""
+    kind, _, latent = variant.partition("-")
+    return kind, latent
+
+
+def panel_order(panel):
+    """Panels by shape and mode, then by latent as LATENTS lists them (names it lacks last)."""
+    shape, mode, latent = panel
+    return shape, mode, list(LATENTS).index(latent) if latent in LATENTS else len(LATENTS), latent
+
+
+def plot_panel(ax, panel, rows, by_key, styles):
+    """One (shape, mode, latent): each MLA kind's tokens/s over MHA's at the same T, the latent's FLOP
+    ceiling dashed, MHA at 1."""
+    shape, mode, latent = panel
+    ceiling = {}
+    for kind, style in styles.items():
+        measured = [r for r in rows
+                    if (r["shape"], r["mode"], variant_parts(r["provider"])) == (shape, mode, (kind, latent))]
+        points = sorted((r["T"], r["tokens_per_s"] / mha["tokens_per_s"]) for r in measured
+                        if (mha := by_key.get((shape, r["T"], mode, "mha"))))
+        ceiling.update((r["T"], r["flop_ceiling_vs_mha"]) for r in measured if r.get("flop_ceiling_vs_mha") is not None)
+        if points:
+            ax.plot(*zip(*points), **style)
+    if ceiling:
+        ax.plot(*zip(*sorted(ceiling.items())), ls="--", marker="_", ms=16, mew=1.5, color="gray", label="FLOP ceiling")
+    ax.axhline(1.0, color="black", lw=0.8, zorder=1, label="MHA")
+    ax.set_xscale("log", base=2)
+    ts = sorted({r["T"] for r in rows if (r["shape"], r["mode"]) == (shape, mode)})
+    ax.set_xticks(ts, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ts])
+    ax.minorticks_off()
+    ax.set_xlabel("T", fontsize=8)
+    ax.set_title(", ".join(filter(None, panel)), fontsize=9)
+    ax.grid(alpha=0.3)
+
+
 def plot(rows, path):
-    """tokens/s of each variant relative to MHA in the same shape and mode, one panel per shape and
-    mode, T on the x axis; the FLOP ceiling of each MLA variant dashed."""
+    """tokens/s of each MLA variant relative to MHA at the same shape, mode and T: one panel per shape,
+    mode and latent, one line per variant kind (a colour each across panels), the latent's FLOP
+    ceiling dashed grey, T on the x axis, y shared."""
     plt = harness.pyplot()
-    panels = sorted({(r["shape"], r["mode"]) for r in rows})
+    older = sorted({variant_parts(r["provider"])[0] for r in rows} - {"mha", *KIND_STYLES})  # names before the latents
+    styles = {**KIND_STYLES, **{kind: dict(label=kind, color=f"C{4 + i}", marker="D", ms=4)
+                                for i, kind in enumerate(older)}}
+    panels = sorted({(r["shape"], r["mode"], variant_parts(r["provider"])[1]) for r in rows
+                     if r["provider"] != "mha"}, key=panel_order)
     columns = min(4, len(panels))
     grid_rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.5 * columns, 3.6 * grid_rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.4 * columns, 2.8 * grid_rows + 0.9), dpi=110,
+                             sharey=True, squeeze=False, layout="constrained")
     by_key = {row_key(r): r for r in rows}
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, (shape, mode) in zip(axes.flat, panels):
-        for variant in sorted({r["provider"] for r in rows if r["shape"] == shape and r["mode"] == mode} - {"mha"}):
-            points = sorted((r["T"], r["tokens_per_s"] / mha["tokens_per_s"], r.get("flop_ceiling_vs_mha"))
-                            for r in rows if (r["shape"], r["mode"], r["provider"]) == (shape, mode, variant)
-                            and (mha := by_key.get((shape, r["T"], mode, "mha"))))
-            if not points:
-                continue
-            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
-            if variant.startswith("mla-") and all(p[2] is not None for p in points):
-                ax.plot([p[0] for p in points], [p[2] for p in points], ls="--", color=line.get_color(), lw=0.8)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("T")
-        ax.set_title(f"{shape}, {mode}", fontsize=9)
-        ax.grid(alpha=0.3)
+    for ax, panel in zip(axes.flat, panels):
+        plot_panel(ax, panel, rows, by_key, styles)
     for ax in axes[:, 0]:
-        ax.set_ylabel("tokens/s / MHA's (dashed: FLOP ceiling)", fontsize=8)
+        ax.set_ylabel("tokens/s / MHA's", fontsize=8)
     labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(labelled.values(), labelled.keys(), fontsize=7, loc="upper right")
-    fig.suptitle(f"GPT training step, {rows[0]['gpu']}", fontsize=9)
-    fig.tight_layout()
+    order = [label for label in (*(s["label"] for s in styles.values()), "FLOP ceiling", "MHA") if label in labelled]
+    fig.legend([labelled[label] for label in order], order, loc="outside lower center", ncols=len(order), fontsize=8)
+    fig.suptitle(f"GPT training step, {rows[0]['gpu']}", fontsize=10)
     fig.savefig(path)
     plt.close(fig)
 
