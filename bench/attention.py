@@ -162,8 +162,12 @@ def _causal(b, h, q_idx, kv_idx):
 def _flex_core():
     """FlexAttention with a causal block mask (one per length) under torch.compile. Past the
     recompile limit dynamo would run it uncompiled, materializing the scores; here that raises."""
+    import torch._functorch.config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # the backward-alone timing replays one graph's backward (retain_graph): a compiled backward
+    # may do so only without donated buffers (the H200 run failed every d64 row on them)
+    functorch_config.donated_buffer = False
     compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
