@@ -98,7 +98,7 @@ def _project_append_kernel(
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = acc.to(Q.dtype.element_ty)
 
-    b = offs_m // T
+    b = (offs_m // T).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
     if POS_FROM_TENSOR:  # per sequence (stride_pos 1), or one for all (stride_pos 0)
         pos = tl.load(POS + b * stride_pos, mask=m_ok, other=0).to(tl.int32)  # (BLOCK_M,)
     else:

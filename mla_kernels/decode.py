@@ -94,7 +94,7 @@ def _decode_partial_kernel(
     m_block = pid % NUM_M_BLOCKS
     bg = pid // NUM_M_BLOCKS
     grp = bg % G
-    b = bg // G
+    b = (bg // G).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -195,7 +195,7 @@ def _decode_merge_kernel(
     pid = tl.program_id(0)
     qi = pid % TQ
     head = (pid // TQ) % NH
-    b = pid // (TQ * NH)
+    b = (pid // (TQ * NH)).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, MERGE_CHUNK)
     offs_d = tl.arange(0, BLOCK_DV)

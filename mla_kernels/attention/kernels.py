@@ -146,7 +146,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // NH
+    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
     h = bh % NH
     kvh = h // REP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -191,7 +191,7 @@ def _bwd_preprocess(o_ptr, do_ptr, dlse_ptr, delta_ptr, sob, sot, soh, sdb, sdt,
                     BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * NH)."""
     bh = tl.program_id(1)
-    b = bh // NH
+    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
     h = bh % NH
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DV_P)
@@ -250,7 +250,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     start_n = tl.program_id(1) * BLOCK_N
     bgs = tl.program_id(0)
     split = bgs % SPLITS
-    b = bgs // SPLITS // G
+    b = (bgs // SPLITS // G).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
     kvh = bgs // SPLITS % G
     heads_per_split = REP // SPLITS
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -324,7 +324,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // NH
+    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
     h = bh % NH
     kvh = h // REP
     offs_m = start_m + tl.arange(0, BLOCK_M)

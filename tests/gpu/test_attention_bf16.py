@@ -126,3 +126,25 @@ def test_mla_attention_expanded_bf16(shape):
 @pytest.mark.parametrize("shape", EXPANDED_SCALE_SHAPES, ids=expanded_id)
 def test_mla_attention_expanded_bf16_softmax_scale(shape, scale_mult):
     check_expanded(shape, scale_mult / math.sqrt(shape[4]))
+
+
+
+def test_batch_offsets_past_2_31_elements():
+    """A batched prefill whose q holds more than 2^31 elements (B 32, T 32768, 12 heads at a joint
+    latent's r 256 does) indexes its last rows past int32: the kernels take batch offsets in int64.
+    Many short rows reach the same offsets cheaply; the last two rows are checked, forward and
+    backward, against the float64 reference and SDPA on those rows alone."""
+    B, T, nh, g, d = 8200, 128, 12, 1, 256  # q: 3.2e9 elements
+    q = torch.randn(B, T, nh, d, device=DEVICE, dtype=BF16)  # (B, T, nh, d)
+    k = torch.randn(B, T, g, d, device=DEVICE, dtype=BF16)  # (B, T, g, d)
+    v = torch.randn(B, T, g, d, device=DEVICE, dtype=BF16)  # (B, T, g, d)
+    dout = torch.zeros(B, T, nh, d, device=DEVICE, dtype=BF16)  # (B, T, nh, d): only the last rows send gradients
+    dout[-2:] = torch.randn(2, T, nh, d, device=DEVICE, dtype=BF16)
+    tail = [x[-2:].clone() for x in (q, k, v)]
+    ours = [x[-2:] for x in out_and_grads(lambda q, k, v: flash_attention(q, k, v), [q, k, v], dout)]
+    del q, k, v
+    torch_bf16 = out_and_grads(lambda q, k, v: sdpa(q, k, v, None), tail, dout[-2:])
+    ref = out_and_grads(lambda q, k, v: reference.attention_ref(q, k, v)[0], [x.double() for x in tail],
+                        dout[-2:].double())
+    assert_within_torch_error({name: (got, r, t, ERR_FLOOR[BF16])
+                               for name, got, t, r in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, ref)})
