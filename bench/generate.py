@@ -159,9 +159,8 @@ def profile_decode(model, prompt, cache_dtype, n_steps, kernels):
 
 
 def cache_rows(args, shape, device, dtype):
-    """--caches: the rows of every cache at every prompt length and batch size."""
+    """--caches: yield the row of every cache at every prompt length and batch size as it is measured."""
     gpu = device == "cuda"
-    rows = []
     for prompt_len in args.prompts:
         block = prompt_len + args.new_tokens
         for name, (settings, cache_dtype) in (CACHES if gpu else CPU_CACHES).items():
@@ -187,15 +186,15 @@ def cache_rows(args, shape, device, dtype):
                     device_ms = profile_decode(model, prompt, cache_dtype, PROFILED_STEPS, args.profile_kernels)
                     device_ms = device_ms if gpu else None  # no device events on a CPU
                 cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
-                rows.append(dict(table="caches", provider=name, batch=batch, prompt=prompt_len,
-                                 new_tokens=args.new_tokens, tokens_per_s=batch * args.new_tokens / seconds,
-                                 step_ms=step_s * 1e3, cache_bytes_per_token_layer=per_token,
-                                 cache_GBps=cache_gb / step_s, step_device_ms=device_ms,
-                                 peak_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None))
+                row = dict(table="caches", provider=name, batch=batch, prompt=prompt_len,
+                           new_tokens=args.new_tokens, tokens_per_s=batch * args.new_tokens / seconds,
+                           step_ms=step_s * 1e3, cache_bytes_per_token_layer=per_token,
+                           cache_GBps=cache_gb / step_s, step_device_ms=device_ms,
+                           peak_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None)
                 print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} step {step_s * 1e3:8.3f} ms  "
-                      f"{rows[-1]['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
+                      f"{row['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
                       f"{cache_gb / step_s:8.1f} GB/s", flush=True)
-    return rows
+                yield row
 
 
 def parse_args():
@@ -279,10 +278,13 @@ def main():
         if args.new_tokens < 2:
             raise SystemExit(f"--caches times the decode step by difference: --new_tokens must be >= 2, got "
                              f"{args.new_tokens}")
-        rows = cache_rows(args, shape, device, dtype)
-        harness.write_results(harness.results_path(args.out, "generate"),
-                              harness.result_rows("generate", rows, UNITS, harness.environment(dtype),
-                                                  {k: v for k, v in shape.items() if k != "block_size"}), plot)
+        out, env = harness.results_path(args.out, "generate"), harness.environment(dtype)
+        settings = {k: v for k, v in shape.items() if k != "block_size"}
+        rows = []
+        for row in cache_rows(args, shape, device, dtype):  # written after every row: a crashed run keeps its rows
+            rows.append(row)
+            harness.write_results(out, harness.result_rows("generate", rows, UNITS, env, settings))
+        harness.write_results(out, harness.result_rows("generate", rows, UNITS, env, settings), plot)
         return
     torch.manual_seed(0)
     mla = GPT(GPTConfig(**shape, use_mla=True)).to(device, dtype).eval()
