@@ -375,6 +375,29 @@ def test_generation_composes_weights_once_per_cache(kwargs):
         pickle.dumps(mla)  # torch.save(model) pickles it
 
 
+@pytest.mark.parametrize("kwargs", [dict(mla_path="materialized"), dict(mla_path="expanded"),
+                                    dict(mla_path="materialized", mla_kv_groups=1, mla_joint_kv=True),
+                                    dict(mla_path="materialized", use_svd=True, svd_rank=5)],
+                         ids=["materialized", "expanded", "joint-materialized", "svd-weight-materialized"])
+def test_prefill_runs_the_planned_form_and_fills_the_cache(kwargs, monkeypatch):
+    """A prefill is a training-shaped forward: it runs the layer's form (here forced) on the fresh
+    latents and stores them; only decode steps run in latent space over the cache."""
+    mla = layer(mla_config(**kwargs)).eval()
+    x = torch.randn(2, 5, 96, dtype=torch.float64)
+    calls = []
+    absorbed = mla._forward_absorbed
+    monkeypatch.setattr(mla, "_forward_absorbed", lambda *a: calls.append(a[3]) or absorbed(*a))
+    with torch.no_grad():
+        whole = mla(x, None)
+        cache = mla.make_cache(2, 8, torch.float64, x.device)
+        prefilled = mla(x[:, :4], cache)  # a prefill
+        assert calls == []
+        stepped = mla(x[:, 4:], cache, torch.full((2,), 4, dtype=torch.int32))  # a decode step at position 4
+        assert len(calls) == 1 and calls[0] is not None
+    torch.testing.assert_close(prefilled, whole[:, :4], atol=1e-12, rtol=0)
+    torch.testing.assert_close(stepped, whole[:, 4:], atol=1e-12, rtol=0)
+
+
 def test_reused_caches_serve_the_weights_of_the_model_using_them():
     """Caches from `setup_caches` refilled after load_state_dict, or handed to another model."""
     torch.manual_seed(0)

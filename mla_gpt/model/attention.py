@@ -252,13 +252,17 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
         basis = self._value_basis() if self.svd_mode == "weight" else None  # (g, r, k)
-        if cache is not None:  # generation runs in latent space over the latent cache
+        if cache is not None and cache_seqlens is not None:  # a decode step: latent space over the latent cache
             return self.resid_dropout(self._forward_absorbed(x, basis, cache, cache_seqlens, backend))
+        # training, eval and a prefill (which also fills the cache) run the planned form: a prefill
+        # is the forward pass of a training step's shape
         form, core = self.choose_form(T, x)
         if form == "absorbed":
-            return self.resid_dropout(self._forward_absorbed(x, basis, None, None, core))
+            return self.resid_dropout(self._forward_absorbed(x, basis, cache, None, core))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
+        if cache is not None:  # the prefill's attention reads these latents as computed, not the cache's copy
+            write_cache(cache, None, c_k, None if self.caches_joint_latent else c_v)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
         if form == "expanded" and core == "triton":
             from mla_kernels.attention import mla_attention_expanded
