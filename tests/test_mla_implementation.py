@@ -396,6 +396,13 @@ def test_prefill_runs_the_planned_form_and_fills_the_cache(kwargs, monkeypatch):
         assert len(calls) == 1 and calls[0] is not None
     torch.testing.assert_close(prefilled, whole[:, :4], atol=1e-12, rtol=0)
     torch.testing.assert_close(stepped, whole[:, 4:], atol=1e-12, rtol=0)
+    with torch.no_grad():  # new weights, the same cache: the next generation's decode steps use them
+        for p in mla.parameters():
+            p.mul_(1.5)
+        whole = mla(x, None)
+        mla(x[:, :4], cache)
+        stepped = mla(x[:, 4:], cache, torch.full((2,), 4, dtype=torch.int32))
+    torch.testing.assert_close(stepped, whole[:, 4:], atol=1e-12, rtol=0)
 
 
 def test_reused_caches_serve_the_weights_of_the_model_using_them():

@@ -262,6 +262,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
         if cache is not None:  # the prefill's attention reads these latents as computed, not the cache's copy
+            _COMPOSED_PER_CACHE.pop(cache, None)  # a new generation: its decode steps compose the weights afresh
             write_cache(cache, None, c_k, None if self.caches_joint_latent else c_v)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
         if form == "expanded" and core == "triton":
