@@ -80,9 +80,9 @@ def _decode_partial_kernel(
     dequantized in memory. WIDEN_FP16 (a bfloat16 q): widen to float16 instead and run the
     dots in float16, q converted once. e4m3 -> f16 is one instruction per two values on sm_89+,
     e4m3 -> bf16 several, and the widening is most of this kernel's instructions per byte.
-    float16 holds every e4m3 value exactly, and the probabilities times a scale (at most 1 x
-    amax / 448); the query must stay under float16's 65504, as the absorbed query of a trained
-    layer does by orders of magnitude.
+    float16 holds every e4m3 value exactly, and the probabilities times each position's scale
+    over the tile's largest (at most 1); the query must stay under float16's 65504, as the
+    absorbed query of a trained layer does by orders of magnitude.
 
     SPLIT false: O is the final output (B, Tq, nh, rv) in q's dtype, LSE (B, nh, Tq)
     natural log. SPLIT true: O is float32 (B, Tq, nh, S, rv) holding this split's
@@ -151,16 +151,22 @@ def _decode_partial_kernel(
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :],
                         mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
         pv = p
+        tile_scale = 1.0
         if SCALED:
             if JOINT:
-                pv = p * k_scale[None, :]
+                v_scale = k_scale
             else:
                 v = v.to(q.dtype)
-                pv = p * tl.load(vs_base + offs_n * stride_vsl, mask=n_ok, other=0.0)[None, :]
+                v_scale = tl.load(vs_base + offs_n * stride_vsl, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            # the probabilities carry the scales relative to the tile's largest, so that small
+            # latents do not turn p x scale subnormal in float16; the largest multiplies the dot
+            tile_scale = tl.max(v_scale, axis=0)
+            tile_scale = tl.where(tile_scale > 0.0, tile_scale, 1.0)
+            pv = p * (v_scale / tile_scale)[None, :]
         if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee") * tile_scale
         else:
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v) * tile_scale
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

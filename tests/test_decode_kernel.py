@@ -90,6 +90,27 @@ def test_fp8_cache_matches_reference_on_the_dequantized_values(case, dtype, atol
     assert_close("lse", lse, ref_lse, 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("amplitude", [1e-2, 1e-4], ids=["amax1e-2", "amax1e-4"])
+@pytest.mark.parametrize("dtype, atol, rtol", FP8_TOLS[1:], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [FP8_CASES[0], FP8_CASES[2]], ids=_case_id)
+def test_fp8_cache_of_small_latents_keeps_its_precision(case, dtype, atol, rtol, amplitude):
+    """Latents of small magnitude have small scales: the float16 probabilities carry each scale
+    relative to its tile's largest, so p x scale never goes subnormal and the error stays the
+    dtype's (the tolerances are relative to the output's size here)."""
+    torch.manual_seed(300 + CASES.index(case))
+    B, Tq, nh, g, r, rv, joint, num_splits = case
+    q, ck, cv, lens = _make_inputs(B, Tq, nh, g, r, rv, joint, torch.float32, [max(Tq, 1), 17, 300])
+    ck, cv = ck * amplitude, None if cv is None else cv * amplitude
+    ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))  # (B, L, g, r), (B, L, g)
+    cv8, v_scale = (None, None) if cv is None else quantize_fp8(cv.nan_to_num(0.0))
+    out, _ = latent_decode(q.to(dtype), ck8, cv8, lens, SCALE, num_splits=num_splits, k_scale=k_scale,
+                           v_scale=v_scale)
+    ck64 = dequantize_fp8(ck8, k_scale, torch.float64)
+    cv64 = None if cv8 is None else dequantize_fp8(cv8, v_scale, torch.float64)
+    ref, _ = latent_decode_ref(q.to(dtype).double(), ck64, cv64, lens, SCALE)
+    assert_close("o_lat / amplitude", out.double() / amplitude, ref / amplitude, atol, rtol)
+
+
 @pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
 def test_fp8_cache_error_is_bounded_by_fp8_precision(case):
     """Against the unquantized cache: each latent is off by at most 2^-4 relatively, so the output,
