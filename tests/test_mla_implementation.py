@@ -405,6 +405,25 @@ def test_prefill_runs_the_planned_form_and_fills_the_cache(kwargs, monkeypatch):
     torch.testing.assert_close(stepped, whole[:, 4:], atol=1e-12, rtol=0)
 
 
+def test_a_prefill_with_gradients_still_starts_a_new_generation():
+    """An absorbed prefill that composes without keeping (autograd on, or compiling) still drops the
+    cache's weights from the generation before, so the decode steps after it use the current ones."""
+    mla = layer(mla_config(mla_path="absorbed")).eval()
+    x = torch.randn(2, 5, 96, dtype=torch.float64)
+    step_at_4 = torch.full((2,), 4, dtype=torch.int32)
+    cache = mla.make_cache(2, 8, torch.float64, x.device)
+    with torch.no_grad():
+        mla(x[:, :4], cache)
+        mla(x[:, 4:], cache, step_at_4)  # one generation: the composed weights kept for the cache
+        for p in mla.parameters():
+            p.mul_(1.5)
+        whole = mla(x, None)
+    mla(x[:, :4], cache)  # a prefill with autograd on
+    with torch.no_grad():
+        stepped = mla(x[:, 4:], cache, step_at_4)
+    torch.testing.assert_close(stepped, whole[:, 4:], atol=1e-12, rtol=0)
+
+
 def test_reused_caches_serve_the_weights_of_the_model_using_them():
     """Caches from `setup_caches` refilled after load_state_dict, or handed to another model."""
     torch.manual_seed(0)

@@ -256,13 +256,14 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             return self.resid_dropout(self._forward_absorbed(x, basis, cache, cache_seqlens, backend))
         # training, eval and a prefill (which also fills the cache) run the planned form: a prefill
         # is the forward pass of a training step's shape
+        if cache is not None:  # a prefill starts a generation: its decode steps compose the weights afresh
+            _COMPOSED_PER_CACHE.pop(cache, None)
         form, core = self.choose_form(T, x)
         if form == "absorbed":
             return self.resid_dropout(self._forward_absorbed(x, basis, cache, None, core))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         c_k, c_v = self._latents(self.kv_latent_proj(x), basis)  # (B, T, g, r), (B, T, g, rv)
         if cache is not None:  # the prefill's attention reads these latents as computed, not the cache's copy
-            _COMPOSED_PER_CACHE.pop(cache, None)  # a new generation: its decode steps compose the weights afresh
             write_cache(cache, None, c_k, None if self.caches_joint_latent else c_v)
         w_uk, w_uv = self.k_expand.weight, self._value_expansion(basis)  # (nh, r, hs), (nh, rv, hs)
         if form == "expanded" and core == "triton":
