@@ -60,10 +60,12 @@ FP8_CASES = [case for case in CASES if case[1] * case[2] <= 64]  # one query blo
 FP8_VALUE_ERROR = 2.0**-4  # e4m3: 3 mantissa bits, a relative rounding error of at most 2^-4 per value
 
 
-def _fp8_inputs(case, dtype):
-    """The case's inputs with the caches quantized to fp8 per (row, position, group); NaN past each length."""
+def _fp8_inputs(case, dtype, amplitude=1.0):
+    """The case's inputs with the caches (times amplitude) quantized to fp8 per (row, position,
+    group); NaN past each length."""
     B, Tq, nh, g, r, rv, joint, _ = case
     q, ck, cv, lens = _make_inputs(B, Tq, nh, g, r, rv, joint, torch.float32, [max(Tq, 1), 17, 300])
+    ck, cv = ck * amplitude, None if cv is None else cv * amplitude
     ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))  # (B, L, g, r), (B, L, g)
     cv8, v_scale = (None, None) if cv is None else quantize_fp8(cv.nan_to_num(0.0))
     poison_past_lengths(lens.tolist(), ck8, k_scale, cv8, v_scale)  # what no row may read: values and scales
@@ -98,16 +100,11 @@ def test_fp8_cache_of_small_latents_keeps_its_precision(case, dtype, atol, rtol,
     relative to its tile's largest, so p x scale never goes subnormal and the error stays the
     dtype's (the tolerances are relative to the output's size here)."""
     torch.manual_seed(300 + CASES.index(case))
-    B, Tq, nh, g, r, rv, joint, num_splits = case
-    q, ck, cv, lens = _make_inputs(B, Tq, nh, g, r, rv, joint, torch.float32, [max(Tq, 1), 17, 300])
-    ck, cv = ck * amplitude, None if cv is None else cv * amplitude
-    ck8, k_scale = quantize_fp8(ck.nan_to_num(0.0))  # (B, L, g, r), (B, L, g)
-    cv8, v_scale = (None, None) if cv is None else quantize_fp8(cv.nan_to_num(0.0))
-    out, _ = latent_decode(q.to(dtype), ck8, cv8, lens, SCALE, num_splits=num_splits, k_scale=k_scale,
-                           v_scale=v_scale)
+    q, (_, ck8, k_scale), (_, cv8, v_scale), lens = _fp8_inputs(case, dtype, amplitude)
+    out, _ = latent_decode(q, ck8, cv8, lens, SCALE, num_splits=case[-1], k_scale=k_scale, v_scale=v_scale)
     ck64 = dequantize_fp8(ck8, k_scale, torch.float64)
     cv64 = None if cv8 is None else dequantize_fp8(cv8, v_scale, torch.float64)
-    ref, _ = latent_decode_ref(q.to(dtype).double(), ck64, cv64, lens, SCALE)
+    ref, _ = latent_decode_ref(q.double(), ck64, cv64, lens, SCALE)
     assert_close("o_lat / amplitude", out.double() / amplitude, ref / amplitude, atol, rtol)
 
 
