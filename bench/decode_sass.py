@@ -55,7 +55,7 @@ def compile_kernel(g, r, joint, scaled, config):
     """The kernel compiled for TARGET, specialized as the JIT would: pointers and integers that are
     multiples of 16 carry that divisibility, integers equal to 1 become constants."""
     constants = dict(HPG=NH // g, BLOCK_M=decode.packed_block_m(NH // g, TQ, r), BLOCK_DK=r, BLOCK_DV=r, JOINT=joint,
-                     SPLIT=False, IEEE_DOT=False, SCALED=scaled, WIDEN_FP16=scaled, **config.kwargs)
+                     SPLIT=False, IEEE_DOT=False, SCALED=scaled, **config.kwargs)
     ints = argument_values(g, r)
     pointers = {"Q": "*bf16", "K": "*fp8e4nv" if scaled else "*bf16", "V": "*fp8e4nv" if scaled else "*bf16",
                 "KS": "*fp32" if scaled else "*i32", "VS": "*fp32" if scaled else "*i32", "SEQLENS": "*i32",

@@ -70,14 +70,13 @@ def _decode_partial_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     JOINT: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, SCALED: tl.constexpr,
-    WIDEN_FP16: tl.constexpr,
 ):
     """One (row, group, query block, split): online softmax over its KV chunk.
 
     SCALED: K and V hold float8 latents with one float32 scale per (row, position, group) in
     KS / VS; each tile is widened to q's dtype in registers and the scales applied to the
     scores (K) and the probabilities (V), so the cache is read once, in fp8, and never
-    dequantized in memory. WIDEN_FP16 (a bfloat16 q): widen to float16 instead and run the
+    dequantized in memory. A bfloat16 q: widen to float16 instead and run the
     dots in float16, q converted once. e4m3 -> f16 is one instruction per two values on sm_89+,
     e4m3 -> bf16 several, and the widening is most of this kernel's instructions per byte.
     float16 holds every e4m3 value exactly, and the probabilities times each position's scale
@@ -114,7 +113,7 @@ def _decode_partial_kernel(
     dv_ok = offs_dv < D_V
     q_ptrs = Q + b * stride_qb + qi[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dk_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DK)
-    if WIDEN_FP16:
+    if SCALED and q.dtype == tl.bfloat16:
         q = q.to(tl.float16)
 
     k_base = K + b * stride_kb + grp * stride_kg
@@ -250,7 +249,7 @@ def _prune_configs(configs, named_args, **meta):
 
 _decode_partial_tuned = triton.autotune(
     configs=_PARTIAL_CONFIGS,
-    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED", "WIDEN_FP16"],
+    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED"],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_decode_partial_kernel)
@@ -396,8 +395,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         nh, g, Tq, r, rv, num_splits, m_blocks,
     )
     meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
-                IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled,
-                WIDEN_FP16=scaled and q_lat.dtype == torch.bfloat16)
+                IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled)
     if interpreting():
         _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
     else:
