@@ -102,6 +102,17 @@ def _load_tile(base, rows, cols, stride_row, n_rows, n_cols,
 
 
 @triton.jit
+def _query_program(NH, REP, BLOCK_M: tl.constexpr):
+    """What a program of grid (cdiv(Tq, BLOCK_M), B * NH) owns: (bh, b, h, kvh, start_m, offs_m),
+    its (batch, head) index, batch b in int64 (batch offsets pass 2^31 elements on long batched
+    prefills), head h, its KV head, and its BLOCK_M query rows from start_m."""
+    bh = tl.program_id(1)
+    h = bh % NH
+    start_m = tl.program_id(0) * BLOCK_M
+    return bh, (bh // NH).to(tl.int64), h, h // REP, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, wk, wv, k_base, v_base, stride_kt, stride_vt,
                lo, hi, q_pos, offs_n, offs_dk, offs_dv, Tk, qk_scale,
                DK_IN: tl.constexpr, DV_IN: tl.constexpr,
@@ -144,12 +155,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
-    h = bh % NH
-    kvh = h // REP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_program(NH, REP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, DQ_P)
     offs_do = tl.arange(0, DO_P)
@@ -190,10 +196,7 @@ def _bwd_preprocess(o_ptr, do_ptr, dlse_ptr, delta_ptr, sob, sot, soh, sdb, sdt,
                     DV: tl.constexpr, DV_P: tl.constexpr, HAS_DLSE: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * NH)."""
-    bh = tl.program_id(1)
-    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
-    h = bh % NH
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, _, _, offs_m = _query_program(NH, 1, BLOCK_M)
     offs_d = tl.arange(0, DV_P)
     o = _load_tile(o_ptr + b * sob + h * soh, offs_m, offs_d, sot, Tq, DV, True, DV != DV_P)
     do = _load_tile(do_ptr + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, DV, True, DV != DV_P)
@@ -322,12 +325,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // NH).to(tl.int64)  # batch offsets pass 2^31 elements on long batched prefills
-    h = bh % NH
-    kvh = h // REP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_program(NH, REP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, DQ_P)
     offs_dv = tl.arange(0, DV_P)
