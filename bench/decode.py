@@ -4,10 +4,11 @@ One decode step = one new token per row attending over L cached positions, per l
 Providers:
   ours          mla_kernels.decode (Triton split-KV kernel over the latent cache), CUDA-graph replay;
                 ours_S<n> the same with num_splits pinned to n (--splits)
+  ours_dot      where the single-row kernel runs (one query row per group), the dot kernel it replaced
   ours_eager    the public `latent_decode` called eagerly (host length check: one device sync)
   ours_token_major  the kernel over the cache's first layout, token-major (B, L, g, r)
   ours_fp8      the kernel over the same cache in fp8 (e4m3) with a float32 scale per position and
-                group, read as stored (its GB/s counts the fp8 bytes and the scales)
+                group, read as stored (its GB/s counts the fp8 bytes and the scales); ours_fp8_dot as ours_dot
   sdpa_cudnn    SDPA over the equivalent expanded cache (B, nh, L, hs), cuDNN backend
   sdpa_flash    the same, flash backend
   torch_latent  the same latent decode in plain PyTorch: absorbed query, SDPA with enable_gqa over the
@@ -30,6 +31,7 @@ Usage: python bench/decode.py [--shapes 64x4096 16x32768 1x131072] [--modes defa
 import argparse
 import json
 import math
+from unittest import mock
 
 import harness  # first: it puts the repository root on sys.path
 import torch
@@ -145,6 +147,12 @@ def correctness(device):
     return rows
 
 
+def dot_kernel_only():
+    """A context in which the decode runs its dot kernel even with one query row per group, where
+    it otherwise runs the single-row kernel (`mla_kernels.decode.uses_row_kernel`)."""
+    return mock.patch.object(dec, "uses_row_kernel", lambda heads_per_group, new_tokens: False)
+
+
 def time_ours(q, ck, cv, seqlens, splits, heuristic, add):
     """Our kernel: each pinned split count, the heuristic's (graph replay), eager, token-major."""
     op = torch.ops.mla_kernels.latent_decode
@@ -156,6 +164,11 @@ def time_ours(q, ck, cv, seqlens, splits, heuristic, add):
     op(q, ck, cv, seqlens, SCALE, None, None, None)
     add("ours", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, None, None, None), graph=True),
         num_splits=heuristic)
+    if dec.uses_row_kernel(q.shape[2] // ck.shape[2], q.shape[1]):  # the dot kernel it replaces, for comparison
+        with dot_kernel_only():
+            op(q, ck, cv, seqlens, SCALE, None, None, None)
+            add("ours_dot", harness.median_ms(lambda: op(q, ck, cv, seqlens, SCALE, None, None, None), graph=True),
+                num_splits=heuristic)
     add("ours_eager", harness.median_ms(lambda: dec.latent_decode(q, ck, cv, seqlens, SCALE)), num_splits=heuristic)
     # the first layout of the cache, token-major (B, L, g, r): each (row, group) program reads
     # r-wide pieces strided by g r; kept as a row to show what the group-major storage bought
@@ -184,6 +197,11 @@ def time_ours_fp8(q, ck, cv, seqlens, heuristic, add):
     op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale)  # autotune outside the graph
     ms = harness.median_ms(lambda: op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale), graph=True)
     add("ours_fp8", ms, nbytes=nbytes, num_splits=heuristic)
+    if dec.uses_row_kernel(q.shape[2] // k8.shape[2], q.shape[1]):
+        with dot_kernel_only():
+            op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale)
+            ms = harness.median_ms(lambda: op(q, k8, v8, seqlens, SCALE, None, k_scale, v_scale), graph=True)
+        add("ours_fp8_dot", ms, nbytes=nbytes, num_splits=heuristic)
 
 
 def time_torch_latent(q, ck, cv, backends, graph, add):

@@ -14,6 +14,10 @@ the cached length of each row is cut into `num_splits` chunks; each writes a par
 output normalized by its own softmax sum together with its base-2 logsumexp, and a
 second kernel merges the chunks by their logsumexps.
 
+When each group serves a single query row (g = nh and one new token, the default MLA's
+decode), a dot would use 1 of its 16 rows: `_decode_row_kernel` computes the scores and the
+weighted values as multiply-adds in registers instead, with the same outputs and merge.
+
 Layouts follow flash-attention's `flash_attn_with_kvcache`: (batch, seqlen, heads, dim).
 """
 import functools
@@ -182,6 +186,98 @@ def _decode_partial_kernel(
 
 
 @triton.jit
+def _decode_row_kernel(
+    Q, K, V, KS, VS, SEQLENS, O, LSE,
+    sm_scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_kl, stride_kg,
+    stride_vb, stride_vl, stride_vg,
+    stride_ksb, stride_ksl, stride_ksg,
+    stride_vsb, stride_vsl, stride_vsg,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    NH, D_K, D_V, NUM_SPLITS,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    JOINT: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
+):
+    """One (row, head, split) when each latent group serves a single query row (g = nh, Tq 1).
+
+    With one row a dot would fill 1 of its 16 rows, and widening an fp8 tile for it goes through
+    shared memory; here the scores and the weighted values are multiply-adds in registers on the
+    tile as loaded. Each of the BLOCK_N position slots runs its own online softmax over the
+    positions start + slot of every tile (no reduction across threads in the loop); the slots
+    merge by their maxima once at the end. SCALED, outputs and LSE as `_decode_partial_kernel`
+    with Tq 1.
+    """
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    head = pid % NH  # = the latent group
+    b = (pid // NH).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
+
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seqlen)  # the one query sits at seqlen - 1 and sees every position below hi
+
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    q = tl.load(Q + b * stride_qb + head * stride_qh + offs_dk, mask=dk_ok, other=0.0).to(tl.float32)  # (BLOCK_DK,)
+    q = q * sm_scale_log2
+    k_base = K + b * stride_kb + head * stride_kg
+    v_base = V + b * stride_vb + head * stride_vg
+    ks_base = KS + b * stride_ksb + head * stride_ksg
+    vs_base = VS + b * stride_vsb + head * stride_vsg
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # per slot
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_dk[None, :],
+                    mask=n_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_DK)
+        s = tl.sum(k * q[None, :], axis=1)  # (BLOCK_N,) base-2 scores
+        if SCALED:
+            k_scale = tl.load(ks_base + offs_n * stride_ksl, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            s = s * k_scale
+        s = tl.where(n_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # slots that saw no position yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)  # (BLOCK_N,)
+        l_i = l_i * alpha + p
+        if JOINT:
+            v = k  # V is the first rv = r columns of the same latent tile
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :],
+                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_DV)
+        if SCALED:
+            if JOINT:
+                p = p * k_scale
+            else:
+                p = p * tl.load(vs_base + offs_n * stride_vsl, mask=n_ok, other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * v
+        m_i = m_new
+
+    m_all = tl.max(m_i, axis=0)
+    m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    weight = tl.exp2(m_i - m_all_safe)  # (BLOCK_N,) each slot's share at the common maximum
+    l_sum = tl.sum(l_i * weight, axis=0)
+    l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
+    out = tl.sum(acc * weight[:, None], axis=0) / l_safe  # (BLOCK_DV,)
+    lse2 = tl.where(l_sum == 0.0, float("-inf"), m_all_safe + tl.log2(l_safe))  # base 2
+    o_ptrs = O + b * stride_ob + head * stride_oh + offs_dv
+    l_ptrs = LSE + b * stride_lb + head * stride_lh
+    if SPLIT:
+        tl.store(o_ptrs + split * stride_os, out, mask=dv_ok)
+        tl.store(l_ptrs + split * stride_ls, lse2)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=dv_ok)
+        tl.store(l_ptrs, lse2 * _LN2)  # ln(2): base 2 -> natural
+
+
+@triton.jit
 def _decode_merge_kernel(
     OP, LSEP, O, LSE,
     stride_pb, stride_pt, stride_ph, stride_ps,
@@ -253,7 +349,37 @@ _decode_partial_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_decode_partial_kernel)
+# The single-row kernel: (BLOCK_N, warps, stages); its fp32 key tile and accumulator live in registers
+_ROW_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(128, 4, 3), (64, 4, 3), (128, 4, 4), (256, 8, 3), (128, 8, 3), (64, 2, 4), (256, 4, 3),
+                     (32, 4, 3), (16, 4, 2)]
+]
+
+
+def _prune_row_configs(configs, named_args, **meta):
+    """Keep configs whose pipelined tiles fit SMEM_BUDGET and whose fp32 key tile and accumulator,
+    (BLOCK_N, BLOCK_DK + BLOCK_DV), fit MAX_ACC_REGS per thread."""
+    elt = named_args["K"].element_size()
+    row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * elt
+    kept = [c for c in configs
+            if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= SMEM_BUDGET
+            and c.kwargs["BLOCK_N"] * (meta["BLOCK_DK"] + meta["BLOCK_DV"]) <= MAX_ACC_REGS * 32 * c.num_warps]
+    return tuned_candidates(kept or [_FALLBACK_CONFIG])
+
+
+_decode_row_tuned = triton.autotune(
+    configs=_ROW_CONFIGS,
+    key=["D_K", "D_V", "JOINT", "SPLIT", "SCALED"],
+    prune_configs_by={"early_config_prune": _prune_row_configs},
+    cache_results=True,
+)(_decode_row_kernel)
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
+
+
+def uses_row_kernel(heads_per_group, new_tokens):
+    """Whether a decode runs `_decode_row_kernel`: one query row per latent group (g = nh, Tq 1)."""
+    return heads_per_group * new_tokens == 1
 
 
 def packed_block_m(heads_per_group, new_tokens, widest_tile):
@@ -347,7 +473,8 @@ def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_spl
 
 
 def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, k_scale, v_scale):
-    """Launch the partial (and, with splits, the merge) kernel. Shapes as in `latent_decode`."""
+    """Launch the partial kernel (the dot or the single-row one) and, with splits, the merge.
+    Shapes as in `latent_decode`."""
     B, Tq, nh, r = q_lat.shape
     L, g = cache_k.shape[1], cache_k.shape[2]
     q_lat, cache_k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, cache_k))
@@ -384,22 +511,24 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     ks = k_scale if scaled else seqlens  # an unread placeholder without scales
     vs = (k_scale if joint else v_scale) if scaled else seqlens
     scale_strides = (*ks.stride(), *vs.stride()) if scaled else (0,) * 6
-    args = (
-        q_lat, cache_k, v, ks, vs, seqlens, o_dst, l_dst,
-        softmax_scale * LOG2E,
-        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *scale_strides,
-        *o_strides, *l_strides,
-        nh, g, Tq, r, rv, num_splits, m_blocks,
-    )
-    meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
-                IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled)
-    if interpreting():
-        _decode_partial_kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
+    inputs = (q_lat, cache_k, v, ks, vs, seqlens, o_dst, l_dst, softmax_scale * LOG2E)
+    cache_strides = (*cache_k.stride()[:3], *v.stride()[:3], *scale_strides)
+    if uses_row_kernel(hpg, Tq):  # no query axis: strides of batch and head (and split)
+        kernel, tuned = _decode_row_kernel, _decode_row_tuned
+        args = (*inputs, q_lat.stride(0), q_lat.stride(2), *cache_strides,
+                o_strides[0], o_strides[2], o_strides[3], l_strides[0], l_strides[1], l_strides[3],
+                nh, r, rv, num_splits)
+        meta = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split, SCALED=scaled)
     else:
-        _decode_partial_tuned[grid](*args, **meta)
+        kernel, tuned = _decode_partial_kernel, _decode_partial_tuned
+        args = (*inputs, *q_lat.stride()[:3], *cache_strides, *o_strides, *l_strides,
+                nh, g, Tq, r, rv, num_splits, m_blocks)
+        meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
+                    IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled)
+    if interpreting():
+        kernel[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
+    else:
+        tuned[grid](*args, **meta)
 
     if split:
         _decode_merge_kernel[(B * nh * Tq,)](

@@ -9,7 +9,7 @@ from mla_kernels.reference import FP8_DTYPE, dequantize_fp8, latent_decode_ref, 
 SCALE = 0.125  # 1 / sqrt(hs) for hs 64: MLA keeps the head size's scale, not the latent's
 L_CACHE = 320  # cache capacity; the longest row uses 300, so every row has NaN-filled slots
 
-# (B, Tq, nh, g, r, rv, joint, num_splits): g in {nh, 2, 1}, dims {8, 16, 24, 64, 96}, rv != r too
+# (B, Tq, nh, g, r, rv, joint, num_splits): g in {nh, 2, 1}, dims {8, 16, 24, 32, 48, 64, 96}, rv != r too
 CASES = [
     (3, 1, 4, 4, 16, 16, False, 1),
     (3, 1, 4, 2, 24, 24, False, 3),
@@ -19,6 +19,10 @@ CASES = [
     (3, 4, 4, 4, 96, 96, False, 5),
     (3, 4, 32, 1, 16, 16, True, 2),  # 32 heads x 4 queries = 128 packed rows: two query blocks
     (3, 1, 4, 2, 8, 12, False, 2),  # latents narrower than a tile: padded to 16 and masked
+    # one query row per group (g = nh, Tq 1): the single-row kernel
+    (3, 1, 4, 4, 32, 32, False, 3),
+    (3, 1, 6, 6, 24, 40, False, 1),
+    (3, 1, 2, 2, 48, 48, True, 2),
 ]
 TOLS = [(torch.float32, 2e-5, 2e-5), (torch.float16, 3e-3, 3e-3)]
 
