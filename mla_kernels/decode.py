@@ -92,8 +92,8 @@ def _decode_partial_kernel(
     output normalized by its own sum, LSE (B, nh, Tq, S) its base-2 logsumexp
     (-inf for a split that sees no key).
     """
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # the larger count on the first axis: the others hold at most 65535
+    split = tl.program_id(1)
     m_block = pid % NUM_M_BLOCKS
     bg = pid // NUM_M_BLOCKS
     grp = bg % G
@@ -209,8 +209,8 @@ def _decode_row_kernel(
     merge by their maxima once at the end. SCALED, outputs and LSE as `_decode_partial_kernel`
     with Tq 1.
     """
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # the larger count on the first axis: the others hold at most 65535
+    split = tl.program_id(1)
     head = pid % NH  # = the latent group
     b = (pid // NH).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
 
@@ -507,7 +507,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         o_strides = (*out.stride()[:3], 0)
         l_strides = (*lse.stride(), 0)
 
-    grid = (num_splits, B * g * m_blocks)
+    grid = (B * g * m_blocks, num_splits)
     ks = k_scale if scaled else seqlens  # an unread placeholder without scales
     vs = (k_scale if joint else v_scale) if scaled else seqlens
     scale_strides = (*ks.stride(), *vs.stride()) if scaled else (0,) * 6

@@ -223,9 +223,9 @@ def _bmm_kernel(a_ptr, x_ptr, out_ptr, R, K, N,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """out[b] = Aop[b] @ X[b] in float32: Aop[b, r, k] = a[b * s_ab + r * s_ar + k * s_ak]
     (R, K) any float dtype; X (K, N) float32 with unit column stride; out (R, N) float32."""
-    pid_r = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: the others hold at most 65535
+    pid_r = tl.program_id(1)
+    pid_n = tl.program_id(2)
     offs_r = (pid_r * BM + tl.arange(0, BM)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     a_ptr += b * s_ab
@@ -330,7 +330,7 @@ def _bmm(A, X, transpose_a):
     out = torch.empty(batch, R, N, device=A.device, dtype=torch.float32)
     s_xb = 0 if X.shape[0] == 1 else X.stride(0)
     BM, BN, BK = 128, 64, 32
-    grid = (triton.cdiv(R, BM), triton.cdiv(N, BN), batch)
+    grid = (batch, triton.cdiv(R, BM), triton.cdiv(N, BN))
     _bmm_kernel[grid](A, X, out, R, K, N, s_ab, s_ar, s_ak, s_xb, X.stride(1), out.stride(0), out.stride(1),
                       BM=BM, BN=BN, BK=BK, PREC=_DOT_PRECISION, num_warps=4, num_stages=3)
     return out

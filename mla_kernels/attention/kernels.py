@@ -102,13 +102,17 @@ def _load_tile(base, rows, cols, stride_row, n_rows, n_cols,
 
 
 @triton.jit
-def _query_program(NH, REP, BLOCK_M: tl.constexpr):
-    """What a program of grid (cdiv(Tq, BLOCK_M), B * NH) owns: (bh, b, h, kvh, start_m, offs_m),
-    its (batch, head) index, batch b in int64 (batch offsets pass 2^31 elements on long batched
-    prefills), head h, its KV head, and its BLOCK_M query rows from start_m."""
-    bh = tl.program_id(1)
+def _query_program(Tq, NH, REP, BLOCK_M: tl.constexpr):
+    """What a program of the 1-D grid (cdiv(Tq, BLOCK_M) * B * NH,) owns: (bh, b, h, kvh, start_m,
+    offs_m), its (batch, head) index, batch b in int64 (batch offsets pass 2^31 elements on long
+    batched prefills), head h, its KV head, and its BLOCK_M query rows from start_m. One axis, as
+    CUDA's second and third hold at most 65535 programs (B * NH passes that at B 5462, 12 heads);
+    the query blocks of one (batch, head) stay consecutive."""
+    pid = tl.program_id(0)
+    m_blocks = tl.cdiv(Tq, BLOCK_M)
+    bh = pid // m_blocks
     h = bh % NH
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (pid % m_blocks) * BLOCK_M
     return bh, (bh // NH).to(tl.int64), h, h // REP, start_m, start_m + tl.arange(0, BLOCK_M)
 
 
@@ -153,9 +157,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
                 DQ_P: tl.constexpr, DO_P: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
                 EXPAND: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    """One program: BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M) * B * NH,)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
-    bh, b, h, kvh, start_m, offs_m = _query_program(NH, REP, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_program(Tq, NH, REP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, DQ_P)
     offs_do = tl.arange(0, DO_P)
@@ -195,8 +199,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
 def _bwd_preprocess(o_ptr, do_ptr, dlse_ptr, delta_ptr, sob, sot, soh, sdb, sdt, sdh, Tq, NH,
                     DV: tl.constexpr, DV_P: tl.constexpr, HAS_DLSE: tl.constexpr,
                     BLOCK_M: tl.constexpr):
-    """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * NH)."""
-    bh, b, h, _, _, offs_m = _query_program(NH, 1, BLOCK_M)
+    """delta = rowsum(o * do) - dlse, (B, NH, Tq) float32. Grid (cdiv(Tq, BLOCK_M) * B * NH,)."""
+    bh, b, h, _, _, offs_m = _query_program(Tq, NH, 1, BLOCK_M)
     offs_d = tl.arange(0, DV_P)
     o = _load_tile(o_ptr + b * sob + h * soh, offs_m, offs_d, sot, Tq, DV, True, DV != DV_P)
     do = _load_tile(do_ptr + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, DV, True, DV != DV_P)
@@ -323,9 +327,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                    Tq, Tk, NH, REP, q_offset, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                    DQ: tl.constexpr, DV: tl.constexpr, DQ_P: tl.constexpr, DV_P: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * NH)."""
+    """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M) * B * NH,)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
-    bh, b, h, kvh, start_m, offs_m = _query_program(NH, REP, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_program(Tq, NH, REP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, DQ_P)
     offs_dv = tl.arange(0, DV_P)

@@ -78,7 +78,7 @@ def attention_forward(q, k, v, softmax_scale, q_offset, w_uk=None, w_uv=None):
         wk_args = (q, q, 0, 0, 0, 0)
     out = torch.empty(B, Tq, nh, d_out, device=q.device, dtype=q.dtype)  # (B, Tq, nh, Dv)
     lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)  # (B, nh, Tq)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * nh,)  # noqa: E731
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, wk_args[0], wk_args[1], out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -108,7 +108,7 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
     pre_block = 64
     has_dlse = dlse is not None
     dlse_arg = dlse.float().contiguous() if has_dlse else delta
-    wrap_triton(_bwd_preprocess)[(triton.cdiv(Tq, pre_block), B * nh)](
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(Tq, pre_block) * B * nh,)](
         out, do, dlse_arg, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), Tq, nh,
         DV=dv_dim, DV_P=tile_dim(dv_dim), HAS_DLSE=has_dlse, BLOCK_M=pre_block,
@@ -133,7 +133,7 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale, q_offset, dlse=None
         q, k, v, do, lse, delta, dk_sums, dv_sums, *strides, *sums_strides,
         Tq, Tk, nh, g, rep, splits, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )
-    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * nh)](
+    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * nh,)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         Tq, Tk, nh, rep, q_offset, qk_scale, softmax_scale, *_length_buckets(Tq, Tk), **common,
     )

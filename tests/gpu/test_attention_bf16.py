@@ -132,7 +132,8 @@ def test_mla_attention_expanded_bf16_softmax_scale(shape, scale_mult):
 def test_batch_offsets_past_2_31_elements():
     """A batched prefill whose q holds more than 2^31 elements (B 32, T 32768, 12 heads at a joint
     latent's r 256 does) indexes its last rows past int32: the kernels take batch offsets in int64.
-    Many short rows reach the same offsets cheaply; the last two rows are checked, forward and
+    Many short rows reach the same offsets cheaply, and their B x nh = 98400 (batch, head) programs
+    pass the 65535 a CUDA grid's second axis holds. The last two rows are checked, forward and
     backward, against the float64 reference and SDPA on those rows alone."""
     B, T, nh, g, d = 8200, 128, 12, 1, 256  # q: 3.2e9 elements
     q = torch.randn(B, T, nh, d, device=DEVICE, dtype=BF16)  # (B, T, nh, d)

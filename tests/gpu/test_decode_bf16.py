@@ -113,3 +113,17 @@ def test_latent_decode_bf16(case, num_splits):
 def test_latent_decode_bf16_long_context(case, num_splits):
     """Contexts up to 32k at batch 1-2: one split summing the whole row, and the heuristic's many."""
     check_decode(case, num_splits)
+
+
+# B x g programs past 65535, the most a CUDA grid's second axis holds: the single-row kernel (Tq 1)
+# and the dot kernel (Tq 2), each with more (row, group) programs than that
+GRID_CASES = [
+    (5600, 40, 1, 12, 12, 32, 32, "separate"),
+    (2800, 40, 2, 24, 24, 16, 16, "separate"),
+]
+
+
+@pytest.mark.parametrize("num_splits", [None, 2], ids=splits_id)
+@pytest.mark.parametrize("case", GRID_CASES, ids=case_id)
+def test_latent_decode_bf16_grid_past_65535_programs(case, num_splits):
+    check_decode(case, num_splits)
