@@ -12,7 +12,8 @@ the M dimension of the dot (row m = head_in_group * Tq + query), so every latent
 tile is read from memory once per group. When B x g programs cannot fill the GPU,
 the cached length of each row is cut into `num_splits` chunks; each writes a partial
 output normalized by its own softmax sum together with its base-2 logsumexp, and a
-second kernel merges the chunks by their logsumexps.
+second kernel, one program per (batch row, head, query, block of value columns), merges
+the chunks by their logsumexps.
 
 When each group serves a single query row (g = nh and one new token, the default MLA's
 decode), a dot would use 1 of its 16 rows: `_decode_row_kernel` computes the scores and the
@@ -51,7 +52,8 @@ MIN_LATENT_DIM = 1
 # more cached positions to stream; also the shortest split worth making
 SPLIT_OVERHEAD_TOKENS = 256
 MAX_SPLITS = 256  # two programs per multiprocessor from splits alone (132 SMs); bounds the merge's work
-MERGE_CHUNK = 16  # splits the merge kernel reads per step (a 16 x rv float32 tile)
+MERGE_CHUNK = 16  # splits the merge kernel reads per step (a MERGE_CHUNK x MERGE_BLOCK_DV float32 tile)
+MERGE_BLOCK_DV = 64  # value columns per merge program: 4 per output at rv 256, each loading whole 16 x 64 fp32 tiles
 # A multiprocessor running a single program streams this much slower than with two sharing it
 # (H200 split sweep, joint latent B 64 L 4k: S 2, one program per SM, 46.8 us; S 4, two, 41.8 us)
 LONE_PROGRAM_SLOWDOWN = 1.15
@@ -287,19 +289,24 @@ def _decode_merge_kernel(
     NH, TQ, D_V, NUM_SPLITS,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
-    """Merge the splits of one (row, head, query): weights exp2(lse_s - max) / sum.
+    """Merge the splits of one (row, head, query) over one block of BLOCK_DV value columns:
+    weights exp2(lse_s - max) / sum.
 
+    Grid (B x nh x Tq, cdiv(rv, BLOCK_DV)). Every column block of an output computes the same
+    weights from its S logsumexps (S floats, cheap beside the S x BLOCK_DV partials); only the
+    first stores the merged logsumexp, so each LSE element has one writer.
     OP: float32 (B, Tq, nh, S, rv) (strides stride_p*); LSEP: float32 (B, nh, Tq, S)
     base 2 (strides stride_s*).
     O: (B, Tq, nh, rv) in q's dtype; LSE: float32 (B, nh, Tq) natural log.
     """
     pid = tl.program_id(0)
+    col_block = tl.program_id(1)
     qi = pid % TQ
     head = (pid // TQ) % NH
     b = (pid // (TQ * NH)).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, MERGE_CHUNK)
-    offs_d = tl.arange(0, BLOCK_DV)
+    offs_d = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)  # value columns of this program
     d_ok = offs_d < D_V
     lse_base = LSEP + b * stride_sb + head * stride_sh + qi * stride_st
     lse_all = tl.load(lse_base + offs_s * stride_ss, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # (BLOCK_S,)
@@ -316,7 +323,8 @@ def _decode_merge_kernel(
         acc += tl.sum(o_s * w[:, None], axis=0)
     out = acc / w_sum
     tl.store(O + b * stride_ob + qi * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
-    tl.store(LSE + b * stride_lb + head * stride_lh + qi * stride_lt, (lse_max + tl.log2(w_sum)) * _LN2)
+    if col_block == 0:
+        tl.store(LSE + b * stride_lb + head * stride_lh + qi * stride_lt, (lse_max + tl.log2(w_sum)) * _LN2)
 
 
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined K / V tiles per program, under Hopper's 227 KB with room for the rest
@@ -405,22 +413,26 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
     cost of SPLIT_OVERHEAD_TOKENS, are dealt round-robin to num_sms multiprocessors; the
     busiest holds c = ceil(programs S / num_sms) and reads c (max_len / S +
     SPLIT_OVERHEAD_TOKENS) row_bytes, LONE_PROGRAM_SLOWDOWN slower when c = 1. The merge
-    then reads S float32 partial rows of value_dim per output, ceil(merge_rows / num_sms)
-    outputs on its busiest multiprocessor. Ties go to fewer splits. Only powers of two are
-    considered (each split is rounded up to whole KV tiles, and on the H200 sweeps every
-    other count, 3, 5, 17, 22, 132, ran slower than a power-of-two neighbour), none shorter
-    than SPLIT_OVERHEAD_TOKENS and none above MAX_SPLITS.
+    then runs one program per output and block of MERGE_BLOCK_DV value columns, each reading
+    S float32 partial rows of min(MERGE_BLOCK_DV, value_dim) columns and the S logsumexps;
+    its busiest multiprocessor holds ceil(merge_rows cdiv(value_dim, MERGE_BLOCK_DV) / num_sms)
+    of them. Ties go to fewer splits. Only powers of two are considered (each split is rounded
+    up to whole KV tiles, and on the H200 sweeps every other count, 3, 5, 17, 22, 132, ran
+    slower than a power-of-two neighbour), none shorter than SPLIT_OVERHEAD_TOKENS and none
+    above MAX_SPLITS.
     Uses the cache capacity (no device sync), so the choice is the same at every step of
     a generation (static shapes, CUDA graphs).
     """
     most = max(1, min(max_len // SPLIT_OVERHEAD_TOKENS, MAX_SPLITS))
+    merge_per_sm = triton.cdiv(merge_rows * triton.cdiv(value_dim, MERGE_BLOCK_DV), num_sms)
+    merge_floats_per_split = min(MERGE_BLOCK_DV, value_dim) + 1  # a partial row's columns and its logsumexp
 
     def busiest_bytes(splits):
         per_sm = triton.cdiv(programs * splits, num_sms)
         partial = per_sm * (max_len / splits + SPLIT_OVERHEAD_TOKENS) * row_bytes
         if per_sm == 1:
             partial *= LONE_PROGRAM_SLOWDOWN
-        merge = 0 if splits == 1 else triton.cdiv(merge_rows, num_sms) * splits * value_dim * PARTIAL_BYTES
+        merge = 0 if splits == 1 else merge_per_sm * splits * merge_floats_per_split * PARTIAL_BYTES
         return partial + merge
 
     candidates = [1 << i for i in range(most.bit_length())]  # 1, 2, 4, ... <= most
@@ -531,13 +543,14 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         tuned[grid](*args, **meta)
 
     if split:
-        _decode_merge_kernel[(B * nh * Tq,)](
+        merge_block_dv = min(MERGE_BLOCK_DV, block_dv)
+        _decode_merge_kernel[(B * nh * Tq, triton.cdiv(rv, merge_block_dv))](
             o_dst, l_dst, out, lse,
             *o_strides, *l_strides,
             out.stride(0), out.stride(1), out.stride(2),
             *lse.stride(),
             nh, Tq, rv, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv, MERGE_CHUNK=MERGE_CHUNK,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=merge_block_dv, MERGE_CHUNK=MERGE_CHUNK,
         )
     return out, lse
 

@@ -172,6 +172,32 @@ def test_more_splits_than_tiles():
     _check(q, ck, cv, lens, 16, 2e-5, 2e-5)
 
 
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every tensor the launcher allocates (the outputs, the splits' partials) with NaN, so an
+    unwritten element or a read of an unwritten partial shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+
+
+# (B, Tq, nh, g, r, rv, joint, num_splits): value widths that are not whole merge column blocks (64)
+MERGE_CASES = [
+    (3, 1, 4, 2, 16, 48, False, 4),  # one block, 16 of its columns masked
+    (3, 2, 4, 1, 100, 100, True, 3),  # two blocks, the second 36 wide
+    (3, 1, 4, 2, 32, 200, False, 6),  # four blocks, the last 8 wide
+]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLS, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", MERGE_CASES, ids=_case_id)
+def test_merge_column_blocks_cover_the_value_width(case, dtype, atol, rtol, poison):
+    """The merge runs one program per output and block of value columns: together they write every
+    column of the output and the logsumexp, and read no partial column past rv."""
+    B, Tq, nh, g, r, rv, joint, num_splits = case
+    torch.manual_seed(400 + MERGE_CASES.index(case))
+    _check(*_make_inputs(B, Tq, nh, g, r, rv, joint, dtype, [max(Tq, 1), 17, 300]), num_splits, atol, rtol)
+
+
 def test_cpu_fallback_without_interpreter(monkeypatch):
     """On CPU without TRITON_INTERPRET the op runs the reference, float64 included."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
