@@ -29,7 +29,7 @@ for section in $sections; do
         run 90 append_h200.log python bench/append.py --out "$out/append_h200.json" ;;
     decode)  # both modes, every split count the heuristic weighs, peers in the same run
         # shellcheck disable=SC2086  # DECODE_SPLITS is a list of words
-        run 200 decode_h200.log python bench/decode.py --shapes 64x4096 16x32768 1x131072 --modes default joint \
+        run 200 decode_h200.log python bench/decode.py --shapes 32x8192 32x32768 64x4096 1x131072 --modes default joint \
             --splits ${DECODE_SPLITS:-1 2 3 4 5 8 16 17 22 32 64 128 256} --out "$out/decode_h200.json" ;;
     generate)  # B 1, 32, 128: CUDA-graph steps fused / unfused / fp8 / ragged, standard cache, recompute
         run 240 generate_h200.log python bench/generate.py --new_tokens 128 --batch_sizes 1 32 128 \

@@ -108,8 +108,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, cud
     cuda_graph: capture the decode step once (static shapes) and replay it (CUDA only).
     cache_dtype: the caches' dtype, by default the activations'; torch.float8_e4m3fn keeps the
     latents in fp8 with a float32 scale per position and group (half of bf16's bytes plus the
-    scales), read as they are by the decode kernel: more context or rows per GPU, but a slower
-    decode step than bf16 today (docs/decisions.md).
+    scales), read as they are by the decode kernel: more context or rows per GPU, and a faster
+    decode step with one latent per head, a slower one with a joint latent (docs/decisions.md).
     """
     _check_sampling(temperature, top_k, cuda_graph, idx.device, "idx")
     if max_new_tokens < 1:
