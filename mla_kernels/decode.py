@@ -61,6 +61,24 @@ PARTIAL_BYTES = 4  # the splits' partial outputs are float32
 
 
 @triton.jit
+def _split_bounds(SEQLENS, b, split, NUM_SPLITS, BLOCK_N: tl.constexpr):
+    """(seqlen, lo, hi): row b's cached length and the positions [lo, hi) its split reads, whole
+    KV tiles per split."""
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    return seqlen, lo, tl.minimum(lo + chunk, seqlen)
+
+
+@triton.jit
+def _group_bases(K, V, KS, VS, b, grp, stride_kb, stride_kg, stride_vb, stride_vg,
+                 stride_ksb, stride_ksg, stride_vsb, stride_vsg):
+    """Where latent group grp of row b starts in K, V and their scales KS, VS."""
+    return (K + b * stride_kb + grp * stride_kg, V + b * stride_vb + grp * stride_vg,
+            KS + b * stride_ksb + grp * stride_ksg, VS + b * stride_vsb + grp * stride_vsg)
+
+
+@triton.jit
 def _decode_partial_kernel(
     Q, K, V, KS, VS, SEQLENS, O, LSE,
     sm_scale_log2,
@@ -101,10 +119,7 @@ def _decode_partial_kernel(
     grp = bg % G
     b = (bg // G).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
 
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, seqlen)
+    seqlen, lo, hi = _split_bounds(SEQLENS, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row = head_in_group * Tq + query
     head_local = offs_m // TQ
@@ -122,10 +137,8 @@ def _decode_partial_kernel(
     if SCALED and q.dtype == tl.bfloat16:
         q = q.to(tl.float16)
 
-    k_base = K + b * stride_kb + grp * stride_kg
-    v_base = V + b * stride_vb + grp * stride_vg
-    ks_base = KS + b * stride_ksb + grp * stride_ksg
-    vs_base = VS + b * stride_vsb + grp * stride_vsg
+    k_base, v_base, ks_base, vs_base = _group_bases(K, V, KS, VS, b, grp, stride_kb, stride_kg, stride_vb,
+                                                    stride_vg, stride_ksb, stride_ksg, stride_vsb, stride_vsg)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -216,10 +229,7 @@ def _decode_row_kernel(
     head = pid % NH  # = the latent group
     b = (pid // NH).to(tl.int64)  # a cache's batch offsets pass 2^31 elements at long lengths
 
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, seqlen)  # the one query sits at seqlen - 1 and sees every position below hi
+    _, lo, hi = _split_bounds(SEQLENS, b, split, NUM_SPLITS, BLOCK_N)  # the one query sees all of [lo, hi)
 
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -227,10 +237,8 @@ def _decode_row_kernel(
     dv_ok = offs_dv < D_V
     q = tl.load(Q + b * stride_qb + head * stride_qh + offs_dk, mask=dk_ok, other=0.0).to(tl.float32)  # (BLOCK_DK,)
     q = q * sm_scale_log2
-    k_base = K + b * stride_kb + head * stride_kg
-    v_base = V + b * stride_vb + head * stride_vg
-    ks_base = KS + b * stride_ksb + head * stride_ksg
-    vs_base = VS + b * stride_vsb + head * stride_vsg
+    k_base, v_base, ks_base, vs_base = _group_bases(K, V, KS, VS, b, head, stride_kb, stride_kg, stride_vb,
+                                                    stride_vg, stride_ksb, stride_ksg, stride_vsb, stride_vsg)
     m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # per slot
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
