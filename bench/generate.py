@@ -23,8 +23,9 @@ Eager rows run only up to --eager_max_batch: each step launches every kernel fro
 With --caches, instead: the cache table. For each prompt in --prompts and batch in --batch_sizes, every
 cache in CACHES (standard K/V, MLA's default latent, the same in fp8, one joint g 1 r 256 latent), each
 model built with a block just long enough, generating --new_tokens with the decode step replayed from
-a CUDA graph: tokens/s end to end (prefill included), the decode step's ms ((t(N) - t(1)) / (N - 1),
-so the prefill drops out), the cache bytes per token and layer, and the GB/s those bytes make at the
+a CUDA graph: tokens/s end to end (prefill included), the decode step's ms ((t(N) - t(2)) / (N - 2):
+two tokens already hold the prefill, the step's first eager run and its capture, so only replays
+remain), the cache bytes per token and layer, and the GB/s those bytes make at the
 step's mean filled length. A batch that does not fit is reported and skipped. --profile_kernels N
 also prints, per row, the N kernels one decode step spends its device time in (projections, the
 decode kernel, the merge of split partials, the output projection), and records the step's device ms.
@@ -174,12 +175,12 @@ def cache_rows(args, shape, device, dtype):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    _, one = timed(run, 1)
+                    _, two = timed(run, 2)  # the prefill, the decode step's capture and one replay
                     _, seconds = timed(run, args.new_tokens)
                 except torch.OutOfMemoryError:
                     print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} does not fit", flush=True)
                     continue
-                step_s = (seconds - one) / (args.new_tokens - 1)
+                step_s = (seconds - two) / (args.new_tokens - 2)  # replays only
                 device_ms = None
                 if args.profile_kernels:
                     print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} kernels of one decode step:", flush=True)
@@ -275,8 +276,8 @@ def main():
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK_SIZE,
                  vocab_size=VOCAB_SIZE, bias=False)
     if args.caches:
-        if args.new_tokens < 2:
-            raise SystemExit(f"--caches times the decode step by difference: --new_tokens must be >= 2, got "
+        if args.new_tokens < 3:
+            raise SystemExit(f"--caches times the decode step by difference: --new_tokens must be >= 3, got "
                              f"{args.new_tokens}")
         out, env = harness.results_path(args.out, "generate"), harness.environment(dtype)
         settings = {k: v for k, v in shape.items() if k != "block_size"}
