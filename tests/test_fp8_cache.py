@@ -6,8 +6,9 @@ scales.
 """
 import pytest
 import torch
-from helpers import SMALL_GPT, rel_err, small_gpt
+from helpers import SMALL_GPT, SMALL_GPT_VARIANTS, rel_err, small_gpt
 
+from mla_gpt.model import GPT, GPTConfig
 from mla_kernels.append import project_append
 from mla_kernels.cache import LatentKVCache, QuantizedLatents
 from mla_kernels.reference import FP8_DTYPE
@@ -77,3 +78,23 @@ def test_fp8_cache_holds_values_and_scales_and_counts_both():
         want = want.reshape(2, 1, 3, 32)
         assert ((got.dequantize(torch.float32)[:, 9:10] - want).abs() <= 2**-4 * want.abs().amax(-1, keepdim=True)
                 + 1e-6).all()
+
+
+PREFILL_CASES = [(variant, form) for variant in ("mla-kernels", "mla-g1-joint-kernels")
+                 for form in ("absorbed", "expanded", "materialized")] + [("standard-sdpa", None)]
+
+
+@pytest.mark.parametrize("variant, mla_path", PREFILL_CASES, ids=lambda x: x or "standard")
+@torch.no_grad()
+def test_prefill_attends_over_its_own_latents_not_the_fp8_copy(variant, mla_path):
+    """A prefill into an fp8 cache gives the logits of the same call without a cache, in every MLA
+    form: it attends over the latents it computed; the rounded copy is for the decode steps."""
+    torch.manual_seed(0)
+    form = {} if mla_path is None else {"mla_path": mla_path}
+    model = GPT(GPTConfig(**SMALL_GPT, **SMALL_GPT_VARIANTS[variant], **form)).eval()
+    tokens = torch.randint(0, SMALL_GPT["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(5))
+    caches = model.setup_caches(2, tokens.size(1), FP8_DTYPE)
+    prefilled = model(tokens, caches=caches, input_pos=0)[0][:, -1]  # (2, vocab)
+    uncached = model(tokens)[0][:, -1]  # (2, vocab)
+    assert caches[0].k.dtype == FP8_DTYPE
+    torch.testing.assert_close(prefilled, uncached, atol=1e-5, rtol=1e-5)

@@ -80,7 +80,7 @@ class CausalSelfAttention(WeightSVDValues, KVCacheReport, nn.Module):
             basis = self._value_basis()  # (nh, hs, k)
             v = torch.einsum("bthd,hdk->bthk", v, basis)  # (B, T, nh, k): z = v U_k
         if cache is not None:
-            k, v = write_cache(cache, cache_seqlens, k, v)  # (B, T or max_seq, nh, .)
+            k, v = write_cache(cache, cache_seqlens, k, v)  # (B, T, nh, .) as given, or (B, max_seq, nh, .)
         if self.backend == "auto" or backend in SDPA_CORES:  # standard attention's 'auto' is SDPA on any device
             dropout_p = self.dropout if self.training else 0.0
             y = sdpa_attention(q, dequantized(k, q.dtype), dequantized(v, q.dtype), self.softmax_scale, cache_seqlens,
@@ -379,7 +379,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             if not self.caches_joint_latent:
                 c_v = projected[..., (nh + g) * r :].view(B, T, g, -1)  # (B, T, g, rv)
             if cache is not None:
-                c_k, c_v = write_cache(cache, cache_seqlens, c_k, c_v)  # (B, T or max_seq, g, .), c_v None when joint
+                c_k, c_v = write_cache(cache, cache_seqlens, c_k, c_v)  # (B, T or max_seq, g, .), c_v None if joint
         if cache is None:
             # The core takes the projection's strided slices as they are: contiguous copies ran its
             # own forward faster but the layer's training step no faster, with more memory

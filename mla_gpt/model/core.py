@@ -124,23 +124,24 @@ def dequantized(latents, dtype):
 def write_cache(cache, cache_seqlens, k_new, v_new):
     """Store a call's new keys and values, k_new (B, T, g, dk) and v_new (B, T, g, dv) or None
     (a joint latent), in cache (a `LatentKVCache`) at cache_seqlens (`cache_seqlens`), and return
-    what `cached_attention` reads: views (B, T, g, .) of a prefill's positions (cache_seqlens
-    None), or of the whole cache (B, max_seq, g, .) for a decode step."""
-    B, T = k_new.shape[:2]
+    what `cached_attention` reads: for a prefill (cache_seqlens None) k_new and v_new themselves,
+    as every MLA form attends over the latents it computed (an fp8 cache's rounded copy serves the
+    decode steps); for a decode step views of the whole cache (B, max_seq, g, .)."""
+    B = k_new.shape[0]
     if cache_seqlens is None:
         cache.update(0, k_new, v_new)
-        return cache.latents(B, T)
+        return k_new, v_new
     cache.update(cache_seqlens, k_new, v_new)
     return cache.latents(B)
 
 
 def cached_attention(q, k, v, cache_seqlens, softmax_scale, backend):
     """New queries over a cache: q (B, T, nh, D); k (B, L, g, D); v (B, L, g, Dv), or None when
-    the latent is joint (v = k); k and v are `QuantizedLatents` when the cache is fp8. Returns
-    (B, T, nh, Dv).
+    the latent is joint (v = k); in a decode step k and v are `QuantizedLatents` when the cache is
+    fp8. Returns (B, T, nh, Dv).
 
-    cache_seqlens (`cache_seqlens`): None for a prefill, whose k and v are the cache's first T
-    positions (L = T): causal attention as in training. A (B,) int32 tensor for a decode step,
+    cache_seqlens (`cache_seqlens`): None for a prefill, whose k and v are the latents it just
+    computed and stored (L = T): causal attention as in training. A (B,) int32 tensor for a decode step,
     whose k and v are the whole cache (L = max_seq): each row attends over its cache_seqlens + T
     positions (the decode kernel on the kernels, the only path that reads fp8 latents as they
     are stored; every other path attends over a dequantized copy).
