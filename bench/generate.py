@@ -175,7 +175,7 @@ def cache_rows(args, shape, device, dtype):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    _, two = timed(run, 2)  # the prefill, the decode step's capture and one replay
+                    _, two = timed(run, 2)  # the prefill, the decode step's eager first run, its capture, one replay
                     _, seconds = timed(run, args.new_tokens)
                 except torch.OutOfMemoryError:
                     print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} does not fit", flush=True)

@@ -220,8 +220,9 @@ def _decode_row_kernel(
     With one row a dot would fill 1 of its 16 rows, and widening an fp8 tile for it goes through
     shared memory; here the scores and the weighted values are multiply-adds in registers on the
     tile as loaded. Each of the BLOCK_N position slots runs its own online softmax over the
-    positions start + slot of every tile (no reduction across threads in the loop); the slots
-    merge by their maxima once at the end. SCALED, outputs and LSE as `_decode_partial_kernel`
+    positions start + slot of every tile, so the softmax needs no reduction across positions in
+    the loop (only the score's sum over the latent dim); the slots merge by their maxima once at
+    the end. SCALED, outputs and LSE as `_decode_partial_kernel`
     with Tq 1.
     """
     pid = tl.program_id(0)  # the larger count on the first axis: the others hold at most 65535

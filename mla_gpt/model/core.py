@@ -125,8 +125,9 @@ def write_cache(cache, cache_seqlens, k_new, v_new):
     """Store a call's new keys and values, k_new (B, T, g, dk) and v_new (B, T, g, dv) or None
     (a joint latent), in cache (a `LatentKVCache`) at cache_seqlens (`cache_seqlens`), and return
     what `cached_attention` reads: for a prefill (cache_seqlens None) k_new and v_new themselves,
-    as every MLA form attends over the latents it computed (an fp8 cache's rounded copy serves the
-    decode steps); for a decode step views of the whole cache (B, max_seq, g, .)."""
+    so that every caller (each MLA form, standard attention) attends over what it computed (an fp8
+    cache's rounded copy serves the decode steps); for a decode step views of the whole cache
+    (B, max_seq, g, .)."""
     B = k_new.shape[0]
     if cache_seqlens is None:
         cache.update(0, k_new, v_new)
