@@ -48,6 +48,10 @@ CASES = [
     (2, 1031, 3, 16, 1, 576, 256, "separate"),  # a query tile as wide as 576 over 48 packed rows
     (3, 777, 2, 8, 2, 96, 40, "separate"),  # grouped heads, V narrower than K
     (3, 300, 4, 32, 1, 16, 16, "joint"),  # 32 heads x 4 queries = 128 packed rows: two query blocks
+    # one query row per group (g = nh, Tq 1): the single-row kernel, beyond the default above
+    (3, 2053, 1, 8, 8, 48, 40, "separate"),  # V narrower than K
+    (3, 2053, 1, 4, 4, 64, 64, "joint"),
+    (2, 1031, 1, 4, 4, 576, 576, "joint"),  # the widest tile: only the fallback config fits its registers
 ]
 SPLITS = [None, 1, 5, 64]  # None: num_splits_heuristic; 64 leaves short rows with empty splits
 LONG_CASES = [
