@@ -348,16 +348,21 @@ _FALLBACK_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 MAX_WARPS = max(c.num_warps for c in [*_PARTIAL_CONFIGS, _FALLBACK_CONFIG])
 
 
-def _prune_configs(configs, named_args, **meta):
-    """Keep configs whose pipelined K / V tiles fit SMEM_BUDGET and whose accumulator fits MAX_ACC_REGS
-    (only the first of them without a search, see `tuned_candidates`)."""
-    elt = named_args["Q"].element_size()
-    row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * elt
-    acc = meta["BLOCK_M"] * meta["BLOCK_DV"]
+def _fitting_configs(configs, meta, tile_elt, register_elements):
+    """The configs whose pipelined K / V tiles (tile_elt bytes a value) fit SMEM_BUDGET and whose
+    float32 register tiles, register_elements(BLOCK_N) values, fit MAX_ACC_REGS per thread (only
+    the first of them without a search, see `tuned_candidates`)."""
+    row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * tile_elt
     kept = [c for c in configs
             if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= SMEM_BUDGET
-            and acc <= MAX_ACC_REGS * 32 * c.num_warps]
+            and register_elements(c.kwargs["BLOCK_N"]) <= MAX_ACC_REGS * 32 * c.num_warps]
     return tuned_candidates(kept or [_FALLBACK_CONFIG])
+
+
+def _prune_configs(configs, named_args, **meta):
+    """The dot kernel's configs: its (BLOCK_M, BLOCK_DV) accumulator in registers, tiles at q's size."""
+    return _fitting_configs(configs, meta, named_args["Q"].element_size(),
+                            lambda block_n: meta["BLOCK_M"] * meta["BLOCK_DV"])
 
 
 _decode_partial_tuned = triton.autotune(
@@ -375,14 +380,10 @@ _ROW_CONFIGS = [
 
 
 def _prune_row_configs(configs, named_args, **meta):
-    """Keep configs whose pipelined tiles fit SMEM_BUDGET and whose fp32 key tile and accumulator,
-    (BLOCK_N, BLOCK_DK + BLOCK_DV), fit MAX_ACC_REGS per thread."""
-    elt = named_args["K"].element_size()
-    row_bytes = (meta["BLOCK_DK"] + (0 if meta["JOINT"] else meta["BLOCK_DV"])) * elt
-    kept = [c for c in configs
-            if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= SMEM_BUDGET
-            and c.kwargs["BLOCK_N"] * (meta["BLOCK_DK"] + meta["BLOCK_DV"]) <= MAX_ACC_REGS * 32 * c.num_warps]
-    return tuned_candidates(kept or [_FALLBACK_CONFIG])
+    """The single-row kernel's configs: its fp32 key tile and accumulator, (BLOCK_N, BLOCK_DK +
+    BLOCK_DV), in registers, tiles at the cache's size."""
+    return _fitting_configs(configs, meta, named_args["K"].element_size(),
+                            lambda block_n: block_n * (meta["BLOCK_DK"] + meta["BLOCK_DV"]))
 
 
 _decode_row_tuned = triton.autotune(
