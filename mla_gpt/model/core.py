@@ -128,12 +128,11 @@ def write_cache(cache, cache_seqlens, k_new, v_new):
     so that every caller (each MLA form, standard attention) attends over what it computed (an fp8
     cache's rounded copy serves the decode steps); for a decode step views of the whole cache
     (B, max_seq, g, .)."""
-    B = k_new.shape[0]
     if cache_seqlens is None:
         cache.update(0, k_new, v_new)
         return k_new, v_new
     cache.update(cache_seqlens, k_new, v_new)
-    return cache.latents(B)
+    return cache.latents(k_new.shape[0])
 
 
 def cached_attention(q, k, v, cache_seqlens, softmax_scale, backend):
