@@ -33,7 +33,12 @@ from mla_kernels.reference import FP8_DTYPE, FP8_MAX, project_append_ref
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
 MAX_FP8_GROUP = 512  # widest latent whose group one fp8 tile holds (DeepSeek-V2's 512)
-MAX_ROW_BUCKET = 64  # tiles are tuned per power-of-two row count up to this, then shared
+DECODE_TILE_MAX_ROWS = 64  # up to this many rows (B x new tokens) the decode tile runs; more are autotuned
+# The decode tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): of 72 candidates with cold weights
+# (bench/append.py --tiles, B 1 / 32 / 64, r 32 and a joint r 256, bf16 and fp8 caches), the one
+# whose worst time over those shapes is nearest each shape's fastest (within 15%; fp8 within 6%)
+DECODE_TILE = (16, 32, 256, 4, 3)
+DECODE_WEIGHT_TILE = DECODE_TILE[1] * DECODE_TILE[2]  # weight elements per K step, kept for wider fp8 tiles
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # small whole tiles for the CPU
 
 
@@ -59,7 +64,6 @@ def _project_append_kernel(
     stride_vb, stride_vg, stride_vl,
     stride_ksb, stride_ksg, stride_ksl,
     stride_vsb, stride_vsg, stride_vsl,
-    ROW_BUCKET,
     HAS_BIAS: tl.constexpr, POS_FROM_TENSOR: tl.constexpr, IEEE_DOT: tl.constexpr, FP8_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -73,7 +77,6 @@ def _project_append_kernel(
     values quantized by its own amax, its float32 scale stored to KS / VS (max_batch, L, g)
     through their (batch, group, position) strides. The launcher makes every R columns of a
     tile one group (BLOCK_N a multiple of R, QUERY_DIM too, RV = R).
-    ROW_BUCKET only keys the autotuner.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -146,7 +149,7 @@ _CONFIGS = [
                              (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 ]
 _project_append_tuned = triton.autotune(
-    configs=_CONFIGS, key=["ROW_BUCKET", "C", "QUERY_DIM", "KEY_COLS", "VALUE_COLS"],
+    configs=_CONFIGS, key=["C", "QUERY_DIM", "KEY_COLS", "VALUE_COLS"],
     prune_configs_by={"early_config_prune": lambda configs, named_args, **meta: tuned_candidates(configs)},
     cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_project_append_kernel)
@@ -204,7 +207,10 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k
                          f"rv in (0, r); got r={r}, rv={v_cache.shape[3]}, query_dim={query_dim}")
 
 
-def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
+def kernel_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
+    """(q', args, meta, (M, N)): the output q' (B, T, query_dim) and what `_project_append_kernel`
+    takes besides its tile sizes, for arguments as `project_append` takes them (checked). The launcher
+    below and bench/append.py's tile sweep both launch from these."""
     B, T, C = x.shape
     M, N = B * T, weight.shape[0]
     r, rv = k_cache.shape[3], v_cache.shape[3]
@@ -226,23 +232,44 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_s
             x2.stride(0), weight.stride(0), max(query_dim, 1),
             k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),  # (batch, group, position)
             v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
-            *scale_strides,
-            min(triton.next_power_of_2(M), MAX_ROW_BUCKET))
+            *scale_strides)
     meta = dict(HAS_BIAS=bias is not None, POS_FROM_TENSOR=from_tensor, IEEE_DOT=x.dtype == torch.float32,
                 FP8_GROUP=r if fp8 else 0)
-    if fp8:  # one tile shape, every group of r columns inside one tile (not tuned yet)
-        blocks = {"BLOCK_M": 16, "BLOCK_N": max(r, INTERPRETER_BLOCKS["BLOCK_N"] if interpreting() else 64),
-                  "BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"] if interpreting() else 64}
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-        _project_append_kernel[grid](*args, **meta, **blocks)
-    elif interpreting():
-        blocks = INTERPRETER_BLOCKS
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-        _project_append_kernel[grid](*args, **meta, **blocks)
-    else:
+    return q.view(B, T, query_dim), args, meta, (M, N)
+
+
+def decode_tile(r, fp8):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for a decode step's few rows (M <= DECODE_TILE_MAX_ROWS).
+
+    Fixed, not autotuned: the kernel takes 4-6 us there, near the timer's noise, and the autotuner's
+    picks inside a generation ran up to 3x slower than this tile (docs/decisions.md). An fp8 cache
+    needs whole groups of r columns in a tile (BLOCK_N >= r); BLOCK_K shrinks to keep the weight tile
+    at DECODE_WEIGHT_TILE elements."""
+    block_n = max(DECODE_TILE[1], r) if fp8 else DECODE_TILE[1]
+    block_k = max(16, min(DECODE_TILE[2], DECODE_WEIGHT_TILE // block_n))
+    return DECODE_TILE[0], block_n, block_k, *DECODE_TILE[3:]
+
+
+def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
+    q, args, meta, (M, N) = kernel_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale,
+                                          v_scale)
+    fp8 = bool(meta["FP8_GROUP"])
+    if interpreting():
+        blocks = dict(INTERPRETER_BLOCKS)
+        if fp8:
+            blocks["BLOCK_N"] = max(blocks["BLOCK_N"], k_cache.shape[3])
+        launch = dict(blocks)
+    elif fp8 or M <= DECODE_TILE_MAX_ROWS:
+        block_m, block_n, block_k, warps, stages = decode_tile(k_cache.shape[3], fp8)
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        launch = dict(blocks, num_warps=warps, num_stages=stages)
+    else:  # a chunk of many new tokens: long enough for the autotuner's timings to mean something
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
         _project_append_tuned[grid](*args, **meta)
-    return q.view(B, T, query_dim)
+        return q
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+    _project_append_kernel[grid](*args, **meta, **launch)
+    return q
 
 
 def _project_append_impl(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale=None, v_scale=None):
