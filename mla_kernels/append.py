@@ -209,8 +209,9 @@ def _check_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k
 
 def kernel_inputs(x, weight, bias, query_dim, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
     """(q', args, meta, (M, N)): the output q' (B, T, query_dim) and what `_project_append_kernel`
-    takes besides its tile sizes, for arguments as `project_append` takes them (checked). The launcher
-    below and bench/append.py's tile sweep both launch from these."""
+    takes besides its tile sizes, for arguments as `project_append` takes them, already checked there
+    (this function checks nothing). The launcher below and bench/append.py's tile sweep both launch
+    from these."""
     B, T, C = x.shape
     M, N = B * T, weight.shape[0]
     r, rv = k_cache.shape[3], v_cache.shape[3]
@@ -255,20 +256,18 @@ def _project_append_triton(x, weight, bias, query_dim, k_cache, v_cache, cache_s
                                           v_scale)
     fp8 = bool(meta["FP8_GROUP"])
     if interpreting():
-        blocks = dict(INTERPRETER_BLOCKS)
+        tile = dict(INTERPRETER_BLOCKS)
         if fp8:
-            blocks["BLOCK_N"] = max(blocks["BLOCK_N"], k_cache.shape[3])
-        launch = dict(blocks)
+            tile["BLOCK_N"] = max(tile["BLOCK_N"], k_cache.shape[3])
     elif fp8 or M <= DECODE_TILE_MAX_ROWS:
         block_m, block_n, block_k, warps, stages = decode_tile(k_cache.shape[3], fp8)
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        launch = dict(blocks, num_warps=warps, num_stages=stages)
+        tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     else:  # a chunk of many new tokens: long enough for the autotuner's timings to mean something
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
         _project_append_tuned[grid](*args, **meta)
         return q
-    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-    _project_append_kernel[grid](*args, **meta, **launch)
+    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]))
+    _project_append_kernel[grid](*args, **meta, **tile)
     return q
 
 
