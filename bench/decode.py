@@ -6,6 +6,7 @@ Providers:
                 ours_S<n> the same with num_splits pinned to n (--splits)
   ours_dot      where the single-row kernel runs (one query row per group), the dot kernel it replaced
   ours_eager    the public `latent_decode` called eagerly (host length check: one device sync)
+  ours_tile     (--tiles) one fixed tile (BLOCK_N, warps, stages) and split count launched directly
   ours_token_major  the kernel over the cache's first layout, token-major (B, L, g, r)
   ours_fp8      the kernel over the same cache in fp8 (e4m3) with a float32 scale per position and
                 group, read as stored (its GB/s counts the fp8 bytes and the scales); ours_fp8_dot as ours_dot
@@ -18,6 +19,12 @@ Providers:
 GB/s counts the cache bytes a provider must read (latent or expanded) over its step time;
 tokens/s = B / step time (one layer). Timings: `harness.median_ms` (do_bench or do_bench_cudagraph).
 
+--tiles, instead of the providers: for each mode, shape (default TILE_SHAPES) and cache dtype
+(bf16, fp8), the kernel the decode runs (single-row for the default latent, dot for the joint one)
+at every tile of ROW_TILES / DOT_TILES and at half, once and twice the heuristic's split count,
+each checked against the shipped launch's output (table `tiles`, `max_abs_diff`), then for each
+(mode, cache) the (tile, split factor) whose worst time over the shapes is nearest the fastest.
+
 Rows (key `table`): copy (the device's copy bandwidth), timing, correctness (bf16 kernel against
 the float64 reference), autotune (the tiles the autotuner chose), memory (bytes per token and what
 fits --budget_gb; provider: the cache layout). Writes the results JSON and <stem>.png.
@@ -27,6 +34,7 @@ sizes plus the analytic memory report, and says that kernel timings need a GPU.
 
 Usage: python bench/decode.py [--shapes 64x4096 16x32768 1x131072] [--modes default joint]
        [--splits 1 4 16 64] [--budget_gb 80] [--layers 12] [--out PATH.json]
+       python bench/decode.py --tiles [--shapes 32x8192] [--modes joint] [--out PATH.json]
 """
 import argparse
 import json
@@ -36,6 +44,7 @@ from unittest import mock
 import harness  # first: it puts the repository root on sys.path
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mla_kernels import decode as dec
@@ -54,9 +63,16 @@ ELT = 2  # bf16 bytes
 GPU_SHAPES = [(64, 4096), (16, 32768), (1, 131072)]  # (B, L)
 CPU_SHAPES = [(4, 1024), (1, 4096)]  # (B, L) without a GPU: the reference loop stays quick
 COPY_ELEMENTS = 2**29  # float32: a 2 GiB copy, far beyond L2
+# --tiles: every tile the autotuner may pick, and larger ones for the fp8 cache's half-size rows
+ROW_TILES = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in dec._ROW_CONFIGS] + [
+    (256, 4, 4), (256, 8, 4), (256, 8, 2), (512, 8, 2), (512, 8, 3), (512, 16, 2)]
+DOT_TILES = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in dec._PARTIAL_CONFIGS] + [
+    (128, 4, 4), (32, 4, 4), (16, 4, 4), (128, 8, 4), (256, 8, 2)]
+TILE_SHAPES = [(32, 8192), (32, 32768), (1, 131072)]  # (B, L): the generation table's batch 32, and one long row
 MEMORY_SHAPE = (8, 4096)  # (B, L) of the caches allocated for the measured bytes per token
 ERROR_CHARS = 80  # an unavailable backend is reported with its error's first line, this long at most
 UNITS = {"copy_GBps": "GB/s", "us": "us", "GBps": "GB/s", "tokens_per_s": "tokens/s", "num_splits": "",
+         "frac_copy": "", "max_abs_diff": "", "split_factor": "",
          "rel_err": "", "rel_err_bf16_ref": "", "lse_max_abs_err": "", "passed": "", "config": "",
          "bytes_per_token_layer_analytic": "bytes", "bytes_per_token_layer_measured": "bytes",
          "max_context_B1": "tokens", "max_batch_L1024": "", "max_batch_L4096": "", "saving_vs_mha": ""}
@@ -75,6 +91,7 @@ def parse_args():
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--splits", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="num_splits values swept for our kernel (+ the heuristic's)")
+    p.add_argument("--tiles", action="store_true", help="the tile and split sweep instead (GPU only)")
     p.add_argument("--budget_gb", type=float, default=80.0, help="KV-cache memory budget for the fit report")
     p.add_argument("--layers", type=int, default=12, help="layers whose caches share the budget")
     harness.add_out_argument(p, "decode")
@@ -279,6 +296,93 @@ def time_shape(B, L, mode, splits, device, gpu):
     return rows
 
 
+class FixedTile:
+    """Stands in for an autotuned kernel, `tuned[grid](*args, **meta)`, launching one tile."""
+
+    def __init__(self, kernel, block_n, warps, stages):
+        self.kernel, self.block_n, self.warps, self.stages = kernel, block_n, warps, stages
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.kernel[grid](*args, **meta, BLOCK_N=self.block_n, num_warps=self.warps,
+                                                       num_stages=self.stages)
+
+
+def tile_sweep(device, shapes, modes, copy_gbps):
+    """Every tile of the kernel each mode runs, at three split counts around the heuristic's, over
+    the bf16 and the fp8 cache (rows: table `tiles`; GBps counts the bytes stored, scales included)."""
+    op = torch.ops.mla_kernels.latent_decode
+    rows = []
+    for mode in modes:
+        g, r, joint = MODES[mode]
+        row_kernel = dec.uses_row_kernel(NH // g, 1)
+        tuned_name, kernel, tiles = (("_decode_row_tuned", dec._decode_row_kernel, ROW_TILES) if row_kernel
+                                     else ("_decode_partial_tuned", dec._decode_partial_kernel, DOT_TILES))
+        for B, L in shapes:
+            ck, cv = make_caches(B, L, g, r, joint, device)
+            q = torch.randn(B, 1, NH, r, device=device, dtype=torch.bfloat16)  # (B, 1, nh, r)
+            seqlens = torch.full((B,), L, device=device, dtype=torch.int32)
+            (k8, k_scale), fp8_values = fp8_caches(ck, cv)
+            v8, v_scale = (None, None) if fp8_values is None else fp8_values
+            for cache, (k, v, ks, vs) in (("bf16", (ck, cv, None, None)), ("fp8", (k8, v8, k_scale, v_scale))):
+                nbytes = sum(t.numel() * t.element_size() for t in (k, v, ks, vs) if t is not None)
+                heuristic = dec.default_num_splits(q, k, v, ks is not None)
+                call = lambda splits: op(q, k, v, seqlens, SCALE, splits, ks, vs)  # noqa: E731
+                shipped = call(None)[0].float()  # autotunes outside the graph
+
+                def add(provider, ms, **extra):
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    rows.append(dict(table="tiles", mode=mode, cache=cache, B=B, L=L, provider=provider,
+                                     kernel="row" if row_kernel else "dot", us=ms * 1e3, GBps=gbps,
+                                     frac_copy=gbps / copy_gbps, **extra))
+                    tile = "" if "block_n" not in extra else \
+                        f"N{extra['block_n']:<4d} w{extra['warps']:<2d} s{extra['stages']} S{extra['num_splits']:<4d}"
+                    print(f"  {mode:8s} {cache:5s} B{B:<3d} L{L:<7d} {provider:10s} {tile:22s} {ms * 1e3:8.1f} us "
+                          f"{gbps / copy_gbps:6.1%} of copy", flush=True)
+
+                add("ours", harness.median_ms(lambda: call(None), graph=True), num_splits=heuristic)
+                for splits in sorted({max(1, heuristic // 2), heuristic, min(2 * heuristic, dec.MAX_SPLITS)}):
+                    for block_n, warps, stages in tiles:
+                        with mock.patch.object(dec, tuned_name, FixedTile(kernel, block_n, warps, stages)):
+                            try:
+                                diff = (call(splits)[0].float() - shipped).abs().max().item()
+                                ms = harness.median_ms(lambda: call(splits), graph=True)
+                            except triton.runtime.errors.OutOfResources as e:
+                                print(f"  N{block_n} w{warps} s{stages}: does not fit ({str(e)[:ERROR_CHARS]})")
+                                continue
+                        add("ours_tile", ms, block_n=block_n, warps=warps, stages=stages, num_splits=splits,
+                            split_factor=splits / heuristic, max_abs_diff=diff)
+            del ck, cv, k8, v8, k_scale, v_scale
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_tile_summary(rows):
+    """Per (mode, cache): each shape's fastest tile against the shipped launch, then the (tile,
+    split factor) whose worst time over the shapes, relative to each shape's fastest, is least."""
+    for mode, cache in sorted({(r["mode"], r["cache"]) for r in rows}):
+        by_shape = {}  # (B, L) -> (the shipped row, the tile rows)
+        for r in rows:
+            if (r["mode"], r["cache"]) == (mode, cache):
+                entry = by_shape.setdefault((r["B"], r["L"]), [None, []])
+                if r["provider"] == "ours":
+                    entry[0] = r
+                else:
+                    entry[1].append(r)
+        worst = {}  # (tile, split factor) -> its time over the shape's fastest, per shape
+        for (B, L), (shipped, tiles) in sorted(by_shape.items()):
+            top = min(tiles, key=lambda r: r["us"])
+            print(f"{mode:8s} {cache:5s} B{B:<3d} L{L:<7d} shipped {shipped['us']:7.1f} us "
+                  f"({shipped['frac_copy']:.0%})  best {top['us']:7.1f} us ({top['frac_copy']:.0%}) "
+                  f"N{top['block_n']} w{top['warps']} s{top['stages']} S{top['num_splits']}")
+            for r in tiles:
+                key = (r["block_n"], r["warps"], r["stages"], r["split_factor"])
+                worst.setdefault(key, []).append(r["us"] / top["us"])
+        ranked = sorted((max(v), k) for k, v in worst.items() if len(v) == len(by_shape))
+        for ratio, (block_n, warps, stages, factor) in ranked[:5]:
+            print(f"{mode:8s} {cache:5s}   N{block_n} w{warps} s{stages} splits x{factor:g}: "
+                  f"worst {ratio:.3f}x the fastest")
+
+
 def measured_bytes_per_token(g, dk, dv, dtype, device):
     """Bytes per cached token of a LatentKVCache of MEMORY_SHAPE, and how they were measured."""
     B, L = MEMORY_SHAPE
@@ -389,6 +493,14 @@ def main():
     else:
         print("no CUDA device: kernel timings need a GPU; timing the reference and the plain-PyTorch latent "
               "decode (math backend) at small sizes", flush=True)
+    if args.tiles:
+        if not gpu:
+            raise SystemExit("--tiles times tiles on the GPU: no CUDA device here")
+        rows += tile_sweep(device, args.shapes or TILE_SHAPES, args.modes, copy_gbps)
+        print_tile_summary(rows[1:])
+        harness.write_results(harness.results_path(args.out, "decode_tiles"),
+                              harness.result_rows("decode", rows, UNITS, env))
+        return
     for mode in args.modes:
         for B, L in args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES):
             rows += time_shape(B, L, mode, args.splits, device, gpu)

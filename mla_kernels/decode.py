@@ -449,6 +449,22 @@ def num_splits_heuristic(programs, max_len, row_bytes, merge_rows, value_dim, nu
     return min(candidates, key=lambda splits: (busiest_bytes(splits), splits))
 
 
+def default_num_splits(q_lat, cache_k, cache_v, scaled):
+    """The split count `latent_decode` takes when num_splits is None: `num_splits_heuristic` for
+    q_lat (B, Tq, nh, r) over caches (B, L, g, r) and (B, L, g, rv) (None when joint), stored in
+    fp8 with float32 scales when scaled."""
+    B, Tq, nh, r = q_lat.shape
+    L, g = cache_k.shape[1], cache_k.shape[2]
+    joint = cache_v is None
+    rv = r if joint else cache_v.shape[3]
+    block_dk = tile_dim(r)
+    block_dv = block_dk if joint else tile_dim(rv)
+    m_blocks = triton.cdiv(nh // g * Tq, packed_block_m(nh // g, Tq, max(block_dk, block_dv)))
+    scale_bytes = 0 if not scaled else (4 if joint else 8)  # float32 scale(s) per position and group
+    row_bytes = (r if joint else r + rv) * cache_k.element_size() + scale_bytes
+    return num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, num_sms(q_lat.device))
+
+
 def _check_inputs(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale, num_splits, check_seqlens, k_scale,
                   v_scale):
     latents = {"q_lat": q_lat, "cache_k": cache_k} | ({} if cache_v is None else {"cache_v": cache_v})
@@ -511,9 +527,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
     m_blocks = triton.cdiv(hpg * Tq, block_m)
     scaled = k_scale is not None
     if num_splits is None:
-        scale_bytes = 0 if not scaled else (4 if joint else 8)  # float32 scale(s) per position and group
-        row_bytes = (r if joint else r + rv) * cache_k.element_size() + scale_bytes
-        num_splits = num_splits_heuristic(B * g * m_blocks, L, row_bytes, B * nh * Tq, rv, num_sms(q_lat.device))
+        num_splits = default_num_splits(q_lat, cache_k, cache_v, scaled)
     num_splits = max(1, min(num_splits, L))
     split = num_splits > 1
 
