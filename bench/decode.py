@@ -356,6 +356,13 @@ def tile_sweep(device, shapes, modes, copy_gbps):
     return rows
 
 
+def autotune_rows():
+    """The tile the autotuner chose for each key it met, for both decode kernels (table `autotune`)."""
+    return [dict(table="autotune", provider="ours", kernel=kernel, key=str(k), config=str(v))
+            for kernel, tuned in (("dot", dec._decode_partial_tuned), ("row", dec._decode_row_tuned))
+            for k, v in tuned.cache.items()]
+
+
 def print_tile_summary(rows):
     """Per (mode, cache): each shape's fastest tile against the shipped launch, then the (tile,
     split factor) whose worst time over the shapes, relative to each shape's fastest, is least."""
@@ -498,6 +505,7 @@ def main():
             raise SystemExit("--tiles times tiles on the GPU: no CUDA device here")
         rows += tile_sweep(device, args.shapes or TILE_SHAPES, args.modes, copy_gbps)
         print_tile_summary(rows[1:])
+        rows += autotune_rows()
         harness.write_results(harness.results_path(args.out, "decode_tiles"),
                               harness.result_rows("decode", rows, UNITS, env))
         return
@@ -508,8 +516,7 @@ def main():
                 torch.cuda.empty_cache()
     if gpu:  # after the timings, so the autotuner picks tiles on the benchmark shapes, not these small ones
         rows += correctness(device)
-        rows += [dict(table="autotune", provider="ours", key=str(k), config=str(v))
-                 for k, v in dec._decode_partial_tuned.cache.items()]
+        rows += autotune_rows()
     rows += memory_report(device, args.budget_gb, args.layers)
     print_summary(rows, copy_gbps)
     harness.write_results(harness.results_path(args.out, "decode"), harness.result_rows("decode", rows, UNITS, env),

@@ -3,7 +3,8 @@
 Where an op runs (`on_kernel_device`), how its tensor arguments are checked (`check_tensors`,
 `check_dtypes`, `check_ndim`), how autocast reaches it (`autocast_inputs`), and which path a
 call takes (`traced_or_eager`: the registered op while torch.compile traces, the launcher
-itself otherwise), and whether an autotuned kernel times its tile candidates (`tuned_candidates`).
+itself otherwise), whether an autotuned kernel times its tile candidates (`tuned_candidates`) and
+how the decode step's kernels time them (`replayed_timing`).
 The kernel files keep their own shape rules and their kernels.
 """
 import os
@@ -29,6 +30,22 @@ def tuned_candidates(configs):
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     searching = os.environ.get("MLA_KERNELS_AUTOTUNE", "1") != "0" and not capturing
     return configs if searching else configs[:1]
+
+
+TUNING_REP_MS = 20  # milliseconds of replays per candidate (do_bench_cudagraph's default)
+
+
+def replayed_timing(kernel_call, quantiles):
+    """An autotuner's timer (`triton.autotune(do_bench=replayed_timing)`): the quantiles, in ms, of
+    kernel_call replayed from a CUDA graph. Plain `do_bench` times each launch between events, so a
+    kernel of a few tens of microseconds whose launch takes as long on the host is timed as host
+    time, and the search picks by noise (docs/decisions.md). Inside a CUDA-graph capture the one
+    candidate left (`tuned_candidates`) needs no timing and gets none."""
+    if torch.cuda.is_current_stream_capturing():
+        return [0.0] * len(quantiles)
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=TUNING_REP_MS, quantiles=quantiles)
 
 
 def on_kernel_device(t):

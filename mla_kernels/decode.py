@@ -36,6 +36,7 @@ from mla_kernels._dispatch import (
     check_tensors,
     interpreting,
     on_kernel_device,
+    replayed_timing,
     traced_or_eager,
     tuned_candidates,
 )
@@ -89,7 +90,7 @@ def _decode_partial_kernel(
     stride_vsb, stride_vsl, stride_vsg,
     stride_ob, stride_ot, stride_oh, stride_os,
     stride_lb, stride_lh, stride_lt, stride_ls,
-    NH, G, TQ, D_K, D_V, NUM_SPLITS, NUM_M_BLOCKS,
+    NH, G, TQ, D_K, D_V, NUM_SPLITS, NUM_M_BLOCKS, LEN_BUCKET,
     HPG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -110,7 +111,8 @@ def _decode_partial_kernel(
     SPLIT false: O is the final output (B, Tq, nh, rv) in q's dtype, LSE (B, nh, Tq)
     natural log. SPLIT true: O is float32 (B, Tq, nh, S, rv) holding this split's
     output normalized by its own sum, LSE (B, nh, Tq, S) its base-2 logsumexp
-    (-inf for a split that sees no key).
+    (-inf for a split that sees no key). LEN_BUCKET (the cache's capacity rounded up to a power
+    of two) is not read: with NUM_SPLITS it keys the autotuner, a tile per length class.
     """
     pid = tl.program_id(0)  # the larger count on the first axis: the others hold at most 65535
     split = tl.program_id(1)
@@ -211,7 +213,7 @@ def _decode_row_kernel(
     stride_vsb, stride_vsl, stride_vsg,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls,
-    NH, D_K, D_V, NUM_SPLITS,
+    NH, D_K, D_V, NUM_SPLITS, LEN_BUCKET,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     JOINT: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
 ):
@@ -222,7 +224,7 @@ def _decode_row_kernel(
     tile as loaded. Each of the BLOCK_N position slots runs its own online softmax over the
     positions start + slot of every tile, so the softmax needs no reduction across positions in
     the loop (only the score's sum over the latent dim); the slots merge by their maxima once at
-    the end. SCALED, outputs and LSE as `_decode_partial_kernel`
+    the end. SCALED, outputs, LSE and LEN_BUCKET as `_decode_partial_kernel`
     with Tq 1.
     """
     pid = tl.program_id(0)  # the larger count on the first axis: the others hold at most 65535
@@ -367,8 +369,9 @@ def _prune_configs(configs, named_args, **meta):
 
 _decode_partial_tuned = triton.autotune(
     configs=_PARTIAL_CONFIGS,
-    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED"],
+    key=["D_K", "D_V", "HPG", "BLOCK_M", "JOINT", "SPLIT", "SCALED", "LEN_BUCKET", "NUM_SPLITS"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=replayed_timing,
     cache_results=True,  # on disk: a later process on this GPU skips the search
 )(_decode_partial_kernel)
 # The single-row kernel: (BLOCK_N, warps, stages); its fp32 key tile and accumulator live in registers
@@ -388,8 +391,9 @@ def _prune_row_configs(configs, named_args, **meta):
 
 _decode_row_tuned = triton.autotune(
     configs=_ROW_CONFIGS,
-    key=["D_K", "D_V", "JOINT", "SPLIT", "SCALED"],
+    key=["D_K", "D_V", "JOINT", "SPLIT", "SCALED", "LEN_BUCKET", "NUM_SPLITS"],
     prune_configs_by={"early_config_prune": _prune_row_configs},
+    do_bench=replayed_timing,
     cache_results=True,
 )(_decode_row_kernel)
 INTERPRETER_BLOCK_N = 16  # the CPU interpreter is timed in whole tiles: keep them small
@@ -544,6 +548,7 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         l_strides = (*lse.stride(), 0)
 
     grid = (B * g * m_blocks, num_splits)
+    len_bucket = triton.next_power_of_2(L)  # keys the autotuner only: a tile per length class and split count
     ks = k_scale if scaled else seqlens  # an unread placeholder without scales
     vs = (k_scale if joint else v_scale) if scaled else seqlens
     scale_strides = (*ks.stride(), *vs.stride()) if scaled else (0,) * 6
@@ -553,12 +558,12 @@ def _latent_decode_triton(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale,
         kernel, tuned = _decode_row_kernel, _decode_row_tuned
         args = (*inputs, q_lat.stride(0), q_lat.stride(2), *cache_strides,
                 o_strides[0], o_strides[2], o_strides[3], l_strides[0], l_strides[1], l_strides[3],
-                nh, r, rv, num_splits)
+                nh, r, rv, num_splits, len_bucket)
         meta = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split, SCALED=scaled)
     else:
         kernel, tuned = _decode_partial_kernel, _decode_partial_tuned
         args = (*inputs, *q_lat.stride()[:3], *cache_strides, *o_strides, *l_strides,
-                nh, g, Tq, r, rv, num_splits, m_blocks)
+                nh, g, Tq, r, rv, num_splits, m_blocks, len_bucket)
         meta = dict(HPG=hpg, BLOCK_M=block_m, BLOCK_DK=block_dk, BLOCK_DV=block_dv, JOINT=joint, SPLIT=split,
                     IEEE_DOT=q_lat.dtype == torch.float32, SCALED=scaled)
     if interpreting():
