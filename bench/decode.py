@@ -429,8 +429,39 @@ def memory_report(device, budget_gb, layers):
     return rows
 
 
+def plot_tiles(rows, path):
+    """The tile sweep: per mode and cache dtype, each tile's share of copy bandwidth per shape, the
+    shipped launch marked."""
+    tiles = [r for r in rows if r["table"] == "tiles"]
+    groups = sorted({(r["mode"], r["cache"]) for r in tiles})
+    shapes = sorted({(r["B"], r["L"]) for r in tiles}, key=lambda s: (-s[0], s[1]))
+    plt = harness.pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), sharey=True, squeeze=False)
+    for ax, (mode, cache) in zip(axes[0], groups):
+        for x, shape in enumerate(shapes):
+            here = [r for r in tiles if (r["mode"], r["cache"], r["B"], r["L"]) == (mode, cache, *shape)]
+            swept = [r["frac_copy"] for r in here if r["provider"] == "ours_tile"]
+            ax.scatter([x] * len(swept), swept, s=12, color="grey", alpha=0.5,
+                       label="a swept tile and split count" if x == 0 else None)
+            shipped = [r["frac_copy"] for r in here if r["provider"] == "ours"]
+            ax.scatter([x] * len(shipped), shipped, s=90, marker="*", color="tab:red",
+                       label="shipped (autotuned)" if x == 0 else None)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([f"B{b} L{n // 1024}k" for b, n in shapes])
+        ax.set_title(f"{mode} latent, {cache} cache")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("share of device copy bandwidth (higher is better)")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(rows, path):
-    """Step time per provider and shape; the largest batch that fits the budget per context length."""
+    """Step time per provider and shape; the largest batch that fits the budget per context length.
+    A tile sweep's rows (--tiles) get `plot_tiles`."""
+    if any(r["table"] == "tiles" for r in rows):
+        return plot_tiles(rows, path)
     timings = [r for r in rows if r["table"] == "timing"]
     memory = [r for r in rows if r["table"] == "memory"]
     budget_gb, layers = memory[0]["budget_gb"], memory[0]["layers"]
@@ -507,7 +538,7 @@ def main():
         print_tile_summary(rows[1:])
         rows += autotune_rows()
         harness.write_results(harness.results_path(args.out, "decode_tiles"),
-                              harness.result_rows("decode", rows, UNITS, env))
+                              harness.result_rows("decode", rows, UNITS, env), plot)
         return
     for mode in args.modes:
         for B, L in args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES):
