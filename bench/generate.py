@@ -26,7 +26,10 @@ model built with a block just long enough, generating --new_tokens with the deco
 a CUDA graph: tokens/s end to end (prefill included), the decode step's ms ((t(N) - t(2)) / (N - 2):
 two tokens already hold the prefill, the step's first eager run and its capture, so only replays
 remain), the cache bytes per token and layer, and the GB/s those bytes make at the
-step's mean filled length. A batch that does not fit is reported and skipped. --profile_kernels N
+step's mean filled length. A batch that does not fit is reported and skipped. --norms fused unfused
+measures each row twice in one process: as shipped, and with generation's residual adds and layer
+norms as PyTorch's two ops instead of `mla_kernels.layer_norm.add_layer_norm` (`<cache>-unfused-norm`,
+plotted against the standard cache measured the same way). --profile_kernels N
 also prints, per row, the N kernels one decode step spends its device time in (projections, the
 decode kernel, the merge of split partials, the output projection), and records the step's device ms.
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
@@ -35,18 +38,21 @@ the results JSON and a bar chart beside it (.png), which `python bench/plot.py R
 """
 import argparse
 import time
+from unittest import mock
 
 import harness  # first: it puts the repository root on sys.path
 import torch
 
 from mla_gpt.generate import decode_step, prefill
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model import gpt as gpt_module
 
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
 GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
 CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=4, n_embd=128)
 UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": "", "step_ms": "ms",
          "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s", "step_device_ms": "ms"}
+UNFUSED_SUFFIX = "-unfused-norm"  # --caches --norms unfused: the provider of a cache without fused norms
 PROFILED_STEPS = 10  # decode steps profiled per row with --profile_kernels
 # --caches: name -> (GPTConfig settings, cache dtype; None: the model's)
 CACHES = {
@@ -121,11 +127,12 @@ def plot_caches(plt, rows, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_key = {(r["provider"], r["batch"], r["prompt"]): r for r in rows}
     for name in dict.fromkeys(r["provider"] for r in rows):
+        baseline = "standard" + UNFUSED_SUFFIX if name.endswith(UNFUSED_SUFFIX) else "standard"  # same norms
         for batch in sorted({r["batch"] for r in rows}):
             points = sorted((r["prompt"], standard["step_ms"] / r["step_ms"]) for r in rows
                             if (r["provider"], r["batch"]) == (name, batch)
-                            and (standard := by_key.get(("standard", batch, r["prompt"]))))
-            if points and name != "standard":
+                            and (standard := by_key.get((baseline, batch, r["prompt"]))))
+            if points and name != baseline:
                 ax.plot(*zip(*points), marker="o", label=f"{name}, B {batch}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -159,8 +166,15 @@ def profile_decode(model, prompt, cache_dtype, n_steps, kernels):
     return device_us / 1000 / n_steps
 
 
+def fused_norms(norms):
+    """A context in which generation fuses its residual adds with the layer norms ('fused', as
+    shipped) or runs them as PyTorch's add, then layer norm ('unfused', the A/B's other side)."""
+    return mock.patch.object(gpt_module, "FUSED_NORM_BACKENDS", () if norms == "unfused"
+                             else gpt_module.FUSED_NORM_BACKENDS)
+
+
 def cache_rows(args, shape, device, dtype):
-    """--caches: yield the row of every cache at every prompt length and batch size as it is measured."""
+    """--caches: yield the row of every cache at every prompt length, batch size and --norms as it is measured."""
     gpu = device == "cuda"
     for prompt_len in args.prompts:
         block = prompt_len + args.new_tokens
@@ -170,32 +184,44 @@ def cache_rows(args, shape, device, dtype):
             per_token = model.transformer.h[0].attn.make_cache(1, 1, cache_dtype or dtype, "meta").bytes_per_token
             for batch in args.batch_sizes:
                 prompt = torch.randint(0, GPT2_VOCAB, (batch, prompt_len), device=device)
-                run = lambda n: model.generate(prompt, n, top_k=1, cuda_graph=gpu, cache_dtype=cache_dtype)  # noqa: E731
-                if gpu:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    _, two = timed(run, 2)  # the prefill, the decode step's eager first run, its capture, one replay
-                    _, seconds = timed(run, args.new_tokens)
-                except torch.OutOfMemoryError:
-                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} does not fit", flush=True)
-                    continue
-                step_s = (seconds - two) / (args.new_tokens - 2)  # replays only
-                device_ms = None
-                if args.profile_kernels:
-                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} kernels of one decode step:", flush=True)
-                    device_ms = profile_decode(model, prompt, cache_dtype, PROFILED_STEPS, args.profile_kernels)
-                    device_ms = device_ms if gpu else None  # no device events on a CPU
-                cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
-                row = dict(table="caches", provider=name, batch=batch, prompt=prompt_len,
-                           new_tokens=args.new_tokens, tokens_per_s=batch * args.new_tokens / seconds,
-                           step_ms=step_s * 1e3, cache_bytes_per_token_layer=per_token,
-                           cache_GBps=cache_gb / step_s, step_device_ms=device_ms,
-                           peak_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None)
-                print(f"prompt {prompt_len:>6}  B {batch:>3}  {name:<20} step {step_s * 1e3:8.3f} ms  "
-                      f"{row['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
-                      f"{cache_gb / step_s:8.1f} GB/s", flush=True)
-                yield row
+                for norms in args.norms:
+                    provider = name if norms == "fused" else name + UNFUSED_SUFFIX
+                    with fused_norms(norms):
+                        row = cache_row(args, model, prompt, cache_dtype, provider, gpu)
+                    if row is None:
+                        continue
+                    cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
+                    row.update(cache_bytes_per_token_layer=per_token, cache_GBps=cache_gb / (row["step_ms"] / 1e3))
+                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} step {row['step_ms']:8.3f} ms  "
+                          f"{row['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
+                          f"{row['cache_GBps']:8.1f} GB/s", flush=True)
+                    yield row
+
+
+def cache_row(args, model, prompt, cache_dtype, provider, gpu):
+    """One --caches row: graphed generation of --new_tokens after prompt, timed by difference; None
+    (printed) when it does not fit."""
+    batch, prompt_len = prompt.shape
+    run = lambda n: model.generate(prompt, n, top_k=1, cuda_graph=gpu, cache_dtype=cache_dtype)  # noqa: E731
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        _, two = timed(run, 2)  # the prefill, the decode step's eager first run, its capture, one replay
+        _, seconds = timed(run, args.new_tokens)
+    except torch.OutOfMemoryError:
+        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} does not fit", flush=True)
+        return None
+    step_s = (seconds - two) / (args.new_tokens - 2)  # replays only
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+    device_ms = None
+    if args.profile_kernels:
+        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} kernels of one decode step:", flush=True)
+        device_ms = profile_decode(model, prompt, cache_dtype, PROFILED_STEPS, args.profile_kernels)
+        device_ms = device_ms if gpu else None  # no device events on a CPU
+    return dict(table="caches", provider=provider, batch=batch, prompt=prompt_len, new_tokens=args.new_tokens,
+                tokens_per_s=batch * args.new_tokens / seconds, step_ms=step_s * 1e3, step_device_ms=device_ms,
+                peak_mb=peak_mb)
 
 
 def parse_args():
@@ -211,6 +237,9 @@ def parse_args():
     parser.add_argument("--caches", action="store_true", help="the cache table instead (see above)")
     parser.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192, 32768],
                         help="with --caches: prompt lengths")
+    parser.add_argument("--norms", nargs="+", choices=["fused", "unfused"], default=["fused"],
+                        help="with --caches: generation's residual adds fused with the layer norms (as shipped), "
+                             "or PyTorch's add then layer norm; both: an A/B in one process")
     parser.add_argument("--profile_kernels", type=int, default=0, metavar="N",
                         help="with --caches: print each row's N kernels by device time in one decode step")
     harness.add_out_argument(parser, "generate")

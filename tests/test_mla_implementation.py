@@ -464,7 +464,7 @@ def test_weights_changed_without_a_version_bump_are_seen(kwargs):
 def test_generation_uses_one_token_per_step():
     model = GPT(mla_config()).double().eval()
     lengths = []
-    model.transformer.h[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].size(1)))
+    model.transformer.h[0].attn.register_forward_pre_hook(lambda module, args: lengths.append(args[0].size(1)))
     model.generate(torch.randint(0, 61, (2, 5)), 6, top_k=1)
     assert lengths == [5, 1, 1, 1, 1, 1]
 

@@ -54,7 +54,7 @@ def test_finished_rows_leave_the_cache():
     alone = model.generate(prompts[1][None], NEW_TOKENS, temperature=0)[0]
     stop = int(alone[LENGTHS[1]])  # row 1 stops at its first new token
     batch_sizes = []
-    hook = model.transformer.h[0].register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].size(0)))
+    hook = model.transformer.h[0].attn.register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].size(0)))
     model.generate(prompts, NEW_TOKENS, temperature=0, stop_token=stop)
     hook.remove()
     assert batch_sizes[0] == len(prompts) and min(batch_sizes) < len(prompts)

@@ -14,8 +14,12 @@ from torch import nn
 from mla_gpt import generate as generation
 from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
 from mla_gpt.model.core import cache_seqlens
+from mla_kernels.layer_norm import add_layer_norm
 
 A100_BF16_PEAK_FLOPS = 312e12  # nanoGPT's reference peak for MFU
+# Backends whose generation fuses each residual add with the next layer norm (`add_layer_norm`);
+# the others ('sdpa', 'cudnn', 'flash', 'reference') stay plain PyTorch, the peers it is measured against
+FUSED_NORM_BACKENDS = ("auto", "triton")
 
 
 class LayerNorm(nn.Module):
@@ -55,6 +59,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, cache_seqlens)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def generation_step(self, x, h, cache, cache_seqlens, next_norm):
+        """The block over cached tokens, h = ln_1(x) given: returns (x after the block,
+        next_norm(x)), each residual add fused with the layer norm after it (`add_layer_norm`)."""
+        x, h = add_layer_norm(x, self.attn(h, cache, cache_seqlens), self.ln_2.weight, self.ln_2.bias)
+        return add_layer_norm(x, self.mlp(h), next_norm.weight, next_norm.bias)
 
 
 class GPT(nn.Module):
@@ -123,9 +133,12 @@ class GPT(nn.Module):
         if seqlens is not None:
             pos = seqlens[:, None] + pos  # (b, t): each row from its own position
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches[i], seqlens)
-        x = self.transformer.ln_f(x)
+        if caches is not None and self.config.attn_backend in FUSED_NORM_BACKENDS:
+            x = self._generation_blocks(x, caches, seqlens)
+        else:
+            for i, block in enumerate(self.transformer.h):
+                x = block(x, None if caches is None else caches[i], seqlens)
+            x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -134,6 +147,16 @@ class GPT(nn.Module):
             logits = self.lm_head(last)  # (b, 1, vocab)
             loss = None
         return logits, loss
+
+    def _generation_blocks(self, x, caches, seqlens):
+        """The blocks over their caches, each residual add fused with the layer norm after it
+        (`Block.generation_step`): 2 kernels per block fewer than add, then norm. -> ln_f(x)."""
+        blocks = self.transformer.h
+        next_norms = [block.ln_1 for block in blocks[1:]] + [self.transformer.ln_f]
+        h = blocks[0].ln_1(x)
+        for block, cache, next_norm in zip(blocks, caches, next_norms):
+            x, h = block.generation_step(x, h, cache, seqlens, next_norm)
+        return h
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to fine-tune a model with a smaller block)."""
