@@ -2,7 +2,8 @@
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
 #   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
 # Sections (default: all but generate-caches, in this order): append decode generate convert attention svd finetune
-# fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768) on request.
+# fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768) and norms
+# (the fused add + layer norm's test and A/B) on request.
 # Their time caps add up to about 33 minutes: split them over four device calls (finetune alone takes one).
 # Each writes $OUT/<name>_h200.json (its PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
@@ -37,6 +38,12 @@ for section in $sections; do
     generate-caches)  # every cache at prompts 1024 / 8192 / 32768, B 1 and 32: decode step ms, tokens/s, GB/s
         run 540 generate_caches_h200.log python bench/generate.py --caches --batch_sizes 1 32 --new_tokens 128 \
             --profile_kernels 12 --out "$out/generate_caches_h200.json" ;;
+    norms)  # generation's fused residual add + layer norm: its bf16 test, the A/B at prompt 8192, graphed generation's tests
+        run 40 pytest_gpu_layer_norm_h200.log python -m pytest tests/gpu/test_layer_norm_bf16.py -q
+        run 150 generate_norms_h200.log python bench/generate.py --caches --prompts 8192 --batch_sizes 32 1 \
+            --new_tokens 64 --norms fused unfused --profile_kernels 8 --out "$out/generate_norms_h200.json"
+        run 70 pytest_gpu_generate_h200.log python -m pytest tests/gpu/test_generate_graph.py \
+            tests/gpu/test_fp8_cache_model.py -q ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
@@ -50,7 +57,7 @@ for section in $sections; do
         run 300 fp8_scales_h200.log python bench/fp8_scales.py --out "$out/fp8_scales_h200.json" ;;
     model_check)  # the whole GPT on the kernels against float64, and its fullgraph compile
         run 150 model_check_h200.log python bench/model_check.py --out "$out/model_check_h200.json" ;;
-    *) echo "unknown section $section (allowed: append decode generate generate-caches convert attention svd finetune fp8_scales model_check)"
+    *) echo "unknown section $section (allowed: append decode generate generate-caches norms convert attention svd finetune fp8_scales model_check)"
        exit 2 ;;
     esac
 done
