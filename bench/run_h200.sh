@@ -10,6 +10,8 @@
 # DECODE_SPLITS=1 (or a list, DECODE_SPLITS='1 4') times only those split counts and the heuristic's
 # instead of the whole sweep.
 # At most 8 files come back from a device call: tar $out into one there.
+# Set MLA_COMMIT=<the commit measured> where the tree has no git folder of its own (a lent GPU machine):
+# results rows carry it.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:?OUT must name the results folder}
