@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_kernels._dispatch import KERNEL_DTYPES, check_dtypes, check_tensors, interpreting, on_kernel_device
+from mla_kernels._dispatch import (
+    KERNEL_DTYPES,
+    check_dtypes,
+    check_tensors,
+    interpreting,
+    on_kernel_device,
+    traced_or_eager,
+)
 from mla_kernels._register import register_op
 from mla_kernels.reference import add_layer_norm_dtypes, add_layer_norm_ref
 
@@ -50,17 +57,17 @@ def _add_layer_norm_kernel(
 
 
 def _warps(block_c):
-    """Warps per row: 4 up to 1024 columns, then 8 and 16 (8 float32 values per thread)."""
+    """Warps per row program: block_c // 256 (32 threads x 8 values each) between 4 and 16, so 8
+    values per thread from 1024 to 4096 columns and up to 32 at MAX_WIDTH."""
     return max(4, min(16, block_c // 256))
 
 
-def _add_layer_norm_triton(x, y, weight, bias, eps):
+def _add_layer_norm_triton(x, y, weight, bias, eps, norm_dtype):
     C = x.shape[-1]
-    sum_dtype, norm_dtype = add_layer_norm_dtypes(x, y)
     x2, y2 = (t.reshape(-1, C) for t in (x, y))
     x2, y2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, y2))
     M = x2.shape[0]
-    total = torch.empty(x2.shape, device=x.device, dtype=sum_dtype)  # (M, C)
+    total = torch.empty(x2.shape, device=x.device, dtype=torch.result_type(x, y))  # (M, C)
     out = torch.empty(x2.shape, device=x.device, dtype=norm_dtype)  # (M, C)
     block_m = INTERPRETER_BLOCK_M if interpreting() else 1  # on a GPU one row a program: a decode step has few
     block_c = triton.next_power_of_2(C)
@@ -71,21 +78,21 @@ def _add_layer_norm_triton(x, y, weight, bias, eps):
     return total.view(x.shape), out.view(x.shape)
 
 
-def _add_layer_norm_impl(x, y, weight, bias, eps):
+def _add_layer_norm_impl(x, y, weight, bias, eps, norm_dtype):
     if not on_kernel_device(x) or torch.float64 in (x.dtype, y.dtype):
-        return add_layer_norm_ref(x, y, weight, bias, eps)
-    return _add_layer_norm_triton(x, y, weight, bias, eps)
+        return add_layer_norm_ref(x, y, weight, bias, eps, norm_dtype)
+    return _add_layer_norm_triton(x, y, weight, bias, eps, norm_dtype)
 
 
 def _add_layer_norm_launch(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+    norm_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _add_layer_norm_impl(x, y, weight, bias, eps)
+    return _add_layer_norm_impl(x, y, weight, bias, eps, norm_dtype)
 
 
-def _add_layer_norm_fake(x, y, weight, bias, eps):
-    sum_dtype, norm_dtype = add_layer_norm_dtypes(x, y)
-    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=norm_dtype)
+def _add_layer_norm_fake(x, y, weight, bias, eps, norm_dtype):
+    return x.new_empty(x.shape, dtype=torch.result_type(x, y)), x.new_empty(x.shape, dtype=norm_dtype)
 
 
 # opaque to Inductor, as the other generation ops (a decode step is replayed from a CUDA graph)
@@ -99,9 +106,10 @@ def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
       them, as `x + y` does), C <= MAX_WIDTH; weight: (C,), bias: (C,) or None, in any of those
       dtypes; eps: the variance's epsilon. float64 inputs (a model in double) run the reference.
     Returns sum (..., C) in the promoted dtype, and its layer norm (..., C), computed in float32
-    from the sum as stored and returned in the sum's dtype, or in float32 under `torch.autocast`
-    (as `F.layer_norm` returns it there). No autograd: for generation. On CPU tensors without
-    TRITON_INTERPRET=1 it runs `mla_kernels.reference.add_layer_norm_ref`.
+    from the sum as stored, in the dtype `F.layer_norm` would return (`add_layer_norm_dtypes`:
+    float32 under CUDA autocast, else the sum's). No autograd (generation runs without it): inputs
+    that require grad while grad is enabled are refused. On CPU tensors without TRITON_INTERPRET=1
+    it runs `mla_kernels.reference.add_layer_norm_ref`.
     """
     check_tensors(x=x, y=y, weight=weight, **({} if bias is None else {"bias": bias}))
     for name, t in (("x", x), ("y", y), ("weight", weight), ("bias", bias)):
@@ -117,6 +125,9 @@ def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
             raise ValueError(f"{name} must be ({C},), got {tuple(t.shape)}")
     if not isinstance(eps, float) or eps <= 0:
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
-    if torch.compiler.is_compiling():
-        return torch.ops.mla_kernels.add_layer_norm(x, y, weight, bias, eps)
-    return _add_layer_norm_impl(x, y, weight, bias, eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, weight, bias)):
+        raise RuntimeError("add_layer_norm has no backward: call it under torch.no_grad() or "
+                           "torch.inference_mode(), or use x + y and F.layer_norm where gradients are needed")
+    norm_dtype = add_layer_norm_dtypes(x, y)[1]  # decided here, outside any trace, from autocast's state
+    op = traced_or_eager(_add_layer_norm_op, _add_layer_norm_impl)
+    return op(x, y, weight, bias, eps, norm_dtype)

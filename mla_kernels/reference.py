@@ -173,24 +173,25 @@ def project_append_ref(x, weight, bias, query_dim, k_cache, v_cache, cache_seqle
 
 def add_layer_norm_dtypes(x, y):
     """(sum dtype, norm dtype) of `add_layer_norm`, as `x + y` then `F.layer_norm` give them: the
-    sum promotes x and y; the norm is float32 inside autocast on their device (layer_norm is on
-    autocast's float32 list), else the sum's dtype."""
+    sum promotes x and y; the norm is float32 inside CUDA autocast (layer_norm is on its float32
+    list; CPU autocast leaves it alone), else the sum's dtype."""
     sum_dtype = torch.result_type(x, y)
-    return sum_dtype, torch.float32 if torch.is_autocast_enabled(x.device.type) else sum_dtype
+    cuda_autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    return sum_dtype, torch.float32 if cuda_autocast else sum_dtype
 
 
-def add_layer_norm_ref(x, y, weight, bias=None, eps=1e-5):
+def add_layer_norm_ref(x, y, weight, bias=None, eps=1e-5, norm_dtype=None):
     """(x + y, layer_norm(x + y)) over the last dim.
 
     x, y: (..., C); weight, bias: (C,) (bias may be None). The sum is `x + y` (rounded to the
     promoted dtype); its norm is computed in float32 or wider from the sum as rounded and returned
-    in `add_layer_norm_dtypes`' norm dtype.
+    in norm_dtype (default: `add_layer_norm_dtypes`' norm dtype).
     """
     total = x + y
     cdt = _compute_dtype(total.dtype)
     with torch.autocast(x.device.type, enabled=False):
         normed = F.layer_norm(total.to(cdt), weight.shape, weight.to(cdt), None if bias is None else bias.to(cdt), eps)
-    return total, normed.to(add_layer_norm_dtypes(x, y)[1])
+    return total, normed.to(norm_dtype or add_layer_norm_dtypes(x, y)[1])
 
 
 def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None, omega=None):

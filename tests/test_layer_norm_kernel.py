@@ -21,7 +21,8 @@ def _case_id(c):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Outputs the op allocates start as NaN, so an element the kernel does not write shows."""
+    """Tensors allocated with torch.empty during the test start as NaN (the op's outputs among
+    them), so an element the kernel does not write shows."""
     empty = torch.empty
     monkeypatch.setattr(layer_norm.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
 
@@ -58,16 +59,25 @@ def test_rows_are_independent(poison):
     assert not torch.equal(normed2[2], normed[2])
 
 
-def test_mixed_dtypes_promote_and_autocast_norms_in_float32():
-    """A float32 residual plus a float16 output sums in float32, as `x + y`; under autocast the
-    norm is float32, as `F.layer_norm` returns it there."""
+def test_mixed_dtypes_promote_as_the_plain_ops(poison):
+    """A float32 residual plus a float16 output sums in float32, as `x + y`; the norm's dtype is
+    `F.layer_norm`'s, inside CPU autocast too (which leaves layer_norm alone)."""
     x, y, weight, b = _inputs((2, 3), 24, True, torch.float32)
     total, normed = add_layer_norm(x, y.half(), weight, b)
     assert total.dtype == normed.dtype == torch.float32
     assert_close("sum", total, x.double() + y.half().double(), 1e-6, 1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, normed = add_layer_norm(x.half(), y.half(), weight, b)
-    assert total.dtype == torch.float16 and normed.dtype == torch.float32
+        plain = F.layer_norm(x.half() + y.half(), (24,), weight, b)
+    assert total.dtype == torch.float16 and normed.dtype == plain.dtype
+
+
+def test_inputs_that_need_gradients_are_refused():
+    x, y, weight, b = _inputs((2, 3), 24, True, torch.float32)
+    with pytest.raises(RuntimeError, match="add_layer_norm has no backward"):
+        add_layer_norm(x, y, weight.requires_grad_(), b)
+    with torch.no_grad():
+        add_layer_norm(x, y, weight, b)
 
 
 def test_float64_runs_the_reference():
@@ -78,14 +88,14 @@ def test_float64_runs_the_reference():
     assert_close("norm", normed, F.layer_norm(x + y, (20,), weight, b, 1e-5), 1e-12, 1e-12)
 
 
-def test_non_contiguous_rows():
+def test_non_contiguous_rows(poison):
     """Row-strided inputs (a slice of a wider buffer) read as their values."""
     wide = torch.randn(5, 3, 64)
     x, y = wide[..., :33], wide[..., 31:]  # (5, 3, 33), rows 64 apart
     weight = torch.randn(33)
     total, normed = add_layer_norm(x, y, weight)
-    ref_total, ref_norm = add_layer_norm(x.contiguous(), y.contiguous(), weight)
-    assert torch.equal(total, ref_total) and torch.equal(normed, ref_norm)
+    assert_close("sum", total, x.double() + y.double(), 1e-6, 1e-6)
+    assert_close("norm", normed, F.layer_norm(total.double(), (33,), weight.double(), None, 1e-5), 2e-6, 2e-6)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -103,15 +113,16 @@ def test_bad_input_is_named(bad, message):
         add_layer_norm(**args)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("use_mla", [False, True], ids=["standard", "mla"])
-def test_generation_blocks_equal_the_plain_blocks(use_mla, monkeypatch):
+def test_generation_blocks_equal_the_plain_blocks(use_mla, bias, monkeypatch):
     """A prefill and a decode step over the caches give the logits of the same model whose blocks
     add, then norm, in PyTorch ('sdpa' backend: no fused norms), within float32 rounding; the
     fused model calls the op twice per block and call, the plain one never."""
     calls = []
     monkeypatch.setattr(gpt, "add_layer_norm", lambda *args: calls.append(1) or add_layer_norm(*args))
     torch.manual_seed(0)
-    config = dict(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=64, bias=True, use_mla=use_mla)
+    config = dict(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=64, bias=bias, use_mla=use_mla)
     fused = GPT(GPTConfig(**config, attn_backend="triton")).eval()
     plain = GPT(GPTConfig(**config, attn_backend="sdpa")).eval()
     plain.load_state_dict(fused.state_dict())
@@ -127,3 +138,12 @@ def test_generation_blocks_equal_the_plain_blocks(use_mla, monkeypatch):
             calls.clear()
     for what, got, ref in zip(("prefill", "decode step"), logits["fused"], logits["plain"]):
         assert_close(f"{what} logits", got, ref, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_a_cache_per_layer_or_an_error(backend):
+    """Fewer caches than layers is refused by name, on the fused path and the plain one alike."""
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=64, attn_backend=backend)).eval()
+    caches = model.setup_caches(1, 8, torch.float32)[:2]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"caches must hold one cache per layer \(n_layer=3\), got 2"):
+        model(torch.randint(0, 50, (1, 4)), caches=caches)

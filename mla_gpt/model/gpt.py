@@ -25,13 +25,14 @@ FUSED_NORM_BACKENDS = ("auto", "triton")
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, bias, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class MLP(nn.Module):
@@ -61,10 +62,11 @@ class Block(nn.Module):
         return x
 
     def generation_step(self, x, h, cache, cache_seqlens, next_norm):
-        """The block over cached tokens, h = ln_1(x) given: returns (x after the block,
-        next_norm(x)), each residual add fused with the layer norm after it (`add_layer_norm`)."""
-        x, h = add_layer_norm(x, self.attn(h, cache, cache_seqlens), self.ln_2.weight, self.ln_2.bias)
-        return add_layer_norm(x, self.mlp(h), next_norm.weight, next_norm.bias)
+        """The block over cached tokens. x: (B, T, C) the residual stream, h: (B, T, C) = ln_1(x).
+        Returns (x after the block, next_norm of it), each (B, T, C), each residual add fused with
+        the layer norm after it (`add_layer_norm`); ln_2 and next_norm are read, not called."""
+        x, h = add_layer_norm(x, self.attn(h, cache, cache_seqlens), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return add_layer_norm(x, self.mlp(h), next_norm.weight, next_norm.bias, next_norm.eps)
 
 
 class GPT(nn.Module):
@@ -118,10 +120,15 @@ class GPT(nn.Module):
         form the layers take by `mla_gpt.model.core.cache_seqlens`, whose docstring holds the
         rule. Passing caches asks for generation, whose kernels (the fused cache append, the
         decode kernel) have no backward: call it under torch.no_grad() or torch.inference_mode().
+        On the 'auto' and 'triton' backends generation runs `Block.generation_step`, which fuses
+        each residual add with the next layer norm: Block.forward and the norms after the first
+        ln_1 are not called as modules then (their hooks do not fire; the attention and MLP are).
         """
         if caches is not None and torch.is_grad_enabled():
             raise RuntimeError("caches are for generation, which has no backward: call the model under "
                                "torch.no_grad() or torch.inference_mode() when passing caches")
+        if caches is not None and len(caches) != self.config.n_layer:
+            raise ValueError(f"caches must hold one cache per layer (n_layer={self.config.n_layer}), got {len(caches)}")
         b, t = idx.size()
         limit = ("block_size", self.config.block_size)
         if caches is not None and caches[0].max_seq < limit[1]:
@@ -149,8 +156,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def _generation_blocks(self, x, caches, seqlens):
-        """The blocks over their caches, each residual add fused with the layer norm after it
-        (`Block.generation_step`): 2 kernels per block fewer than add, then norm. -> ln_f(x)."""
+        """x (B, T, C) through the blocks over their caches, each residual add fused with the layer
+        norm after it (`Block.generation_step`): 2 kernels per block fewer than add, then norm.
+        -> ln_f of the last block's output, (B, T, C)."""
         blocks = self.transformer.h
         next_norms = [block.ln_1 for block in blocks[1:]] + [self.transformer.ln_f]
         h = blocks[0].ln_1(x)
