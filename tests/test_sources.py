@@ -36,6 +36,13 @@ def hf_model(tmp_path, safe=True):
     return model, folder
 
 
+@pytest.fixture
+def cpu_user(monkeypatch):
+    """As a user converts on a CPU: without TRITON_INTERPRET the SVD runs its PyTorch reference
+    (the kernels' own tests run them through the interpreter; here that would take minutes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def ours(source):
     model = GPT(GPTConfig(**source.model_args)).eval()
     model.load_state_dict(source.state_dict)
@@ -52,7 +59,7 @@ def test_hf_gpt2_folder_gives_the_same_logits(tmp_path, safe):
         torch.testing.assert_close(ours(source)(idx, idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_gpt2_converted_at_full_rank_keeps_its_logits(tmp_path):
+def test_hf_gpt2_converted_at_full_rank_keeps_its_logits(tmp_path, cpu_user):
     hf, folder = hf_model(tmp_path)
     out = tmp_path / "mla"
     assert convert_cli.main([f"--in_dir={folder}", f"--out_dir={out}", "--mla_latent_dim=16", "--device=cpu"]) == 0
@@ -63,7 +70,7 @@ def test_hf_gpt2_converted_at_full_rank_keeps_its_logits(tmp_path):
         torch.testing.assert_close(converted(idx, idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_hf_gpt2_at_half_the_head_size_has_the_best_rank_r_error(tmp_path):
+def test_hf_gpt2_at_half_the_head_size_has_the_best_rank_r_error(tmp_path, cpu_user):
     """r = hs / 2: each layer's key and value error is that of the truncated SVD of its heads' maps."""
     hf, folder = hf_model(tmp_path)
     source = read_source(folder)
