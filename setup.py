@@ -21,7 +21,7 @@ setup(
         "pytest>=7",  # runs tests/test_mla_implementation.py as a plain script, as the original design does
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],  # ruff: the lint CI runs (ruff.toml)
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"],  # ruff: the lint CI runs (ruff.toml); xdist: -n
         "hf": ["transformers>=4.40", "safetensors>=0.4"],  # Hugging Face GPT-2 weights: init_from=gpt2, convert
     },
 )

@@ -7,6 +7,9 @@ kernels, and the ops on CPU tensors then run their references (mla_kernels.refer
 of the kernels, as the report header says; `TRITON_INTERPRET=1 python -m pytest tests -m "not cuda"`
 runs the CPU kernel tests through the interpreter there.
 
+Under pytest-xdist (`-n auto`, the README's test command) each worker keeps one intra-op thread,
+so the workers share the cores instead of each taking all of them.
+
 This folder is on sys.path for every test, tests/gpu included (pytest's default `prepend` import
 mode puts it there when it loads this file), so test files share code with `from helpers import ...`.
 """
@@ -17,6 +20,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N` runs N workers: one intra-op thread each, not N x cores
+    torch.set_num_threads(1)
 
 
 def pytest_report_header(config):
