@@ -24,15 +24,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N` runs N workers: one intra-op
     torch.set_num_threads(1)
 
 
-# Files whose tests take minutes each on a 2-core CPU (a shipped config trained as shipped): collected
-# first, so that with -n the other workers run the rest of the suite beside them, not after them
-LONGEST_FIRST = ("test_train_configs_cpu.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
-
-
 def pytest_report_header(config):
     if os.environ.get("TRITON_INTERPRET") != "1":
         return ("TRITON_INTERPRET is not 1: kernels on CPU tensors run their references, so the CPU kernel "
