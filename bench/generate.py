@@ -37,6 +37,7 @@ reference path in the same dtype (reported, not asserted: bf16 argmax ties can d
 the results JSON and a bar chart beside it (.png), which `python bench/plot.py RESULTS.json` redraws.
 """
 import argparse
+import contextlib
 import time
 from unittest import mock
 
@@ -169,8 +170,7 @@ def profile_decode(model, prompt, cache_dtype, n_steps, kernels):
 def fused_norms(norms):
     """A context in which generation fuses its residual adds with the layer norms ('fused', as
     shipped) or runs them as PyTorch's add, then layer norm ('unfused', the A/B's other side)."""
-    return mock.patch.object(gpt_module, "FUSED_NORM_BACKENDS", () if norms == "unfused"
-                             else gpt_module.FUSED_NORM_BACKENDS)
+    return contextlib.nullcontext() if norms == "fused" else mock.patch.object(gpt_module, "FUSED_NORM_BACKENDS", ())
 
 
 def cache_rows(args, shape, device, dtype):
