@@ -16,6 +16,7 @@ Generation over a latent KV cache:
 - `latent_decode(q_lat, cache_k, cache_v, cache_seqlens, softmax_scale)`: split-KV decoding
   over the cached latents.
 - `add_layer_norm(x, y, weight, bias)`: a block's residual add and the layer norm after it.
+- `decode_linear(x, weight, bias, activation)`: a linear layer (GELU fused) for a step's few rows.
 Randomized SVD:
 - `randomized_svd`, `low_rank_approx`, `top_left_singular_vectors`.
 """
@@ -25,11 +26,13 @@ from mla_kernels.attention import flash_attention, mla_attention_expanded
 from mla_kernels.cache import LatentKVCache
 from mla_kernels.decode import latent_decode
 from mla_kernels.layer_norm import add_layer_norm
+from mla_kernels.linear import decode_linear
 from mla_kernels.svd import low_rank_approx, randomized_svd, top_left_singular_vectors
 
 __all__ = [
     "LatentKVCache",
     "add_layer_norm",
+    "decode_linear",
     "flash_attention",
     "latent_decode",
     "low_rank_approx",

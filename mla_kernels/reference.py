@@ -194,6 +194,25 @@ def add_layer_norm_ref(x, y, weight, bias=None, eps=1e-5, norm_dtype=None):
     return total, normed.to(norm_dtype or add_layer_norm_dtypes(x, y)[1])
 
 
+ACTIVATIONS = (None, "gelu", "gelu_tanh")  # `decode_linear`'s: none, nn.GELU(), nn.GELU(approximate='tanh')
+
+
+def linear_ref(x, weight, bias=None, activation=None):
+    """act(x weight^T + bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N) in x's dtype.
+
+    weight and bias are first rounded to x's dtype (as autocast casts them); the product is summed
+    in float32 or wider, rounded to x's dtype, and the activation (one of ACTIVATIONS) runs on
+    the rounded value in float32 or wider, as F.linear followed by F.gelu computes it.
+    """
+    cdt = _compute_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        b = None if bias is None else bias.to(x.dtype).to(cdt)
+        y = F.linear(x.to(cdt), weight.to(x.dtype).to(cdt), b).to(x.dtype)
+        if activation is not None:
+            y = F.gelu(y.to(cdt), approximate="tanh" if activation == "gelu_tanh" else "none").to(x.dtype)
+    return y
+
+
 def randomized_svd_ref(A, rank, oversample=8, n_iter=2, generator=None, omega=None):
     """Batched randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
 

@@ -15,6 +15,8 @@ from mla_gpt import generate as generation
 from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
 from mla_gpt.model.core import cache_seqlens
 from mla_kernels.layer_norm import add_layer_norm
+from mla_kernels.linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
+from mla_kernels.linear import decode_linear
 
 A100_BF16_PEAK_FLOPS = 312e12  # nanoGPT's reference peak for MFU
 # Backends whose generation fuses each residual add with the next layer norm (`add_layer_norm`);
@@ -46,6 +48,16 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
+    def generation_step(self, x):
+        """The MLP of a generation call, x (B, T, C) -> (B, T, C): a decode step's few rows
+        (B T <= DECODE_LINEAR_MAX_ROWS) through `decode_linear`, GELU fused into c_fc (2 kernels
+        instead of cuBLAS's 3-4); a prefill's through forward."""
+        if x.numel() // x.shape[-1] > DECODE_LINEAR_MAX_ROWS or (self.training and self.dropout.p > 0):
+            return self.forward(x)
+        activation = "gelu_tanh" if self.gelu.approximate == "tanh" else "gelu"
+        h = decode_linear(x, self.c_fc.weight, self.c_fc.bias, activation)  # (B, T, 4C)
+        return decode_linear(h, self.c_proj.weight, self.c_proj.bias)
+
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -64,9 +76,10 @@ class Block(nn.Module):
     def generation_step(self, x, h, cache, cache_seqlens, next_norm):
         """The block over cached tokens. x: (B, T, C) the residual stream, h: (B, T, C) = ln_1(x).
         Returns (x after the block, next_norm of it), each (B, T, C), each residual add fused with
-        the layer norm after it (`add_layer_norm`); ln_2 and next_norm are read, not called."""
+        the layer norm after it (`add_layer_norm`); ln_2 and next_norm are read, not called; the
+        MLP is `MLP.generation_step`."""
         x, h = add_layer_norm(x, self.attn(h, cache, cache_seqlens), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
-        return add_layer_norm(x, self.mlp(h), next_norm.weight, next_norm.bias, next_norm.eps)
+        return add_layer_norm(x, self.mlp.generation_step(h), next_norm.weight, next_norm.bias, next_norm.eps)
 
 
 class GPT(nn.Module):
