@@ -29,7 +29,9 @@ remain), the cache bytes per token and layer, and the GB/s those bytes make at t
 step's mean filled length. A batch that does not fit is reported and skipped. --norms fused unfused
 measures each row twice in one process: as shipped, and with generation's residual adds and layer
 norms as PyTorch's two ops instead of `mla_kernels.layer_norm.add_layer_norm` (`<cache>-unfused-norm`,
-plotted against the standard cache measured the same way). --profile_kernels N
+plotted against the standard cache measured the same way); --linears fused cublas likewise runs a
+decode step's linear layers (the MLP with its GELU, MLA's output projection) on
+`mla_kernels.linear.decode_linear` and on cuBLAS (`<cache>-cublas-linear`). --profile_kernels N
 also prints, per row, the N kernels one decode step spends its device time in (projections, the
 decode kernel, the merge of split partials, the output projection), and records the step's device ms.
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
@@ -46,6 +48,7 @@ import torch
 
 from mla_gpt.generate import decode_step, prefill
 from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model import attention as attention_module
 from mla_gpt.model import gpt as gpt_module
 
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
@@ -54,6 +57,7 @@ CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=
 UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": "", "step_ms": "ms",
          "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s", "step_device_ms": "ms"}
 UNFUSED_SUFFIX = "-unfused-norm"  # --caches --norms unfused: the provider of a cache without fused norms
+CUBLAS_LINEAR_SUFFIX = "-cublas-linear"  # --caches --linears cublas: ... whose decode linears are cuBLAS's
 PROFILED_STEPS = 10  # decode steps profiled per row with --profile_kernels
 # --caches: name -> (GPTConfig settings, cache dtype; None: the model's)
 CACHES = {
@@ -128,7 +132,10 @@ def plot_caches(plt, rows, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_key = {(r["provider"], r["batch"], r["prompt"]): r for r in rows}
     for name in dict.fromkeys(r["provider"] for r in rows):
-        baseline = "standard" + UNFUSED_SUFFIX if name.endswith(UNFUSED_SUFFIX) else "standard"  # same norms
+        variant = next(r.get("variant") for r in rows if r["provider"] == name)  # the suffix: same ops as it
+        if variant is None:  # files from before the variant key: only --norms
+            variant = UNFUSED_SUFFIX if name.endswith(UNFUSED_SUFFIX) else ""
+        baseline = "standard" + variant
         for batch in sorted({r["batch"] for r in rows}):
             points = sorted((r["prompt"], standard["step_ms"] / r["step_ms"]) for r in rows
                             if (r["provider"], r["batch"]) == (name, batch)
@@ -173,6 +180,25 @@ def fused_norms(norms):
     return contextlib.nullcontext() if norms == "fused" else mock.patch.object(gpt_module, "FUSED_NORM_BACKENDS", ())
 
 
+def decode_linears(linears):
+    """A context in which a decode step's linear layers run `mla_kernels.linear.decode_linear`
+    ('fused', as shipped) or cuBLAS through F.linear and nn.GELU ('cublas')."""
+    if linears == "fused":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for module in (gpt_module, attention_module):
+        stack.enter_context(mock.patch.object(module, "DECODE_LINEAR_MAX_ROWS", 0))
+    return stack
+
+
+def variants(args):
+    """(provider suffix, context) of every --norms x --linears combination, the shipped one first."""
+    for norms in args.norms:
+        for linears in args.linears:
+            suffix = ("" if norms == "fused" else UNFUSED_SUFFIX) + ("" if linears == "fused" else CUBLAS_LINEAR_SUFFIX)
+            yield suffix, (norms, linears)
+
+
 def cache_rows(args, shape, device, dtype):
     """--caches: yield the row of every cache at every prompt length, batch size and --norms as it is measured."""
     gpu = device == "cuda"
@@ -184,15 +210,16 @@ def cache_rows(args, shape, device, dtype):
             per_token = model.transformer.h[0].attn.make_cache(1, 1, cache_dtype or dtype, "meta").bytes_per_token
             for batch in args.batch_sizes:
                 prompt = torch.randint(0, GPT2_VOCAB, (batch, prompt_len), device=device)
-                for norms in args.norms:
-                    provider = name if norms == "fused" else name + UNFUSED_SUFFIX
-                    with fused_norms(norms):
+                for suffix, (norms, linears) in variants(args):
+                    provider = name + suffix
+                    with fused_norms(norms), decode_linears(linears):
                         row = cache_row(args, model, prompt, cache_dtype, provider, gpu)
                     if row is None:
                         continue
+                    row["variant"] = suffix
                     cache_gb = per_token * args.n_layer * batch * (prompt_len + args.new_tokens / 2) / 1e9
                     row.update(cache_bytes_per_token_layer=per_token, cache_GBps=cache_gb / (row["step_ms"] / 1e3))
-                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} step {row['step_ms']:8.3f} ms  "
+                    print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<44} step {row['step_ms']:8.3f} ms  "
                           f"{row['tokens_per_s']:>10.1f} tok/s  {per_token:>5} B/token/layer  "
                           f"{row['cache_GBps']:8.1f} GB/s", flush=True)
                     yield row
@@ -210,13 +237,13 @@ def cache_row(args, model, prompt, cache_dtype, provider, gpu):
         _, two = timed(run, 2)  # the prefill, the decode step's eager first run, its capture, one replay
         _, seconds = timed(run, args.new_tokens)
     except torch.OutOfMemoryError:
-        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} does not fit", flush=True)
+        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<44} does not fit", flush=True)
         return None
     step_s = (seconds - two) / (args.new_tokens - 2)  # replays only
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
     device_ms = None
     if args.profile_kernels:
-        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<32} kernels of one decode step:", flush=True)
+        print(f"prompt {prompt_len:>6}  B {batch:>3}  {provider:<44} kernels of one decode step:", flush=True)
         device_ms = profile_decode(model, prompt, cache_dtype, PROFILED_STEPS, args.profile_kernels)
         device_ms = device_ms if gpu else None  # no device events on a CPU
     return dict(table="caches", provider=provider, batch=batch, prompt=prompt_len, new_tokens=args.new_tokens,
@@ -240,6 +267,9 @@ def parse_args():
     parser.add_argument("--norms", nargs="+", choices=["fused", "unfused"], default=["fused"],
                         help="with --caches: generation's residual adds fused with the layer norms (as shipped), "
                              "or PyTorch's add then layer norm; both: an A/B in one process")
+    parser.add_argument("--linears", nargs="+", choices=["fused", "cublas"], default=["fused"],
+                        help="with --caches: a decode step's linear layers on mla_kernels' decode_linear (as "
+                             "shipped) or on cuBLAS; both: an A/B in one process")
     parser.add_argument("--profile_kernels", type=int, default=0, metavar="N",
                         help="with --caches: print each row's N kernels by device time in one decode step")
     harness.add_out_argument(parser, "generate")

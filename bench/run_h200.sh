@@ -2,8 +2,9 @@
 # The GPU measurements that need the H200, each capped in time, results in $OUT.
 #   bash bench/run_h200.sh [section ...]    (on the device; OUT is the folder that comes back)
 # Sections (default: all but generate-caches, in this order): append decode generate convert attention svd finetune
-# fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768) and norms
-# (the fused add + layer norm's test and A/B) on request.
+# fp8_scales model_check; generate-caches (bench/generate.py --caches: every cache at prompts 1024-32768), norms
+# (the fused add + layer norm's test and A/B) and linears (decode_linear's test, its tile sweep, its A/B)
+# on request.
 # Their time caps add up to about 33 minutes: split them over four device calls (finetune alone takes one).
 # Each writes $OUT/<name>_h200.json (its PNG beside it) and its log; copy them into
 # bench/results/ to replace that GPU's previous results.
@@ -46,6 +47,14 @@ for section in $sections; do
             --new_tokens 64 --norms fused unfused --profile_kernels 8 --out "$out/generate_norms_h200.json"
         run 70 pytest_gpu_generate_h200.log python -m pytest tests/gpu/test_generate_graph.py \
             tests/gpu/test_fp8_cache_model.py -q ;;
+    linears)  # a decode step's linear layers on decode_linear: bf16 test, against cuBLAS cold, tile sweep, A/B at 8192
+        run 60 pytest_gpu_linear_h200.log python -m pytest tests/gpu/test_linear_bf16.py -q
+        run 60 linear_h200.log python bench/linear.py --out "$out/linear_h200.json"
+        run 200 linear_tiles_h200.log python bench/linear.py --tiles --out "$out/linear_tiles_h200.json"
+        run 200 generate_linears_h200.log python bench/generate.py --caches --prompts 8192 --batch_sizes 32 1 \
+            --new_tokens 64 --linears fused cublas --profile_kernels 10 --out "$out/generate_linears_h200.json"
+        run 90 pytest_gpu_generate_linears_h200.log python -m pytest tests/gpu/test_generate_graph.py \
+            tests/gpu/test_fp8_cache_model.py tests/gpu/test_layer_norm_bf16.py -q ;;
     convert)  # checkpoint conversion, 12 layers x 768 wide (Triton compiles in the warm-up conversion)
         run 90 convert_timing_h200.log python bench/convert.py --timing --out "$out/convert_timing_h200.json" ;;
     attention)  # core and layer against SDPA / FlexAttention / plain-PyTorch MLA
@@ -59,7 +68,7 @@ for section in $sections; do
         run 300 fp8_scales_h200.log python bench/fp8_scales.py --out "$out/fp8_scales_h200.json" ;;
     model_check)  # the whole GPT on the kernels against float64, and its fullgraph compile
         run 150 model_check_h200.log python bench/model_check.py --out "$out/model_check_h200.json" ;;
-    *) echo "unknown section $section (allowed: append decode generate generate-caches norms convert attention svd finetune fp8_scales model_check)"
+    *) echo "unknown section $section (allowed: append decode generate generate-caches norms linears convert attention svd finetune fp8_scales model_check)"
        exit 2 ;;
     esac
 done

@@ -121,10 +121,10 @@ def _arrivals(device, n_blocks):
     return counters if n_blocks <= ARRIVAL_SLOTS else None
 
 
-def _program_target(device):
+def _program_target(device, programs_per_sm):
     if interpreting():
         return INTERPRETER_PROGRAMS
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_count(n_blocks, K, block_k, programs):
@@ -136,7 +136,9 @@ def split_count(n_blocks, K, block_k, programs):
     return triton.cdiv(K, k_per_split), k_per_split
 
 
-def _linear_triton(x, weight, bias, activation, tile=None):
+def _linear_triton(x, weight, bias, activation, tile=None, programs_per_sm=PROGRAMS_PER_SM):
+    """The launch; tile (BLOCK_N, BLOCK_K, warps, stages) and programs_per_sm are the shipped
+    ones unless given (bench/linear.py --tiles sweeps them)."""
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -145,7 +147,7 @@ def _linear_triton(x, weight, bias, activation, tile=None):
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # (M, N)
     block_n, block_k, warps, stages = tile or (INTERPRETER_TILE if interpreting() else GPU_TILE)
     n_blocks = triton.cdiv(N, block_n)
-    splits, k_per_split = split_count(n_blocks, K, block_k, _program_target(x.device))
+    splits, k_per_split = split_count(n_blocks, K, block_k, _program_target(x.device, programs_per_sm))
     arrivals = _arrivals(x.device, n_blocks) if splits > 1 else None
     if arrivals is None:
         splits, k_per_split = 1, K
@@ -200,6 +202,9 @@ def decode_linear(x, weight, bias=None, activation=None):
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"x holds {rows} rows (its leading dims {tuple(x.shape[:-1])}); decode_linear takes "
                          f"1 to {MAX_ROWS} (use F.linear for more)")
+    if weight.numel() >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} holds {weight.numel()} elements; decode_linear's int32 "
+                         f"offsets take fewer than 2^31")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):

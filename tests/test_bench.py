@@ -133,6 +133,16 @@ def test_append(tmp_path):
         (mode, provider) for mode in ("default", "joint") for provider in ("fused", "unfused")}
 
 
+def test_linear(tmp_path):
+    out = tmp_path / "linear.json"
+    run_script("linear", "--out", out)
+    rows = read_results(out, "linear", {"rel_err", "rel_err_cublas", "passed", "us", "GBps", "vs_cublas"})
+    assert all(row["passed"] for row in rows if row["table"] == "correctness")
+    assert {(row["shape"], row["provider"]) for row in rows if row["table"] == "timing"} == {
+        (shape, provider) for shape in ("c_fc", "c_proj", "mla_out_r32") for provider in ("ours", "cublas")}
+    assert harness.beside(out, ".png").exists()
+
+
 def test_svd(tmp_path):
     out = tmp_path / "svd.json"
     stdout = run_script("svd", "--out", out)
