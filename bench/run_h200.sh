@@ -50,8 +50,8 @@ for section in $sections; do
     linears)  # a decode step's linear layers on decode_linear: bf16 test, against cuBLAS cold, tile sweep, A/B at 8192
         run 60 pytest_gpu_linear_h200.log python -m pytest tests/gpu/test_linear_bf16.py -q
         run 60 linear_h200.log python bench/linear.py --out "$out/linear_h200.json"
-        run 200 linear_tiles_h200.log python bench/linear.py --tiles --out "$out/linear_tiles_h200.json"
-        run 200 generate_linears_h200.log python bench/generate.py --caches --prompts 8192 --batch_sizes 32 1 \
+        run 120 linear_tiles_h200.log python bench/linear.py --tiles --out "$out/linear_tiles_h200.json"
+        run 180 generate_linears_h200.log python bench/generate.py --caches --prompts 8192 --batch_sizes 32 1 \
             --new_tokens 64 --linears fused cublas --profile_kernels 10 --out "$out/generate_linears_h200.json"
         run 90 pytest_gpu_generate_linears_h200.log python -m pytest tests/gpu/test_generate_graph.py \
             tests/gpu/test_fp8_cache_model.py tests/gpu/test_layer_norm_bf16.py -q ;;
