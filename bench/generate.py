@@ -31,7 +31,8 @@ measures each row twice in one process: as shipped, and with generation's residu
 norms as PyTorch's two ops instead of `mla_kernels.layer_norm.add_layer_norm` (`<cache>-unfused-norm`,
 plotted against the standard cache measured the same way); --linears fused cublas likewise runs a
 decode step's linear layers (the MLP with its GELU, MLA's output projection) on
-`mla_kernels.linear.decode_linear` and on cuBLAS (`<cache>-cublas-linear`). --profile_kernels N
+`mla_kernels.linear.decode_linear` (`<cache>-decode-linear`) and on cuBLAS (`<cache>-cublas-linear`),
+whatever the model ships (`mla_gpt.model.core.DECODE_LINEAR_ROWS`). --profile_kernels N
 also prints, per row, the N kernels one decode step spends its device time in (projections, the
 decode kernel, the merge of split partials, the output projection), and records the step's device ms.
 Also checks that the first --check_tokens greedy tokens from the kernels equal those of the
@@ -48,8 +49,9 @@ import torch
 
 from mla_gpt.generate import decode_step, prefill
 from mla_gpt.model import GPT, GPTConfig
-from mla_gpt.model import attention as attention_module
+from mla_gpt.model import core as core_module
 from mla_gpt.model import gpt as gpt_module
+from mla_kernels.linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 
 BLOCK_SIZE, VOCAB_SIZE, GPT2_VOCAB = 1024, 50304, 50257  # GPT-2's vocabulary, padded to a multiple of 64
 GPU_SETTINGS = dict(batch_sizes=[1, 32, 128], prompt=128, new_tokens=256, n_layer=12, n_head=12, n_embd=768)
@@ -57,7 +59,8 @@ CPU_SETTINGS = dict(batch_sizes=[1], prompt=16, new_tokens=8, n_layer=2, n_head=
 UNITS = {"seconds": "s", "tokens_per_s": "tokens/s", "peak_mb": "MB", "fraction": "", "step_ms": "ms",
          "cache_bytes_per_token_layer": "bytes", "cache_GBps": "GB/s", "step_device_ms": "ms"}
 UNFUSED_SUFFIX = "-unfused-norm"  # --caches --norms unfused: the provider of a cache without fused norms
-CUBLAS_LINEAR_SUFFIX = "-cublas-linear"  # --caches --linears cublas: ... whose decode linears are cuBLAS's
+# --caches --linears: the provider suffix of a cache whose decode linears are as shipped, decode_linear's, cuBLAS's
+LINEAR_SUFFIXES = {"shipped": "", "fused": "-decode-linear", "cublas": "-cublas-linear"}
 PROFILED_STEPS = 10  # decode steps profiled per row with --profile_kernels
 # --caches: name -> (GPTConfig settings, cache dtype; None: the model's)
 CACHES = {
@@ -181,21 +184,19 @@ def fused_norms(norms):
 
 
 def decode_linears(linears):
-    """A context in which a decode step's linear layers run `mla_kernels.linear.decode_linear`
-    ('fused', as shipped) or cuBLAS through F.linear and nn.GELU ('cublas')."""
-    if linears == "fused":
+    """A context in which a decode step's linear layers run `mla_kernels.linear.decode_linear` up
+    to its MAX_ROWS ('fused') or cuBLAS through F.linear and nn.GELU ('cublas'), whatever the
+    model ships (`mla_gpt.model.core.DECODE_LINEAR_ROWS`), or as shipped ('shipped')."""
+    if linears == "shipped":
         return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for module in (gpt_module, attention_module):
-        stack.enter_context(mock.patch.object(module, "DECODE_LINEAR_MAX_ROWS", 0))
-    return stack
+    return mock.patch.object(core_module, "DECODE_LINEAR_ROWS", DECODE_LINEAR_MAX_ROWS if linears == "fused" else 0)
 
 
 def variants(args):
     """(provider suffix, context) of every --norms x --linears combination, the shipped one first."""
     for norms in args.norms:
         for linears in args.linears:
-            suffix = ("" if norms == "fused" else UNFUSED_SUFFIX) + ("" if linears == "fused" else CUBLAS_LINEAR_SUFFIX)
+            suffix = ("" if norms == "fused" else UNFUSED_SUFFIX) + LINEAR_SUFFIXES[linears]
             yield suffix, (norms, linears)
 
 
@@ -267,9 +268,9 @@ def parse_args():
     parser.add_argument("--norms", nargs="+", choices=["fused", "unfused"], default=["fused"],
                         help="with --caches: generation's residual adds fused with the layer norms (as shipped), "
                              "or PyTorch's add then layer norm; both: an A/B in one process")
-    parser.add_argument("--linears", nargs="+", choices=["fused", "cublas"], default=["fused"],
-                        help="with --caches: a decode step's linear layers on mla_kernels' decode_linear (as "
-                             "shipped) or on cuBLAS; both: an A/B in one process")
+    parser.add_argument("--linears", nargs="+", choices=["shipped", "fused", "cublas"], default=["shipped"],
+                        help="with --caches: a decode step's linear layers as the model ships them, on "
+                             "mla_kernels' decode_linear, or on cuBLAS; fused cublas: an A/B in one process")
     parser.add_argument("--profile_kernels", type=int, default=0, metavar="N",
                         help="with --caches: print each row's N kernels by device time in one decode step")
     harness.add_out_argument(parser, "generate")

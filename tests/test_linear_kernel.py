@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, dtype_name
 
-from mla_gpt.model import GPT, GPTConfig
+from mla_gpt.model import GPT, GPTConfig, core
 from mla_kernels import linear
-from mla_kernels.linear import INTERPRETER_TILE, decode_linear, split_count
+from mla_kernels.linear import INTERPRETER_TILE, MAX_ROWS, decode_linear, split_count
 from mla_kernels.reference import linear_ref
 
 # (rows as leading dims, K, N, activation, bias): K and N off the interpreter's 32 x 16 tiles;
@@ -132,6 +132,7 @@ def test_generation_mlp_equals_the_modules(bias, approximate, monkeypatch):
     """MLP.generation_step on a decode step's rows runs two decode_linear calls (GELU fused into
     the first) and gives the modules' output; a prefill's rows past MAX_ROWS go through forward."""
     calls = []
+    monkeypatch.setattr(core, "DECODE_LINEAR_ROWS", MAX_ROWS)
     monkeypatch.setattr("mla_gpt.model.gpt.decode_linear", lambda *a: calls.append(a[-1:]) or decode_linear(*a))
     config = GPTConfig(block_size=128, vocab_size=50, n_layer=1, n_head=4, n_embd=48, bias=bias,
                        gelu_approximate=approximate)
@@ -144,3 +145,31 @@ def test_generation_mlp_equals_the_modules(bias, approximate, monkeypatch):
         long = torch.randn(2, 40, 48)  # 80 rows: a prefill
         assert torch.equal(mlp.generation_step(long), mlp(long)) and not calls
     assert_close("mlp", got, ref, 2e-6, 2e-6)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["g4", "joint-g1"])
+def test_generation_on_decode_linear_equals_the_plain_model(joint, monkeypatch):
+    """With decode_linear on (core.DECODE_LINEAR_ROWS), an MLA model's prefill and decode step
+    give the logits of the same model on the 'sdpa' backend (cuBLAS, no fused ops) within float32
+    rounding; each decode step's layer calls it three times (c_fc, c_proj, the output projection)."""
+    calls = []
+    monkeypatch.setattr(core, "DECODE_LINEAR_ROWS", MAX_ROWS)
+    for module in ("gpt", "attention"):
+        monkeypatch.setattr(f"mla_gpt.model.{module}.decode_linear",
+                            lambda *a: calls.append(1) or decode_linear(*a))
+    torch.manual_seed(0)
+    config = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64, bias=True, use_mla=True,
+                  **(dict(mla_kv_groups=1, mla_latent_dim=32, mla_joint_kv=True) if joint else {}))
+    fused = GPT(GPTConfig(**config, attn_backend="triton")).eval()
+    plain = GPT(GPTConfig(**config, attn_backend="sdpa")).eval()
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 50, (3, 9))
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("fused", fused), ("plain", plain)):
+            caches = model.setup_caches(3, 16, torch.float32)
+            model(idx[:, :8], caches=caches)
+            calls.clear()
+            logits[name] = model(idx[:, 8:], caches=caches, input_pos=torch.tensor(8, dtype=torch.int32))[0]
+            assert len(calls) == (3 * config["n_layer"] if name == "fused" else 0), name
+    assert_close("decode step logits", logits["fused"], logits["plain"], 1e-4, 1e-4)

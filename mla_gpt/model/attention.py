@@ -25,6 +25,7 @@ from mla_gpt.model.core import (
     causal_attention,
     dequantized,
     resolve_backend,
+    runs_decode_linear,
     sdpa_attention,
     write_cache,
 )
@@ -33,7 +34,6 @@ from mla_gpt.model.svd_values import WeightSVDValues, low_rank_per_sequence
 from mla_kernels import reference as ref
 from mla_kernels.append import fp8_append_supported, project_append
 from mla_kernels.cache import LatentKVCache
-from mla_kernels.linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 from mla_kernels.linear import decode_linear
 
 # A generation's composed weights, keyed by its cache (one per layer): (the layer, {dtype: weights}),
@@ -359,7 +359,8 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
         Out: W_uv composed with c_proj (nh rv -> C), one matmul. Both run on cuBLAS, except in a
         decode step on the kernels: a Triton GEMM there stores the latents straight into the
         cache (2-3x faster than cuBLAS + the cache copy, docs/decisions.md), and the output side
-        runs `decode_linear` (one kernel where cuBLAS runs split-K and a reduce).
+        runs `decode_linear` where `runs_decode_linear` says (one kernel where cuBLAS runs
+        split-K and a reduce).
         """
         B, T, C = x.shape
         nh, r, g = self.n_head, self.latent_dim, self.n_groups
@@ -390,7 +391,7 @@ class MultiHeadLatentAttention(WeightSVDValues, KVCacheReport, nn.Module):
             o_lat = causal_attention(q_lat, c_k, c_k if c_v is None else c_v, self.softmax_scale, backend)
         else:
             o_lat = cached_attention(q_lat, c_k, c_v, cache_seqlens, self.softmax_scale, backend)  # (B, T, nh, rv)
-        if fused and B * T <= DECODE_LINEAR_MAX_ROWS:  # a decode step's few rows: no split-K reduce kernel
+        if fused and runs_decode_linear(B * T):  # a decode step's few rows: no split-K reduce kernel
             return decode_linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
         return F.linear(o_lat.reshape(B, T, -1), weight_out, self.c_proj.bias)
 

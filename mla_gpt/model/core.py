@@ -16,6 +16,16 @@ from mla_kernels.cache import QuantizedLatents
 # The decode kernel packs the new queries of a step with the heads of a group into the rows of
 # one tile; longer chunks go through cuBLAS and a cache copy instead of the fused cache append.
 DECODE_MAX_QUERIES = 16
+# Rows (B x new tokens) up to which a decode step's linear layers (the MLP, MLA's output projection)
+# run `mla_kernels.linear.decode_linear` instead of cuBLAS, on the 'auto' and 'triton' backends.
+# 0 (off) until bench/linear.py and `bench/generate.py --linears` have measured it against cuBLAS on
+# a GPU (docs/decisions.md); at most mla_kernels.linear.MAX_ROWS.
+DECODE_LINEAR_ROWS = 0
+
+
+def runs_decode_linear(rows):
+    """Whether a generation call's linear layers over `rows` rows take `decode_linear`."""
+    return rows <= DECODE_LINEAR_ROWS
 
 
 def cache_seqlens(input_pos, batch, new_tokens, limit, device):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla_gpt import generate as generation
+from mla_gpt.model import core
 from mla_gpt.model.attention import CausalSelfAttention, LatentExpansion, MultiHeadLatentAttention
 from mla_gpt.model.core import cache_seqlens
 from mla_kernels.layer_norm import add_layer_norm
-from mla_kernels.linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 from mla_kernels.linear import decode_linear
 
 A100_BF16_PEAK_FLOPS = 312e12  # nanoGPT's reference peak for MFU
@@ -50,9 +50,9 @@ class MLP(nn.Module):
 
     def generation_step(self, x):
         """The MLP of a generation call, x (B, T, C) -> (B, T, C): a decode step's few rows
-        (B T <= DECODE_LINEAR_MAX_ROWS) through `decode_linear`, GELU fused into c_fc (2 kernels
-        instead of cuBLAS's 3-4); a prefill's through forward."""
-        if x.numel() // x.shape[-1] > DECODE_LINEAR_MAX_ROWS or (self.training and self.dropout.p > 0):
+        (`core.runs_decode_linear`) through `decode_linear`, GELU fused into c_fc (2 kernels
+        instead of cuBLAS's 3-4); other calls through forward."""
+        if not core.runs_decode_linear(x.numel() // x.shape[-1]) or (self.training and self.dropout.p > 0):
             return self.forward(x)
         activation = "gelu_tanh" if self.gelu.approximate == "tanh" else "gelu"
         h = decode_linear(x, self.c_fc.weight, self.c_fc.bias, activation)  # (B, T, 4C)

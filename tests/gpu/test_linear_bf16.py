@@ -5,7 +5,7 @@
 Compared with float64's linear and GELU, within flash-attention's criterion (tests/helpers.py)
 of PyTorch's own bf16 path, F.linear then F.gelu (cuBLAS), the pair it replaces. The shapes are
 the generation step's: GPT-2 small's MLP (split K on c_proj), MLA's composed output projection,
-rows from 1 to MAX_ROWS. Outputs and split partials start as NaN (the op's allocations are
+rows from 1 to MAX_ROWS, and graphed generation on it against cuBLAS. Outputs and split partials start as NaN (the op's allocations are
 poisoned), so an unwritten element or a partial read before it is written fails.
 """
 import pytest
@@ -86,3 +86,22 @@ def test_graph_replays_give_the_eager_result():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("variant", ["standard-kernels", "mla-kernels", "mla-g1-joint-kernels"])
+def test_generation_on_decode_linear_equals_cublas(variant, monkeypatch):
+    """Graphed greedy generation (float32 weights) with a decode step's linear layers on
+    decode_linear gives cuBLAS's tokens."""
+    from helpers import SMALL_GPT, SMALL_GPT_VARIANTS
+
+    from mla_gpt.model import GPT, GPTConfig, core
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL_GPT, **SMALL_GPT_VARIANTS[variant])).to(DEVICE).eval()
+    prompt = torch.randint(0, SMALL_GPT["vocab_size"], (5, 9), device=DEVICE)
+    new = SMALL_GPT["block_size"] - 9
+    tokens = {}
+    for rows in (0, MAX_ROWS):
+        monkeypatch.setattr(core, "DECODE_LINEAR_ROWS", rows)
+        tokens[rows] = model.generate(prompt, new, temperature=0, cuda_graph=True)
+    assert torch.equal(tokens[MAX_ROWS], tokens[0]), f"{tokens[MAX_ROWS].tolist()} vs {tokens[0].tolist()}"
