@@ -5,8 +5,9 @@
 Compared with float64's linear and GELU, within flash-attention's criterion (tests/helpers.py)
 of PyTorch's own bf16 path, F.linear then F.gelu (cuBLAS), the pair it replaces. The shapes are
 the generation step's: GPT-2 small's MLP (split K on c_proj), MLA's composed output projection,
-rows from 1 to MAX_ROWS, and graphed generation on it against cuBLAS. Outputs and split partials start as NaN (the op's allocations are
-poisoned), so an unwritten element or a partial read before it is written fails.
+rows from 1 to MAX_ROWS; then graphed generation on it against cuBLAS. Outputs and split partials
+start as NaN (the op's allocations are poisoned), so an unwritten element or a partial read before
+it is written fails.
 """
 import pytest
 import torch
